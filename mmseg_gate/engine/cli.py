@@ -1,0 +1,36 @@
+"""What tools/train.py and tools/test.py share: MMSeg's command-line conventions."""
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+
+from .distributed import setup_cpu_distributed
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (e.g. model.backbone.sd_model=PATH)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Config from ``args.config`` with CLI overrides, work dir and launcher applied."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'Config file {args.config!r} does not exist.')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    setup_cpu_distributed(cfg)
+    return cfg

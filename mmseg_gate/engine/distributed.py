@@ -1,0 +1,37 @@
+"""Distributed training on machines without CUDA.
+
+MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` and its Runner gives DDP
+``device_ids=[LOCAL_RANK]``; both fail on the CPU. ``tools/train.py`` calls
+:func:`setup_cpu_distributed` first: it starts a gloo process group (so the Runner skips
+``init_dist``) and wraps the model with :class:`CPUDistributedDataParallel`.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.registry import MODEL_WRAPPERS
+
+
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """``MMDistributedDataParallel`` for CPU modules: DDP rejects ``device_ids`` there, and
+    SyncBN needs CUDA, so it becomes plain BN (statistics per process)."""
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        super().__init__(module=revert_sync_batchnorm(module), device_ids=None, **kwargs)
+
+
+def setup_cpu_distributed(cfg) -> bool:
+    """Prepare ``cfg`` for ``--launcher pytorch`` without CUDA; True if it did."""
+    if cfg.get('launcher', 'none') != 'pytorch' or torch.cuda.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                                world_size=int(os.environ['WORLD_SIZE']))
+    wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+    wrapper['type'] = 'CPUDistributedDataParallel'
+    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
+    cfg.pop('sync_bn', None)  # converting to SyncBN needs CUDA
+    return True

@@ -1,0 +1,3 @@
+from .backbones import GATEBackbone
+
+__all__ = ['GATEBackbone']

@@ -1,0 +1,3 @@
+from .gate_backbone import GATEBackbone
+
+__all__ = ['GATEBackbone']

@@ -1,0 +1,42 @@
+"""mmseg_gate: GATE diffusion-feature backbone for MMSegmentation 1.x.
+
+The pins are ranges verified together on CPU (Python 3.11); see README.md. torch and mmcv are
+declared but installed first by ``tools/install.sh``: mmcv 2.1.0 is a source build that must be
+compiled against the torch already in the environment.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    'torch>=2.1,<2.14',
+    'torchvision>=0.16,<0.29',
+    'mmcv>=2.0.0rc4,<2.2.0',
+    'mmengine>=0.10.4,<0.11',
+    'mmsegmentation>=1.2.2,<1.3',
+    'diffusers>=0.32,<0.43',
+    'transformers>=4.56,<6',
+    'peft>=0.14,<0.22',
+    'controlnet-aux>=0.0.9,<0.1',
+    'safetensors>=0.4',
+    'opencv-python>=4.8',
+    'numpy>=1.24',
+    # mmseg 1.2.2 imports these without declaring them.
+    'ftfy>=6.1',
+    'regex>=2023.0',
+    # mmseg's CityscapesMetric needs it, even in format_only mode.
+    'cityscapesscripts>=2.2',
+    # mmcv's build and mmengine's `mmseg::` config lookup use pkg_resources (gone in 81).
+    'setuptools>=77,<81',
+]
+
+setup(
+    name='mmseg_gate',
+    version='0.1.0',
+    description='GATE: guided Stable Diffusion features as an MMSegmentation backbone',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mmseg_gate', 'mmseg_gate.*']),
+    python_requires='>=3.9',
+    install_requires=INSTALL_REQUIRES,
+    extras_require={'tests': ['pytest>=7', 'pytest-timeout>=2.1']},
+    license='Apache-2.0',
+)

@@ -1,0 +1,28 @@
+"""Shared tiny models: built once per session, saved in diffusers format, loaded for real."""
+import copy
+
+import pytest
+import torch
+
+import mmseg_gate  # noqa: F401
+from mmseg_gate.models.diffusion.architectures import save_random_stable_diffusion
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope='session')
+def tiny_sd(tmp_path_factory) -> str:
+    """Folder of a tiny random Stable Diffusion (diffusers format, safetensors)."""
+    return save_random_stable_diffusion(str(tmp_path_factory.mktemp('tiny-sd')), 'tiny', seed=0)
+
+
+@pytest.fixture(scope='session')
+def _backbone(tiny_sd):
+    from mmseg_gate import GATEBackbone
+    return GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street')
+
+
+@pytest.fixture
+def backbone(_backbone):
+    """A fresh copy per test (trainable parts copied, frozen parts shared), in eval mode."""
+    return copy.deepcopy(_backbone).eval()

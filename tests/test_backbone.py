@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from mmseg.registry import MODELS
+
+
+def test_registered_in_mmseg():
+    assert MODELS.get('GATEBackbone') is not None
+
+
+@pytest.mark.parametrize('size', [(64, 64), (64, 128), (97, 75)])
+def test_outputs_high_resolution_first(backbone, size):
+    outs = backbone(torch.randn(2, 3, *size))
+    assert backbone.out_strides == [8, 16, 32]
+    assert backbone.out_channels == [64, 64, 64]  # tiny UNet's up blocks 0-2
+    assert len(outs) == 3
+    for out, stride, channels in zip(outs, backbone.out_strides, backbone.out_channels):
+        assert out.shape == (2, channels, math.ceil(size[0] / stride),
+                             math.ceil(size[1] / stride))
+        assert out.dtype == torch.float32
+
+
+def test_early_exit_matches_full_unet_forward(backbone):
+    diffusion = backbone.diffusion
+    latents = torch.randn(1, 4, 8, 12)
+    context = diffusion.prompt_embeds
+    truncated = diffusion.taps(latents, 50, context)
+
+    modules = dict(diffusion.unet.named_modules())
+    full = {}
+    handles = [modules[t].register_forward_hook(
+        lambda _m, _i, out, t=t: full.__setitem__(t, out)) for t in diffusion.taps.taps]
+    with torch.no_grad():
+        diffusion.unet(latents, 50, context)
+    for handle in handles:
+        handle.remove()
+    for tap, feat in zip(diffusion.taps.taps, truncated):
+        assert torch.equal(feat, full[tap]), tap
+
+
+def test_unet_stops_after_last_tapped_block(backbone):
+    unet = backbone.diffusion.unet
+    ran = []
+    handles = [unet.up_blocks[3].register_forward_hook(lambda *a: ran.append('up_blocks.3')),
+               unet.conv_out.register_forward_hook(lambda *a: ran.append('conv_out'))]
+    backbone(torch.randn(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    assert ran == []
+    assert backbone.diffusion.taps.stages_run[-1] == 'up_blocks.2'
+
+
+def test_refinement_starts_as_identity(backbone):
+    x = torch.randn(1, 3, 64, 64)
+    raw = backbone.diffusion(backbone._to_vae_range(x), torch.Generator().manual_seed(0))
+    outs = backbone(x)
+    for out, i in zip(outs, backbone.tap_order):
+        assert torch.equal(out, raw[i].float())
+
+
+def test_diffusion_weights_frozen_through_a_training_step(backbone):
+    backbone.train()
+    unet = backbone.diffusion.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainable = list(backbone.parameters())
+    assert trainable and all(p.requires_grad for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(2):
+        loss = sum(o.square().mean() for o in backbone(torch.randn(2, 3, 64, 64)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
+    assert all(p.grad is None for p in backbone.diffusion.vae.parameters())
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_checkpoint_holds_only_trainable_parts(backbone):
+    keys = list(backbone.state_dict())
+    assert keys and all(k.startswith('refiners.') for k in keys)
+    frozen = sum(p.numel() for p in backbone.diffusion.unet.parameters())
+    assert sum(p.numel() for p in backbone.parameters()) < frozen
+
+
+def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
+    from mmseg_gate import GATEBackbone
+    model = GATEBackbone(sd_model=tiny_sd,
+                         init_cfg=dict(type='Kaiming', layer='Conv2d'))
+    before = {k: v.clone() for k, v in model.diffusion.unet.state_dict().items()}
+    model.init_weights()
+    assert all(torch.equal(before[k], v) for k, v in model.diffusion.unet.state_dict().items())
+    # The refinement blocks are still the identity after a Kaiming init of their convs.
+    for stack in model.refiners:
+        for block in stack:
+            assert torch.all(block.conv2.norm.weight == 0)
+
+
+def test_deterministic_with_seed(backbone, tiny_sd):
+    x = torch.randn(1, 3, 64, 64)
+    first, second = backbone(x), backbone(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    backbone.noise_seed = 1
+    other = backbone(x)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
+    import copy
+    x = torch.randn(1, 3, 64, 64)
+    run_a, run_b = copy.deepcopy(backbone).train(), copy.deepcopy(backbone).train()
+    a1, a2 = run_a.diffusion(x, run_a._generator()), run_a.diffusion(x, run_a._generator())
+    b1 = run_b.diffusion(x, run_b._generator())
+    assert not torch.equal(a1[0], a2[0])
+    assert torch.equal(a1[0], b1[0])
+
+
+def test_deepcopy_shares_frozen_parts(backbone):
+    import copy
+    clone = copy.deepcopy(backbone)
+    assert clone.diffusion is backbone.diffusion
+    assert clone.refiners[0] is not backbone.refiners[0]
+
+
+def test_vae_decoder_not_kept(backbone):
+    assert backbone.diffusion.vae.decoder is None
+
+
+def test_normalisation_is_undone(backbone, tiny_sd):
+    """The same pixels normalised two ways give the same features."""
+    pixels = torch.rand(1, 3, 64, 64) * 255
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    from mmseg_gate import GATEBackbone
+    imagenet = GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street', input_mean=mean,
+                            input_std=std).eval()
+    imagenet.load_state_dict(backbone.state_dict())
+    a = backbone((pixels - 127.5) / 127.5)
+    b = imagenet((pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b))

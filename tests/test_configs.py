@@ -1,0 +1,51 @@
+"""Every shipped config loads (MMSeg base inheritance) and builds with the tiny model."""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmseg.registry import MODELS
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
+
+
+def test_configs_found():
+    names = {osp.basename(c) for c in CONFIGS}
+    assert {'gate_upernet_ade20k.py', 'gate_upernet_cityscapes.py',
+            'gate_upernet_demo.py'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_builds(path, tiny_sd):
+    cfg = Config.fromfile(path)
+    assert cfg.model.backbone.type == 'GATEBackbone'
+    assert cfg.model.data_preprocessor.seg_pad_val == 255
+    assert cfg.model.data_preprocessor.mean == [127.5] * 3  # inputs in [-1, 1]
+    assert cfg.model.backbone.input_mean == cfg.model.data_preprocessor.mean
+    cfg.model.backbone.sd_model = tiny_sd
+    model = MODELS.build(cfg.model)
+    assert type(model).__name__ == 'EncoderDecoder'
+    if 'demo' in path:
+        model.eval()
+        logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
+        assert logits.shape[:2] == (1, 150)
+
+
+def test_paper_settings():
+    ade = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k.py'))
+    assert ade.model.backbone.timestep == 50
+    assert ade.model.backbone.prompt.startswith('a highly realistic photo of the real world')
+    assert ade.model.decode_head.in_channels == [640, 1280, 1280]
+    assert ade.model.decode_head.pool_scales == (1, 2, 3)
+    assert ade.optim_wrapper.optimizer.type == 'AdamW'
+    assert ade.optim_wrapper.optimizer.lr == 1.6e-4
+    assert ade.train_cfg.max_iters == 80000
+    assert ade.train_dataloader.batch_size == 2
+    assert ade.model.test_cfg.mode == 'slide'
+    city = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_cityscapes.py'))
+    assert city.crop_size == (1024, 1024)
+    assert city.model.decode_head.num_classes == 19
+    assert city.model.backbone.prompt.startswith('An urban street scene')

@@ -1,0 +1,56 @@
+"""Every way the backbone can be misconfigured says what is wrong and how to fix it."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from mmseg_gate import GATEBackbone
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist.*huggingface-cli download'):
+        GATEBackbone(sd_model=str(tmp_path / 'no-such-model'))
+
+
+def test_missing_component(tiny_sd, tmp_path):
+    broken = shutil.copytree(tiny_sd, tmp_path / 'sd')
+    shutil.rmtree(broken / 'unet')
+    with pytest.raises(FileNotFoundError, match="no 'unet/' folder"):
+        GATEBackbone(sd_model=str(broken))
+
+
+def test_pickle_weights_rejected(tiny_sd, tmp_path):
+    broken = shutil.copytree(tiny_sd, tmp_path / 'sd')
+    weights = broken / 'unet' / 'diffusion_pytorch_model.safetensors'
+    os.rename(weights, broken / 'unet' / 'diffusion_pytorch_model.bin')
+    with pytest.raises(ValueError, match=r'no \.safetensors.*diffusion_pytorch_model\.bin.*'
+                                         'safe_serialization=True'):
+        GATEBackbone(sd_model=str(broken))
+
+
+def test_unknown_hub_model_fails_offline(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(OSError, match='could not load .*Download it first'):
+        GATEBackbone(sd_model='nobody-here/no-such-model')
+
+
+def test_wrong_channel_count(backbone):
+    with pytest.raises(ValueError, match=r'expects images as \(N, 3, H, W\).*3 channels'):
+        backbone(torch.randn(1, 4, 64, 64))
+
+
+@pytest.mark.parametrize('tap', ['up_blocks.7.upsamplers.0', 'conv_out'])
+def test_bad_tap(tiny_sd, tap):
+    with pytest.raises(KeyError, match='tap'):
+        GATEBackbone(sd_model=tiny_sd, taps=[tap])
+
+
+def test_bad_timestep(tiny_sd):
+    with pytest.raises(ValueError, match=r'timestep must be in \[0, 1000\)'):
+        GATEBackbone(sd_model=tiny_sd, timestep=1000)
+
+
+def test_bad_dtype(tiny_sd):
+    with pytest.raises(ValueError, match='frozen_dtype'):
+        GATEBackbone(sd_model=tiny_sd, frozen_dtype='float8')
