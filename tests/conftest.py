@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import mmseg_gate  # noqa: F401
+from mmseg.utils import register_all_modules
 from mmseg_gate.models.diffusion.architectures import save_random_stable_diffusion
 
 torch.set_num_threads(2)
+# What tools/train.py gets from the config's default_scope: MMSeg's registries.
+register_all_modules(init_default_scope=True)
 
 
 @pytest.fixture(scope='session')

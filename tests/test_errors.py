@@ -9,7 +9,7 @@ from mmseg_gate import GATEBackbone
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match='does not exist.*huggingface-cli download'):
+    with pytest.raises(FileNotFoundError, match='(?s)does not exist.*hf download'):
         GATEBackbone(sd_model=str(tmp_path / 'no-such-model'))
 
 
@@ -24,14 +24,14 @@ def test_pickle_weights_rejected(tiny_sd, tmp_path):
     broken = shutil.copytree(tiny_sd, tmp_path / 'sd')
     weights = broken / 'unet' / 'diffusion_pytorch_model.safetensors'
     os.rename(weights, broken / 'unet' / 'diffusion_pytorch_model.bin')
-    with pytest.raises(ValueError, match=r'no \.safetensors.*diffusion_pytorch_model\.bin.*'
+    with pytest.raises(ValueError, match=r'(?s)no \.safetensors.*diffusion_pytorch_model\.bin.*'
                                          'safe_serialization=True'):
         GATEBackbone(sd_model=str(broken))
 
 
 def test_unknown_hub_model_fails_offline(monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(OSError, match='could not load .*Download it first'):
+    with pytest.raises(OSError, match='(?s)could not load .*Download it first'):
         GATEBackbone(sd_model='nobody-here/no-such-model')
 
 

@@ -20,9 +20,9 @@ _COMPONENTS = _WEIGHT_COMPONENTS + ('tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _GET_WEIGHTS_HINT = (
     'Get Stable Diffusion v1.5 in diffusers format with\n'
-    f'  huggingface-cli download {DEFAULT_MODEL} --local-dir checkpoints/sd15 '
+    f'  hf download {DEFAULT_MODEL} --local-dir checkpoints/sd15 '
     '--include "*.json" "*.txt" "*.safetensors" --exclude "*.fp16.*" "*non_ema*"\n'
-    "and set the backbone's `pretrained='checkpoints/sd15'`.")
+    "and set the backbone's `sd_model='checkpoints/sd15'`.")
 
 
 @dataclass
