@@ -5,6 +5,7 @@ functions build the components from their architecture configs with random weigh
 them as a diffusers folder, which then loads through the same ``from_pretrained`` path as real
 weights. ``sd15`` is Stable Diffusion v1.5's architecture (same FLOPs as the real model);
 ``tiny`` keeps its layout (4 down/up blocks, cross-attention, 8x VAE) at a CPU-friendly size.
+The VAE's latent scaling factor is calibrated to unit-variance latents, as SD's own was.
 The tokenizer is CLIP's real BPE vocabulary (the one SD1.5 uses), which MMSeg ships.
 """
 import gzip
@@ -74,6 +75,18 @@ def save_clip_tokenizer(folder: str) -> CLIPTokenizer:
     return tokenizer
 
 
+@torch.no_grad()
+def unit_variance_scaling(vae: AutoencoderKL, seed: int = 0) -> float:
+    """The latent scaling factor giving unit-variance latents, found the way SD's 0.18215 was
+    (1 / std of latents of sample images; here smooth random images). Without it a random
+    VAE's latents are drowned by even the light noise of t=50."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(8, 3, 8, 8, generator=generator) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode='bilinear')
+    latents = vae.encode(images).latent_dist.mode()
+    return float(1.0 / latents.std())
+
+
 def save_random_stable_diffusion(folder: str, arch: str = 'tiny', seed: int = 0) -> str:
     """Write a randomly initialised Stable Diffusion of ``arch`` to ``folder`` (diffusers
     format, safetensors) and return ``folder``."""
@@ -88,7 +101,9 @@ def save_random_stable_diffusion(folder: str, arch: str = 'tiny', seed: int = 0)
                                  pad_token_id=tokenizer.pad_token_id, **spec['text_encoder'])
     CLIPTextModel(text_config).save_pretrained(osp.join(folder, 'text_encoder'))
     UNet2DConditionModel(**spec['unet']).save_pretrained(osp.join(folder, 'unet'))
-    AutoencoderKL(**spec['vae']).save_pretrained(osp.join(folder, 'vae'))
+    vae = AutoencoderKL(**spec['vae'])
+    vae.register_to_config(scaling_factor=unit_variance_scaling(vae))
+    vae.save_pretrained(osp.join(folder, 'vae'))
     PNDMScheduler(**_SCHEDULER).save_pretrained(osp.join(folder, 'scheduler'))
     with open(osp.join(folder, 'model_index.json'), 'w') as f:
         json.dump({'_class_name': 'StableDiffusionPipeline',
