@@ -83,8 +83,8 @@ def write_atomically(target: str, force: bool, writer) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='data/demo', help='output folder')
-    parser.add_argument('--num-train', type=int, default=48)
-    parser.add_argument('--num-val', type=int, default=16)
+    parser.add_argument('--num-train', type=int, default=160)
+    parser.add_argument('--num-val', type=int, default=32)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--vae-steps', type=int, default=300,
                         help='autoencoder training steps of the tiny VAE (0: keep it random)')
