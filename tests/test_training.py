@@ -61,3 +61,28 @@ def test_resume_with_safe_loading(tiny_sd, demo_root, tmp_path):
     runner.train()
     assert runner.iter == 4
     assert (tmp_path / 'iter_4.pth').exists()
+
+
+def test_ade20k_submission_writes_label_maps(tiny_sd, demo_root, tmp_path):
+    """The submission config predicts unlabelled test images into ADE's 1-150 id PNGs."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    testing = tmp_path / 'release_test' / 'testing'
+    shutil.copytree(osp.join(demo_root, 'images', 'validation'), testing)
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k_submit.py'))
+    cfg.model = demo_cfg(tiny_sd, demo_root, tmp_path, 1).model
+    cfg.work_dir = str(tmp_path / 'work')
+    cfg.test_dataloader.dataset.data_root = str(testing.parent)
+    cfg.test_dataloader.num_workers = 0
+    cfg.test_dataloader.persistent_workers = False
+    cfg.test_evaluator.output_dir = str(tmp_path / 'predictions')
+    Runner.from_cfg(cfg).test()
+    images = sorted(p.stem for p in testing.iterdir())
+    written = sorted((tmp_path / 'predictions').iterdir())
+    assert [p.stem for p in written] == images
+    for png in written:
+        labels = np.asarray(Image.open(png))
+        assert labels.shape == np.asarray(Image.open(testing / (png.stem + '.jpg'))).shape[:2]
+        assert labels.min() >= 1 and labels.max() <= 150
