@@ -139,3 +139,17 @@ def test_normalisation_is_undone(backbone, tiny_sd):
     a = backbone((pixels - 127.5) / 127.5)
     b = imagenet((pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b))
+
+
+def test_low_precision_frozen_parts(tiny_sd, backbone):
+    """bfloat16 frozen parts (float16's CPU stand-in) give float32 outputs close to fp32's."""
+    from mmseg_gate import GATEBackbone
+    low = GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street',
+                       frozen_dtype='bfloat16').eval()
+    low.load_state_dict(backbone.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    outs, ref = low(x), backbone(x)
+    assert low.diffusion.unet.dtype == torch.bfloat16
+    for out, expected in zip(outs, ref):
+        assert out.dtype == torch.float32
+        assert (out - expected).abs().mean() < 0.1 * expected.abs().mean()

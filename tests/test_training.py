@@ -86,3 +86,24 @@ def test_ade20k_submission_writes_label_maps(tiny_sd, demo_root, tmp_path):
         labels = np.asarray(Image.open(png))
         assert labels.shape == np.asarray(Image.open(testing / (png.stem + '.jpg'))).shape[:2]
         assert labels.min() >= 1 and labels.max() <= 150
+
+
+def test_distributed_training_without_cuda(tiny_sd, demo_root, tmp_path):
+    """tools/dist_train.sh with two gloo processes (MMEngine alone needs CUDA for this)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHON=sys.executable, PORT='29613', CUDA_VISIBLE_DEVICES='')
+    options = [f'model.backbone.sd_model={tiny_sd}',
+               f'train_dataloader.dataset.data_root={demo_root}',
+               f'val_dataloader.dataset.data_root={demo_root}',
+               'train_dataloader.batch_size=2', 'train_cfg.max_iters=2',
+               'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2']
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'),
+         osp.join(ROOT, 'configs', 'gate_upernet_demo.py'), '2', '--work-dir', str(tmp_path),
+         '--cfg-options', *options],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'iter_2.pth').exists()
+    assert 'mIoU' in result.stdout + result.stderr
