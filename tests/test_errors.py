@@ -31,7 +31,7 @@ def test_pickle_weights_rejected(tiny_sd, tmp_path):
 
 def test_unknown_hub_model_fails_offline(monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(OSError, match='(?s)could not load .*Download it first'):
+    with pytest.raises(OSError, match='(?s)not a local folder.*Download it first'):
         GATEBackbone(sd_model='nobody-here/no-such-model')
 
 

@@ -94,9 +94,9 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
         if local:
             raise
         raise OSError(
-            f"GATEBackbone: could not load '{pretrained}' from the Hugging Face hub or its "
-            f'local cache ({err}). Download it first (online), or point `pretrained` at a '
-            f'local folder.\n{_GET_WEIGHTS_HINT}') from err
+            f"GATEBackbone: '{pretrained}' is not a local folder, and could not be loaded as a "
+            f'Hugging Face hub id from the hub or its local cache ({err}). Download it first '
+            f'(online), or point `sd_model` at a local folder.\n{_GET_WEIGHTS_HINT}') from err
     drop_vae_decoder(vae)
     return StableDiffusionParts(vae, unet, text_encoder, tokenizer, scheduler, pretrained)
 
