@@ -100,7 +100,7 @@ def full_unet_flops(backbone, images: torch.Tensor) -> int:
     """FLOPs of diffusers' own full UNet forward on the latent the backbone would use."""
     diffusion = backbone.diffusion
     latents = diffusion.encode(backbone._to_vae_range(images))
-    context = diffusion.prompt_embeds.expand(latents.shape[0], -1, -1)
+    context = next(iter(diffusion.prompt_embeds.values())).expand(latents.shape[0], -1, -1)
     with torch.no_grad():
         return count_flops(lambda: diffusion.unet(latents, diffusion.timestep, context))
 

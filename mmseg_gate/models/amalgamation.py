@@ -1,11 +1,15 @@
-"""Trainable layers on top of the frozen diffusion features.
+"""Trainable layers on top of the frozen diffusion features: fusion of GATE's variants, then
+refinement.
+
+``VariantAmalgamation`` is the paper's learned amalgamation: per level, a weight assigner gives
+each variant a per-image, per-channel weight, softmaxed across variants.
 
 ``ZeroInitResBlock`` is the paper's refinement block: a residual conv block that starts as the
 identity, so training begins from the raw diffusion features. Only the last norm's scale is
 zeroed (as in "zero-init residual" ResNets): the authors zero every weight of the block, which
 leaves its convolutions without gradient forever.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from mmcv.cnn import ConvModule
@@ -47,3 +51,69 @@ def refinement_stack(channels: int, num_blocks: int, norm_cfg: dict) -> nn.Modul
     if num_blocks == 0:
         return nn.Identity()
     return Sequential(*[ZeroInitResBlock(channels, norm_cfg) for _ in range(num_blocks)])
+
+
+class WeightAssigner(BaseModule):
+    """Scores one variant's feature map: a per-image, per-channel logit.
+
+    conv3x3 -> ``hidden_channels``, ReLU, BN, dropout, global average pool, linear -> C.
+    """
+
+    def __init__(self, channels: int, hidden_channels: int = 128, dropout_ratio: float = 0.5,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg)
+        self.conv = ConvModule(channels, hidden_channels, 3, padding=1, bias=False,
+                               norm_cfg=norm_cfg, act_cfg=dict(type='ReLU'),
+                               order=('conv', 'act', 'norm'))
+        self.dropout = nn.Dropout(dropout_ratio)
+        self.fc = nn.Linear(hidden_channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.dropout(self.conv(x)).mean(dim=(2, 3))
+        return self.fc(pooled)
+
+
+class VariantAmalgamation(BaseModule):
+    """Fuses the features of GATE's variants with learned, input-dependent weights.
+
+    Each assigner scores every variant (shared weights across variants); the scores are
+    softmaxed across variants, per image and channel, and the variants summed with them.
+    Several assigners give several such sums, concatenated along channels (the paper's
+    appendix A.4). With one variant this is the identity.
+
+    Args:
+        channels: channels of each variant's feature map.
+        num_variants: number of variants fused.
+        num_assigners: number of weight assigners; output channels are
+            ``channels * num_assigners`` (1 with a single variant).
+        hidden_channels, dropout_ratio, norm_cfg: of each :class:`WeightAssigner`.
+    """
+
+    def __init__(self, channels: int, num_variants: int, num_assigners: int = 1,
+                 hidden_channels: int = 128, dropout_ratio: float = 0.5,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg)
+        self.num_variants = num_variants
+        if num_variants > 1:
+            self.assigners = nn.ModuleList(
+                WeightAssigner(channels, hidden_channels, dropout_ratio, norm_cfg)
+                for _ in range(num_assigners))
+        self.out_channels = channels * (num_assigners if num_variants > 1 else 1)
+        self.last_weights: Optional[torch.Tensor] = None
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        if len(feats) != self.num_variants:
+            raise ValueError(f'expected {self.num_variants} variant features, got {len(feats)}')
+        if self.num_variants == 1:
+            return feats[0]
+        stacked = torch.stack(feats)  # (V, B, C, H, W)
+        fused, weights = [], []
+        for assigner in self.assigners:
+            w = torch.stack([assigner(f) for f in feats]).softmax(dim=0)  # (V, B, C)
+            weights.append(w)
+            fused.append((w[..., None, None] * stacked).sum(dim=0))
+        # Kept for inspection (which variant the model relies on, per channel).
+        self.last_weights = torch.stack(weights).detach()  # (A, V, B, C)
+        return torch.cat(fused, dim=1)

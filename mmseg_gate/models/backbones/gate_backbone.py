@@ -1,6 +1,7 @@
 """GATE backbone: frozen Stable Diffusion features as multi-scale MMSeg features."""
 import math
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +11,13 @@ from mmengine.model import BaseModule
 from torch import nn
 
 from mmseg.registry import MODELS
-from ..amalgamation import refinement_stack
+from mmseg.utils import get_classes
+from ..amalgamation import VariantAmalgamation, refinement_stack
+from ..diffusion.conditions import ConditionDetector
+from ..diffusion.controlnets import load_controlnet
 from ..diffusion.frozen import FrozenStableDiffusion
 from ..diffusion.loading import DEFAULT_MODEL, load_stable_diffusion
+from ..diffusion.variants import parse_variants
 
 # The paper's segmentation features: the upsampler outputs of up blocks 0, 1 and 2
 # (SD1.5 at 512x512: 1280 ch @ 1/32, 1280 ch @ 1/16, 640 ch @ 1/8).
@@ -26,9 +31,11 @@ SIZE_MULTIPLE = 64
 class GATEBackbone(BaseModule):
     """Stable Diffusion UNet features, kept true to the image, for dense prediction.
 
-    The image is encoded once by the VAE, noised lightly (``timestep``), and passed through the
-    frozen UNet with a prompt embedding; the UNet stops after the last tapped block. Each tapped
-    activation is refined by trainable zero-initialised residual blocks. Outputs are ordered
+    The image is encoded once by the VAE and noised lightly (``timestep``). The frozen UNet then
+    runs once per guided *variant* (a prompt, optional ControlNets, an optional LoRA adapter;
+    all variants of an image share one batch), stopping after the last tapped block. Per output
+    level, the variants' activations are fused by a learned amalgamation and refined by
+    trainable zero-initialised residual blocks. Outputs are ordered
     from high to low resolution (MMSeg's convention); for the default taps on SD1.5 they are
     ``(640 ch, stride 8), (1280 ch, stride 16), (1280 ch, stride 32)`` -- read them from
     ``out_channels`` and ``out_strides`` after building.
@@ -39,7 +46,24 @@ class GATEBackbone(BaseModule):
     Args:
         sd_model (str): a local diffusers-format Stable Diffusion folder or a hub id.
             Default: ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
-        prompt (str): text the UNet is conditioned on (any length). Default: ''.
+        prompt (str): text the UNet is conditioned on (any length); the default of every
+            variant. Default: ''.
+        class_names (str | Sequence[str], optional): the dataset's classes, or a dataset name
+            known to ``mmseg.utils.get_classes`` ('ade20k', 'cityscapes', ...).
+        append_class_names (bool): append the class names to every prompt (the paper's
+            fine-grained prompts). Default: False.
+        variants (Sequence[dict], optional): GATE's guided variants, each
+            ``dict(prompt=None, controlnets=dict(name=scale), lora=None, lora_scale=1.0)``
+            (see ``mmseg_gate/models/diffusion/variants.py``). Default: one prompt-only variant.
+        controlnets (dict, optional): name -> ``dict(model=folder or hub id,
+            condition=dict(type='canny', low_threshold=100, high_threshold=200))``.
+        loras (dict, optional): name -> LoRA safetensors file (diffusers/peft or kohya format),
+            loaded as adapters on the one UNet.
+        batch_variants (bool): run the variants of an image as one UNet batch (mixing LoRA
+            adapters per sample) or one after another (less memory). Default: True.
+        num_assigners (int): weight assigners per level in the amalgamation; each adds the
+            level's channels to the output. Default: 1.
+        assigner_cfg (dict): ``hidden_channels`` and ``dropout_ratio`` of the assigners.
         taps (Sequence[str]): UNet submodule names to read features from.
             Default: the upsamplers of up blocks 0, 1, 2.
         timestep (int): noise level added to the latent, of 1000. Default: 50.
@@ -60,6 +84,14 @@ class GATEBackbone(BaseModule):
     def __init__(self,
                  sd_model: str = DEFAULT_MODEL,
                  prompt: str = '',
+                 class_names: Optional[Union[str, Sequence[str]]] = None,
+                 append_class_names: bool = False,
+                 variants: Optional[Sequence[dict]] = None,
+                 controlnets: Optional[Dict[str, dict]] = None,
+                 loras: Optional[Dict[str, str]] = None,
+                 batch_variants: bool = True,
+                 num_assigners: int = 1,
+                 assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
                  taps: Sequence[str] = DEFAULT_TAPS,
                  timestep: int = 50,
                  noise_seed: int = 0,
@@ -70,21 +102,34 @@ class GATEBackbone(BaseModule):
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg)
+        controlnets, loras = dict(controlnets or {}), dict(loras or {})
+        parsed = parse_variants(variants, prompt, list(controlnets), list(loras))
+        if append_class_names:
+            names = _class_names(class_names)
+            parsed = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip()) for v in parsed]
         parts = load_stable_diffusion(sd_model)
-        self.diffusion = FrozenStableDiffusion(parts, taps, timestep, prompt, frozen_dtype)
+        guidance = {name: (load_controlnet(cfg['model'], parts.unet),
+                           ConditionDetector(**cfg.get('condition', dict(type='canny'))))
+                    for name, cfg in controlnets.items()}
+        self.diffusion = FrozenStableDiffusion(parts, taps, timestep, parsed, guidance, loras,
+                                               frozen_dtype, batch_variants)
         shapes = self.diffusion.probe_shapes()
         # High resolution first; a stable sort keeps the given order within a stride.
         self.tap_order = sorted(range(len(shapes)), key=lambda i: shapes[i][1])
-        self.out_channels = [shapes[i][0] for i in self.tap_order]
         self.out_strides = [shapes[i][1] for i in self.tap_order]
+        self.amalgamations = nn.ModuleList(
+            VariantAmalgamation(shapes[i][0], len(parsed), num_assigners, norm_cfg=norm_cfg,
+                                **assigner_cfg) for i in self.tap_order)
+        self.out_channels = [a.out_channels for a in self.amalgamations]
         self.refiners = nn.ModuleList(
             refinement_stack(c, num_refine_blocks, norm_cfg) for c in self.out_channels)
         self.register_buffer('input_mean', _as_pixel_stats(input_mean), persistent=False)
         self.register_buffer('input_std', _as_pixel_stats(input_std), persistent=False)
         self.noise_seed = noise_seed
         self._train_generator: Optional[torch.Generator] = None
-        print_log(f'GATEBackbone: {sd_model}, taps {[taps[i] for i in self.tap_order]} -> '
-                  f'channels {self.out_channels}, strides {self.out_strides}; the UNet runs '
+        print_log(f'GATEBackbone: {sd_model}, {len(parsed)} variant(s), taps '
+                  f'{[taps[i] for i in self.tap_order]} -> channels {self.out_channels}, '
+                  f'strides {self.out_strides}; the UNet runs '
                   f'{len(self.diffusion.taps.stages_run)} stages', logger='current')
 
     def extra_repr(self) -> str:
@@ -113,12 +158,22 @@ class GATEBackbone(BaseModule):
         self._check_input(x)
         height, width = x.shape[-2:]
         pixels = _pad_to_multiple(self._to_vae_range(x), SIZE_MULTIPLE)
-        feats = self.diffusion(pixels, self._generator())
+        per_variant = self.diffusion(pixels, self._generator())
         outs: List[torch.Tensor] = []
-        for refiner, i, stride in zip(self.refiners, self.tap_order, self.out_strides):
-            feat = feats[i][..., :math.ceil(height / stride), :math.ceil(width / stride)]
-            outs.append(refiner(feat.float()))
+        for level, (i, stride) in enumerate(zip(self.tap_order, self.out_strides)):
+            crop = (..., slice(math.ceil(height / stride)), slice(math.ceil(width / stride)))
+            fused = self.amalgamations[level]([feats[i][crop].float() for feats in per_variant])
+            outs.append(self.refiners[level](fused))
         return tuple(outs)
+
+
+def _class_names(class_names) -> str:
+    """The dataset's class names as prompt text."""
+    if class_names is None:
+        raise ValueError('GATEBackbone: append_class_names=True needs `class_names` (a list, '
+                         "or a dataset name such as 'ade20k' or 'cityscapes').")
+    names = get_classes(class_names) if isinstance(class_names, str) else list(class_names)
+    return ', '.join(names)
 
 
 def _as_pixel_stats(values: Sequence[float]) -> torch.Tensor:

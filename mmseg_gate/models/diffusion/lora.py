@@ -1,0 +1,102 @@
+"""LoRA files as named adapters on the one shared UNet, and per-sample adapter choice.
+
+Files may be diffusers/peft LoRA safetensors (what ``tools/train_lora.py`` writes) or
+kohya-style ones (``lora_unet_*`` keys, conv "LoCon" layers included), which diffusers converts.
+A batch can mix adapters: peft's LoRA layers take an ``adapter_names`` list (one name per
+sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every LoRA layer.
+"""
+import os.path as osp
+import re
+from contextlib import contextmanager
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+BASE = '__base__'
+_LORA_SUFFIX = re.compile(r'\.(lora_[AB]|lora\.(down|up)|lora_linear_layer\.(down|up)|'
+                          r'lora_(down|up))\.weight$|\.alpha$|\.lora_magnitude_vector.*$')
+
+
+def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """The UNet part of a LoRA safetensors file in diffusers' key format, and kohya alphas."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(_missing_lora_hint(path))
+    if not path.endswith('.safetensors'):
+        raise ValueError(f"GATEBackbone: LoRA file '{path}' is not .safetensors; GATE loads "
+                         'safetensors only (pickle files run code when loaded).')
+    state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(load_file(path))
+    unet_keys = {k: v for k, v in state_dict.items() if k.startswith('unet.')}
+    if not unet_keys:
+        raise ValueError(f"GATEBackbone: LoRA file '{path}' has no UNet weights (keys like "
+                         "'unet.*' or 'lora_unet_*').")
+    return unet_keys, alphas
+
+
+def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Every LoRA target must be a UNet module of matching size (else: LoRA of another model)."""
+    modules = dict(unet.named_modules())
+    problems = []
+    for key, value in state_dict.items():
+        if not key.endswith('.weight') or '.lora' not in key:
+            continue
+        target = _LORA_SUFFIX.sub('', key[len('unet.'):])
+        module = modules.get(target)
+        if module is None:
+            problems.append(f'{target}: no such module')
+            continue
+        module = getattr(module, 'base_layer', module)
+        down = any(s in key for s in ('lora_A', 'down'))
+        size = value.shape[1] if down else value.shape[0]
+        expected = module.weight.shape[1] if down else module.weight.shape[0]
+        if size != expected:
+            problems.append(f'{target}: LoRA size {size}, module size {expected}')
+    if problems:
+        raise ValueError(
+            f"GATEBackbone: LoRA '{path}' does not fit this UNet ({len(problems)} problems, "
+            f'e.g. {problems[:3]}). It was trained for another model; train one for this '
+            'UNet with tools/train_lora.py.')
+
+
+def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]) -> None:
+    """Load each ``name -> path`` as an adapter and set its scale."""
+    for name, path in adapters.items():
+        state_dict, alphas = read_lora_file(path)
+        check_lora_fits(unet, state_dict, path)
+        unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
+                               prefix='unet')
+    if adapters:
+        names = list(adapters)
+        unet.set_adapters(names, weights=[scales[n] for n in names])
+        unet.requires_grad_(False)
+
+
+@contextmanager
+def adapters_per_sample(unet, names: Sequence[str]):
+    """Within the block, sample i of every UNet batch uses adapter ``names[i]``."""
+    names = list(names)
+
+    def add_names(_module, args, kwargs):
+        return args, dict(kwargs, adapter_names=names)
+
+    handles = [m.register_forward_pre_hook(add_names, with_kwargs=True)
+               for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def has_adapters(unet) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+
+
+def _missing_lora_hint(path: str) -> str:
+    return (f"GATEBackbone: LoRA file '{path}' does not exist. Train one for your dataset with "
+            '`python tools/train_lora.py configs/lora/<dataset>.py` (it saves '
+            'lora_step<N>.safetensors every K steps: use a moderate and a slightly overfit '
+            'one), or use a config without LoRA variants (configs/gate_upernet_ade20k_prompt.py, '
+            'configs/gate_upernet_cityscapes_prompt.py).')
