@@ -1,18 +1,23 @@
-# GATE (SD1.5, guidance-free core) + UPerNet on ADE20K, 512x512 crops, 80k iterations, batch 2.
-_base_ = [
-    './_base_/models/gate_sd15_upernet.py',
-    'mmseg::_base_/datasets/ade20k.py',
-    'mmseg::_base_/default_runtime.py',
-    './_base_/schedules/gate_adamw_80k.py',
-]
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
+# GATE + UPerNet on ADE20K: the paper's three variants (prompt only; prompt + Canny ControlNet
+# + LoRA A; prompt + Canny ControlNet + LoRA B), learned amalgamation, 512x512 crops, 80k
+# iterations, batch 2. The LoRA files come from
+#   python tools/train_lora.py configs/lora/ade20k.py
+# (A: a moderate checkpoint, B: a slightly overfit one). Without them use
+# configs/gate_upernet_ade20k_prompt.py.
+_base_ = ['./gate_upernet_ade20k_prompt.py']
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
-        prompt='a highly realistic photo of the real world. It can be an indoor scene, '
-        'or an outdoor scene, or a photo of nature. high quality.'),
-    decode_head=dict(num_classes=150),
-    auxiliary_head=dict(num_classes=150),
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
-train_dataloader = dict(batch_size=2)
+        class_names='ade20k',
+        append_class_names=True,
+        controlnets=dict(
+            canny=dict(
+                model='lllyasviel/sd-controlnet-canny',
+                condition=dict(type='canny', low_threshold=100, high_threshold=200))),
+        loras=dict(
+            a='work_dirs/lora/ade20k/lora_step1500.safetensors',
+            b='work_dirs/lora/ade20k/lora_step3000.safetensors'),
+        variants=[
+            dict(),
+            dict(controlnets=dict(canny=1.0), lora='a'),
+            dict(controlnets=dict(canny=1.0), lora='b'),
+        ]))

@@ -1,19 +1,22 @@
-# GATE (SD1.5, guidance-free core) + UPerNet on CityScapes, 1024x1024 crops of the 2048x1024
-# images at native resolution, 80k iterations, batch 2.
-_base_ = [
-    './_base_/models/gate_sd15_upernet.py',
-    'mmseg::_base_/datasets/cityscapes_1024x1024.py',
-    'mmseg::_base_/default_runtime.py',
-    './_base_/schedules/gate_adamw_80k.py',
-]
-crop_size = (1024, 1024)
-data_preprocessor = dict(size=crop_size)
+# GATE + UPerNet on CityScapes: the paper's three variants (prompt only; prompt + Canny
+# ControlNet + LoRA A; prompt + Canny ControlNet + LoRA B), learned amalgamation, 1024x1024
+# crops at native resolution, 80k iterations, batch 2. The LoRA files come from
+#   python tools/train_lora.py configs/lora/cityscapes.py
+# Without them use configs/gate_upernet_cityscapes_prompt.py.
+_base_ = ['./gate_upernet_cityscapes_prompt.py']
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
-        prompt='An urban street scene with multiple lanes, various buildings, traffic '
-        'lights, cars in the lanes, and pedestrians, highly realistic.'),
-    decode_head=dict(num_classes=19),
-    auxiliary_head=dict(num_classes=19),
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(768, 768)))
-train_dataloader = dict(batch_size=2)
+        class_names='cityscapes',
+        append_class_names=True,
+        controlnets=dict(
+            canny=dict(
+                model='lllyasviel/sd-controlnet-canny',
+                condition=dict(type='canny', low_threshold=100, high_threshold=200))),
+        loras=dict(
+            a='work_dirs/lora/cityscapes/lora_step1500.safetensors',
+            b='work_dirs/lora/cityscapes/lora_step3000.safetensors'),
+        variants=[
+            dict(),
+            dict(controlnets=dict(canny=1.0), lora='a'),
+            dict(controlnets=dict(canny=1.0), lora='b'),
+        ]))

@@ -1,6 +1,7 @@
-# The embedded demo: the ADE20K recipe at toy scale, on CPU, in a few minutes.
-# `python tools/make_demo.py` writes its data (ADE20K layout) and the tiny randomly
-# initialised Stable Diffusion it loads; `bash tools/demo.sh` runs everything.
+# The embedded demo: the ADE20K recipe, with the paper's three GATE variants, at toy scale on
+# the CPU. `python tools/make_demo.py` writes its data (ADE20K layout), the tiny Stable
+# Diffusion and a Canny ControlNet for it; `python tools/train_lora.py configs/lora/demo.py`
+# trains its two LoRAs; `bash tools/demo.sh` runs everything.
 _base_ = [
     './_base_/models/gate_sd15_upernet.py',
     'mmseg::_base_/datasets/ade20k.py',
@@ -17,6 +18,17 @@ model = dict(
         sd_model='data/demo/tiny-sd',
         prompt='a highly realistic photo of the real world. It can be an indoor scene, '
         'or an outdoor scene, or a photo of nature. high quality.',
+        class_names=('wall', 'building', 'sky', 'floor', 'tree'),
+        append_class_names=True,
+        controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
+                                    condition=dict(type='canny'))),
+        loras=dict(a='data/demo/lora/lora_step100.safetensors',
+                   b='data/demo/lora/lora_step200.safetensors'),
+        variants=[
+            dict(),
+            dict(controlnets=dict(canny=1.0), lora='a'),
+            dict(controlnets=dict(canny=1.0), lora='b'),
+        ],
         norm_cfg=dict(type='BN', requires_grad=True)),
     decode_head=dict(in_channels=tiny_channels, channels=32,
                      norm_cfg=dict(type='BN', requires_grad=True)),

@@ -29,3 +29,41 @@ def _backbone(tiny_sd):
 def backbone(_backbone):
     """A fresh copy per test (trainable parts copied, frozen parts shared), in eval mode."""
     return copy.deepcopy(_backbone).eval()
+
+
+@pytest.fixture(scope='session')
+def tiny_controlnet(tiny_sd, tmp_path_factory) -> str:
+    """A ControlNet for the tiny UNet whose zero convolutions are not zero (it does something)."""
+    from mmseg_gate.models.diffusion.architectures import save_random_controlnet
+    return save_random_controlnet(str(tmp_path_factory.mktemp('controlnet')), tiny_sd)
+
+
+def make_lora(tiny_sd: str, path: str, seed: int, rank: int = 4) -> str:
+    """A random (non-zero) LoCon-style LoRA for the tiny UNet, in diffusers' file format."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from mmseg_gate.models.diffusion.lora import save_lora_file
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=['to_q', 'to_k', 'to_v', 'to_out.0', 'conv1',
+                                                'conv2']))
+    return save_lora_file(unet, path)
+
+
+@pytest.fixture(scope='session')
+def tiny_loras(tiny_sd, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp('loras')
+    return {name: make_lora(tiny_sd, str(folder / f'{name}.safetensors'), seed)
+            for name, seed in (('a', 1), ('b', 2))}
+
+
+@pytest.fixture(scope='session')
+def gate_kwargs(tiny_sd, tiny_controlnet, tiny_loras) -> dict:
+    """The paper's three variants on the tiny model."""
+    return dict(sd_model=tiny_sd, prompt='a photo of a street',
+                controlnets=dict(canny=dict(model=tiny_controlnet, condition=dict(type='canny'))),
+                loras=tiny_loras,
+                variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a'),
+                          dict(controlnets=dict(canny=1.0), lora='b')])

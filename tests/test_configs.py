@@ -14,24 +14,34 @@ CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
 
 def test_configs_found():
     names = {osp.basename(c) for c in CONFIGS}
-    assert {'gate_upernet_ade20k.py', 'gate_upernet_cityscapes.py',
-            'gate_upernet_demo.py'} <= names
+    assert {'gate_upernet_ade20k.py', 'gate_upernet_cityscapes.py', 'gate_upernet_demo.py',
+            'gate_upernet_ade20k_prompt.py', 'gate_upernet_cityscapes_prompt.py'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
-def test_config_builds(path, tiny_sd):
+def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras):
     cfg = Config.fromfile(path)
     assert cfg.model.backbone.type == 'GATEBackbone'
     assert cfg.model.data_preprocessor.seg_pad_val == 255
     assert cfg.model.data_preprocessor.mean == [127.5] * 3  # inputs in [-1, 1]
     assert cfg.model.backbone.input_mean == cfg.model.data_preprocessor.mean
-    cfg.model.backbone.sd_model = tiny_sd
+    use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras)
     model = MODELS.build(cfg.model)
     assert type(model).__name__ == 'EncoderDecoder'
     if 'demo' in path:
         model.eval()
         logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
         assert logits.shape[:2] == (1, 150)
+
+
+def use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras):
+    """Point a config's SD model, ControlNets and LoRAs at the tiny test models."""
+    backbone = cfg.model.backbone
+    backbone.sd_model = tiny_sd
+    for controlnet in (backbone.get('controlnets') or {}).values():
+        controlnet.model = tiny_controlnet
+    if backbone.get('loras'):
+        backbone.loras = dict(tiny_loras)
 
 
 def test_paper_settings():
@@ -49,3 +59,13 @@ def test_paper_settings():
     assert city.crop_size == (1024, 1024)
     assert city.model.decode_head.num_classes == 19
     assert city.model.backbone.prompt.startswith('An urban street scene')
+    for cfg in (ade, city):  # the paper's three variants
+        backbone = cfg.model.backbone
+        assert backbone.variants == [dict(), dict(controlnets=dict(canny=1.0), lora='a'),
+                                     dict(controlnets=dict(canny=1.0), lora='b')]
+        assert backbone.controlnets.canny.model == 'lllyasviel/sd-controlnet-canny'
+        assert backbone.controlnets.canny.condition == dict(
+            type='canny', low_threshold=100, high_threshold=200)
+        assert backbone.append_class_names
+    prompt_only = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k_prompt.py'))
+    assert not prompt_only.model.backbone.get('variants')

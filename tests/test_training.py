@@ -18,9 +18,17 @@ def demo_root(tmp_path_factory):
     return root
 
 
-def demo_cfg(tiny_sd, data_root, work_dir, max_iters):
+@pytest.fixture
+def tiny(tiny_sd, tiny_controlnet, tiny_loras):
+    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras)
+
+
+def demo_cfg(tiny, data_root, work_dir, max_iters):
+    """The demo config (three GATE variants) on the test's tiny models and data."""
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_demo.py'))
-    cfg.model.backbone.sd_model = tiny_sd
+    cfg.model.backbone.sd_model = tiny['sd_model']
+    cfg.model.backbone.controlnets.canny.model = tiny['controlnet']
+    cfg.model.backbone.loras = dict(tiny['loras'])
     cfg.work_dir = str(work_dir)
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
         loader.dataset.data_root = data_root
@@ -33,17 +41,18 @@ def demo_cfg(tiny_sd, data_root, work_dir, max_iters):
     return cfg
 
 
-def test_train_evaluate_checkpoint_and_reload(tiny_sd, demo_root, tmp_path):
-    runner = Runner.from_cfg(demo_cfg(tiny_sd, demo_root, tmp_path / 'run', 4))
+def test_train_evaluate_checkpoint_and_reload(tiny, demo_root, tmp_path):
+    runner = Runner.from_cfg(demo_cfg(tiny, demo_root, tmp_path / 'run', 4))
     runner.train()
     ckpt = tmp_path / 'run' / 'iter_4.pth'
     assert ckpt.exists()
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
     assert not any('unet' in k or 'vae' in k for k in state)
     assert any(k.startswith('backbone.refiners.') for k in state)
+    assert any(k.startswith('backbone.amalgamations.') for k in state)
     trained = runner.model.state_dict()
 
-    cfg = demo_cfg(tiny_sd, demo_root, tmp_path / 'test', 4)
+    cfg = demo_cfg(tiny, demo_root, tmp_path / 'test', 4)
     cfg.load_from = str(ckpt)
     tester = Runner.from_cfg(cfg)
     metrics = tester.test()
@@ -53,9 +62,9 @@ def test_train_evaluate_checkpoint_and_reload(tiny_sd, demo_root, tmp_path):
     assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
 
 
-def test_resume_with_safe_loading(tiny_sd, demo_root, tmp_path):
-    Runner.from_cfg(demo_cfg(tiny_sd, demo_root, tmp_path, 2)).train()
-    cfg = demo_cfg(tiny_sd, demo_root, tmp_path, 4)
+def test_resume_with_safe_loading(tiny, demo_root, tmp_path):
+    Runner.from_cfg(demo_cfg(tiny, demo_root, tmp_path, 2)).train()
+    cfg = demo_cfg(tiny, demo_root, tmp_path, 4)
     cfg.resume = True
     runner = Runner.from_cfg(cfg)
     runner.train()
@@ -63,7 +72,7 @@ def test_resume_with_safe_loading(tiny_sd, demo_root, tmp_path):
     assert (tmp_path / 'iter_4.pth').exists()
 
 
-def test_ade20k_submission_writes_label_maps(tiny_sd, demo_root, tmp_path):
+def test_ade20k_submission_writes_label_maps(tiny, demo_root, tmp_path):
     """The submission config predicts unlabelled test images into ADE's 1-150 id PNGs."""
     import shutil
 
@@ -72,7 +81,7 @@ def test_ade20k_submission_writes_label_maps(tiny_sd, demo_root, tmp_path):
     testing = tmp_path / 'release_test' / 'testing'
     shutil.copytree(osp.join(demo_root, 'images', 'validation'), testing)
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k_submit.py'))
-    cfg.model = demo_cfg(tiny_sd, demo_root, tmp_path, 1).model
+    cfg.model = demo_cfg(tiny, demo_root, tmp_path, 1).model
     cfg.work_dir = str(tmp_path / 'work')
     cfg.test_dataloader.dataset.data_root = str(testing.parent)
     cfg.test_dataloader.num_workers = 0
@@ -88,13 +97,16 @@ def test_ade20k_submission_writes_label_maps(tiny_sd, demo_root, tmp_path):
         assert labels.min() >= 1 and labels.max() <= 150
 
 
-def test_distributed_training_without_cuda(tiny_sd, demo_root, tmp_path):
+def test_distributed_training_without_cuda(tiny, demo_root, tmp_path):
     """tools/dist_train.sh with two gloo processes (MMEngine alone needs CUDA for this)."""
     import os
     import subprocess
     import sys
     env = dict(os.environ, PYTHON=sys.executable, PORT='29613', CUDA_VISIBLE_DEVICES='')
-    options = [f'model.backbone.sd_model={tiny_sd}',
+    options = [f"model.backbone.sd_model={tiny['sd_model']}",
+               f"model.backbone.controlnets.canny.model={tiny['controlnet']}",
+               f"model.backbone.loras.a={tiny['loras']['a']}",
+               f"model.backbone.loras.b={tiny['loras']['b']}",
                f'train_dataloader.dataset.data_root={demo_root}',
                f'val_dataloader.dataset.data_root={demo_root}',
                'train_dataloader.batch_size=2', 'train_cfg.max_iters=2',

@@ -1,5 +1,5 @@
-"""Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout and a tiny
-Stable Diffusion in diffusers format.
+"""Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout, a tiny
+Stable Diffusion in diffusers format and a ControlNet for it.
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
 
@@ -22,7 +22,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from mmseg_gate.demo_data import write_ade_layout_dataset
-from mmseg_gate.models.diffusion.architectures import (save_random_stable_diffusion,
+from mmseg_gate.models.diffusion.architectures import (save_random_controlnet,
+                                                       save_random_stable_diffusion,
                                                        unit_variance_scaling)
 
 def load_images(folder: str) -> torch.Tensor:
@@ -96,6 +97,9 @@ def main():
         lambda path: write_ade_layout_dataset(path, args.num_train, args.num_val, args.seed))
     write_atomically(osp.join(args.out, 'tiny-sd'), args.force,
                      lambda path: write_tiny_model(path, dataset_root, args.vae_steps, args.seed))
+    write_atomically(osp.join(args.out, 'controlnet-canny'), args.force,
+                     lambda path: save_random_controlnet(path, osp.join(args.out, 'tiny-sd'),
+                                                         args.seed))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ import os.path as osp
 from typing import Dict
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 _SD_BLOCKS = dict(
@@ -112,4 +112,19 @@ def save_random_stable_diffusion(folder: str, arch: str = 'tiny', seed: int = 0)
                    'tokenizer': ['transformers', 'CLIPTokenizer'],
                    'unet': ['diffusers', 'UNet2DConditionModel'],
                    'vae': ['diffusers', 'AutoencoderKL']}, f, indent=2)
+    return folder
+
+
+@torch.no_grad()
+def save_random_controlnet(folder: str, sd_folder: str, seed: int = 0) -> str:
+    """A ControlNet for the UNet at ``sd_folder`` (diffusers' ``from_unet``), saved to
+    ``folder``. Its zero convolutions get small random weights, as training gives a real
+    ControlNet: left at zero it would add nothing."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder='unet',
+                                                use_safetensors=True)
+    controlnet = ControlNetModel.from_unet(unet)
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.02)
+    controlnet.save_pretrained(folder)
     return folder

@@ -5,34 +5,56 @@ kohya-style ones (``lora_unet_*`` keys, conv "LoCon" layers included), which dif
 A batch can mix adapters: peft's LoRA layers take an ``adapter_names`` list (one name per
 sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every LoRA layer.
 """
+import os
 import os.path as osp
 import re
+import tempfile
 from contextlib import contextmanager
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file
 
 BASE = '__base__'
 _LORA_SUFFIX = re.compile(r'\.(lora_[AB]|lora\.(down|up)|lora_linear_layer\.(down|up)|'
                           r'lora_(down|up))\.weight$|\.alpha$|\.lora_magnitude_vector.*$')
 
 
-def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
-    """The UNet part of a LoRA safetensors file in diffusers' key format, and kohya alphas."""
+def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
+    """The UNet part of a LoRA safetensors file in diffusers' key format, with kohya alphas
+    or diffusers' adapter metadata (rank, alpha, targets) where the file has them."""
     if not osp.isfile(path):
         raise FileNotFoundError(_missing_lora_hint(path))
     if not path.endswith('.safetensors'):
         raise ValueError(f"GATEBackbone: LoRA file '{path}' is not .safetensors; GATE loads "
                          'safetensors only (pickle files run code when loaded).')
-    state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(load_file(path))
+    state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        osp.dirname(osp.abspath(path)), weight_name=osp.basename(path), use_safetensors=True,
+        local_files_only=True, return_lora_metadata=True)
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith('unet.')}
     if not unet_keys:
         raise ValueError(f"GATEBackbone: LoRA file '{path}' has no UNet weights (keys like "
                          "'unet.*' or 'lora_unet_*').")
-    return unet_keys, alphas
+    return unet_keys, alphas, metadata
+
+
+def save_lora_file(unet, path: str, adapter_name: str = 'default') -> str:
+    """Write ``unet``'s adapter as a diffusers LoRA safetensors file with its rank/alpha
+    metadata, atomically (temporary file in the same folder, then rename)."""
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    state = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp, unet_lora_layers=state, weight_name='lora.safetensors',
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict())
+        os.replace(osp.join(tmp, 'lora.safetensors'), path)
+    return path
 
 
 def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> None:
@@ -48,7 +70,8 @@ def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> Non
             problems.append(f'{target}: no such module')
             continue
         module = getattr(module, 'base_layer', module)
-        down = any(s in key for s in ('lora_A', 'down'))
+        suffix = key[len('unet.') + len(target):]
+        down = 'lora_A' in suffix or 'down' in suffix
         size = value.shape[1] if down else value.shape[0]
         expected = module.weight.shape[1] if down else module.weight.shape[0]
         if size != expected:
@@ -63,10 +86,10 @@ def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> Non
 def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]) -> None:
     """Load each ``name -> path`` as an adapter and set its scale."""
     for name, path in adapters.items():
-        state_dict, alphas = read_lora_file(path)
+        state_dict, alphas, metadata = read_lora_file(path)
         check_lora_fits(unet, state_dict, path)
         unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
-                               prefix='unet')
+                               prefix='unet', metadata=None if alphas else metadata)
     if adapters:
         names = list(adapters)
         unet.set_adapters(names, weights=[scales[n] for n in names])
