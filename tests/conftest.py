@@ -38,24 +38,11 @@ def tiny_controlnet(tiny_sd, tmp_path_factory) -> str:
     return save_random_controlnet(str(tmp_path_factory.mktemp('controlnet')), tiny_sd)
 
 
-def make_lora(tiny_sd: str, path: str, seed: int, rank: int = 4) -> str:
-    """A random (non-zero) LoCon-style LoRA for the tiny UNet, in diffusers' file format."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    from mmseg_gate.models.diffusion.lora import save_lora_file
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=['to_q', 'to_k', 'to_v', 'to_out.0', 'conv1',
-                                                'conv2']))
-    return save_lora_file(unet, path)
-
-
 @pytest.fixture(scope='session')
 def tiny_loras(tiny_sd, tmp_path_factory) -> dict:
+    from mmseg_gate.models.diffusion.architectures import save_random_lora
     folder = tmp_path_factory.mktemp('loras')
-    return {name: make_lora(tiny_sd, str(folder / f'{name}.safetensors'), seed)
+    return {name: save_random_lora(str(folder / f'{name}.safetensors'), tiny_sd, seed=seed)
             for name, seed in (('a', 1), ('b', 2))}
 
 

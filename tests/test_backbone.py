@@ -54,7 +54,7 @@ def test_unet_stops_after_last_tapped_block(backbone):
 
 def test_refinement_starts_as_identity(backbone):
     x = torch.randn(1, 3, 64, 64)
-    raw = backbone.diffusion(backbone._to_vae_range(x), torch.Generator().manual_seed(0))
+    raw = backbone.diffusion(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
     outs = backbone(x)
     for out, i in zip(outs, backbone.tap_order):
         assert torch.equal(out, raw[0][i].float())

@@ -24,7 +24,7 @@ def images(seed=0, size=(64, 96)):
 
 def variant_feats(backbone, x):
     backbone.eval()
-    return backbone.diffusion(backbone._to_vae_range(x), torch.Generator().manual_seed(0))
+    return backbone.diffusion(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope='module')

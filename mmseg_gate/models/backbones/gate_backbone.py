@@ -150,15 +150,21 @@ class GATEBackbone(BaseModule):
                 'Stable Diffusion encodes RGB: convert grayscale/RGBA inputs to 3 channels in '
                 "the data pipeline (e.g. LoadImageFromFile(color_type='color')).")
 
-    def _to_vae_range(self, x: torch.Tensor) -> torch.Tensor:
+    def to_vae_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo the data preprocessor's normalisation, into the VAE's [-1, 1], padded to a
+        multiple of 64."""
         pixels = x.float() * self.input_std + self.input_mean
-        return pixels / 127.5 - 1.0
+        return _pad_to_multiple(pixels / 127.5 - 1.0, SIZE_MULTIPLE)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
         height, width = x.shape[-2:]
-        pixels = _pad_to_multiple(self._to_vae_range(x), SIZE_MULTIPLE)
-        per_variant = self.diffusion(pixels, self._generator())
+        pixels = self.to_vae_range(x)
+        return self.fuse(self.diffusion(pixels, self._generator()), height, width)
+
+    def fuse(self, per_variant: List[List[torch.Tensor]], height: int,
+             width: int) -> Tuple[torch.Tensor, ...]:
+        """Per output level: crop each variant's tap to the input size, amalgamate, refine."""
         outs: List[torch.Tensor] = []
         for level, (i, stride) in enumerate(zip(self.tap_order, self.out_strides)):
             crop = (..., slice(math.ceil(height / stride)), slice(math.ceil(width / stride)))

@@ -128,3 +128,21 @@ def save_random_controlnet(folder: str, sd_folder: str, seed: int = 0) -> str:
         torch.nn.init.normal_(conv.weight, std=0.02)
     controlnet.save_pretrained(folder)
     return folder
+
+
+# LoCon-style targets: attention projections and the ResNet convolutions.
+LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'conv1', 'conv2')
+
+
+def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0) -> str:
+    """A LoRA with random, non-zero factors for the UNet at ``sd_folder``, in diffusers'
+    LoRA file format (``alpha = rank``): the stand-in for a trained adapter."""
+    from peft import LoraConfig
+
+    from .lora import save_lora_file
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder='unet',
+                                                use_safetensors=True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=list(LORA_TARGETS)))
+    return save_lora_file(unet, path)
