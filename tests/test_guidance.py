@@ -42,11 +42,13 @@ def test_controlnet_scale_zero_is_prompt_only(gate_kwargs):
 
 def test_lora_scale_zero_is_prompt_only_and_lora_changes_features(gate_kwargs):
     model = GATEBackbone(**dict(gate_kwargs, variants=[
-        dict(), dict(lora='a', lora_scale=0.0), dict(lora='a'), dict(lora='b')]))
-    plain, zero, lora_a, lora_b = variant_feats(model, images())
+        dict(), dict(lora='a', lora_scale=0.0), dict(lora='a'), dict(lora='b'),
+        dict(lora='a', lora_scale=0.5)]))
+    plain, zero, lora_a, lora_b, half_a = variant_feats(model, images())
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
     assert not torch.allclose(plain[0], lora_a[0])
     assert not torch.allclose(lora_a[0], lora_b[0])
+    assert not torch.allclose(half_a[0], lora_a[0]) and not torch.allclose(half_a[0], plain[0])
 
 
 def test_guided_variants_equal_single_variant_backbones(gate_kwargs, gate):

@@ -5,6 +5,7 @@ kohya-style ones (``lora_unet_*`` keys, conv "LoCon" layers included), which dif
 A batch can mix adapters: peft's LoRA layers take an ``adapter_names`` list (one name per
 sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every LoRA layer.
 """
+import logging
 import os
 import os.path as osp
 import re
@@ -15,6 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers
+from mmengine.logging import print_log
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -35,6 +37,10 @@ def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], 
         osp.dirname(osp.abspath(path)), weight_name=osp.basename(path), use_safetensors=True,
         local_files_only=True, return_lora_metadata=True)
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith('unet.')}
+    if len(unet_keys) < len(state_dict):
+        print_log(f"GATEBackbone: LoRA '{path}' also has text-encoder weights; they are not "
+                  'used (prompts are encoded by the base text encoder).', logger='current',
+                  level=logging.WARNING)
     if not unet_keys:
         raise ValueError(f"GATEBackbone: LoRA file '{path}' has no UNet weights (keys like "
                          "'unet.*' or 'lora_unet_*').")
@@ -93,7 +99,6 @@ def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float])
     if adapters:
         names = list(adapters)
         unet.set_adapters(names, weights=[scales[n] for n in names])
-        unet.requires_grad_(False)
 
 
 @contextmanager

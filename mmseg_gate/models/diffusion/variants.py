@@ -23,7 +23,9 @@ class Variant:
     def adapter(self) -> Optional[str]:
         """Name of the UNet adapter: one per (LoRA, scale) pair, since peft keeps one scale
         per adapter."""
-        return None if self.lora is None else f'{self.lora}@{self.lora_scale:g}'
+        if self.lora is None:
+            return None
+        return f'{self.lora}@{self.lora_scale:g}'.replace('.', '_')  # no dots in module keys
 
 
 def parse_variants(variants: Optional[Sequence[dict]], default_prompt: str,
