@@ -1,19 +1,22 @@
 """Measure a config's backbone: FLOPs, latency and peak memory of one forward pass.
 
     python tools/benchmark.py CONFIG --shape H W [--device cpu] [--iters N] [--batch B]
-                              [--random-init [--arch sd15]]
+                              [--random-init [--arch sd15] [--lora-rank 64]] [--naive]
 
-``--random-init`` builds the model from its known architecture (``--arch``, default SD1.5)
-with random weights, written to a temporary diffusers folder, so no download is needed; FLOPs
-and speed are those of the real model. Prints one JSON line:
+``--random-init`` builds the config's models from their known architecture (``--arch``,
+default SD1.5) with random weights -- SD model, ControlNets, LoRAs -- written to a temporary
+folder and loaded through the real loading code, so no download is needed; FLOPs and speed
+are those of the real models. Prints one JSON line:
 
 - ``flops``: the backbone forward (torch's FLOP counter; a multiply-add counts 2);
-- ``unet_flops`` / ``unet_full_flops``: the truncated UNet pass against diffusers' full UNet
-  forward on the same latent (what the early exit saves);
+- ``unet_flops_per_variant`` / ``unet_full_flops_per_variant``: the truncated UNet pass
+  against diffusers' full UNet forward on the same latent (what the early exit saves);
 - ``latency_s_median``: median of ``--iters`` timed forwards after one warm-up;
 - ``peak_mem_bytes``: CUDA: peak allocated during the timed forwards; CPU: peak resident
   memory of the process during them (weights included);
-- ``unet_passes`` / ``vae_encodes``: per image, counted by the backbone.
+- ``vae_encodes`` / ``controlnet_passes`` / ``unet_passes``: per image, counted;
+- with ``--naive``: ``naive`` (the same measures for a model copy and full passes per
+  variant, in a separate process), ``flops_ratio``, ``speedup`` and ``peak_mem_ratio``.
 """
 import argparse
 import json

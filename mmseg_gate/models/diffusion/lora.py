@@ -118,10 +118,6 @@ def adapters_per_sample(unet, names: Sequence[str]):
             handle.remove()
 
 
-def has_adapters(unet) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
-
-
 def _missing_lora_hint(path: str) -> str:
     return (f"GATEBackbone: LoRA file '{path}' does not exist. Train one for your dataset with "
             '`python tools/train_lora.py configs/lora/<dataset>.py` (it saves '

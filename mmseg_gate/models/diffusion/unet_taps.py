@@ -59,8 +59,8 @@ class UNetTaps:
                for tap in self.taps):
             raise KeyError(f'GATEBackbone: taps must lie inside a down, mid or up block of the '
                            f'UNet (one of {stages}); got {self.taps}.')
-        self.last_stage = max(stages.index(self._stage_of(t)) for t in self.taps)
-        self.stages_run = stages[:self.last_stage + 1]
+        last_stage = max(stages.index(self._stage_of(t)) for t in self.taps)
+        self.stages_run = stages[:last_stage + 1]
 
     @staticmethod
     def _stage_of(tap: str) -> str:
