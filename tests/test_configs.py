@@ -69,3 +69,18 @@ def test_paper_settings():
         assert backbone.append_class_names
     prompt_only = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k_prompt.py'))
     assert not prompt_only.model.backbone.get('variants')
+
+
+def test_readme_swap_example_builds(tiny_sd, tmp_path):
+    """The README's "swap GATE into your own config" snippet is a working config."""
+    import re
+    readme = open(osp.join(ROOT, 'README.md'), encoding='utf-8').read()
+    section = readme[readme.index('### Swapping GATE into your own MMSeg config'):]
+    snippet = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    path = tmp_path / 'my_config.py'
+    path.write_text(snippet.replace("'checkpoints/sd15'", repr(tiny_sd)))
+    cfg = Config.fromfile(str(path))
+    assert cfg.model.backbone.type == 'GATEBackbone'
+    model = MODELS.build(cfg.model)
+    assert model.backbone.out_channels == [64, 64, 64]  # tiny model; SD1.5: 640, 1280, 1280
+    assert cfg.model.decode_head.in_channels == [640, 1280, 1280]
