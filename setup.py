@@ -7,7 +7,7 @@ compiled against the torch already in the environment.
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    'torch>=2.1,<2.14',
+    'torch>=2.6,<2.14',
     'torchvision>=0.16,<0.29',
     'mmcv>=2.0.0rc4,<2.2.0',
     'mmengine>=0.10.4,<0.11',
@@ -17,7 +17,10 @@ INSTALL_REQUIRES = [
     'peft>=0.14,<0.22',
     'controlnet-aux>=0.0.9,<0.1',
     'safetensors>=0.4',
-    'opencv-python>=4.8',
+    # mmcv 2.1 and mmseg 1.2 are built and tested against OpenCV 4; controlnet-aux pulls the
+    # headless build, which shares the cv2 module: keep both on the same major version.
+    'opencv-python>=4.10,<5',
+    'opencv-python-headless>=4.10,<5',
     'numpy>=1.24',
     # mmseg 1.2.2 imports these without declaring them.
     'ftfy>=6.1',
@@ -30,7 +33,7 @@ INSTALL_REQUIRES = [
 
 setup(
     name='mmseg_gate',
-    version='0.1.0',
+    version='0.2.0',
     description='GATE: guided Stable Diffusion features as an MMSegmentation backbone',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

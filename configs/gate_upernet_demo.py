@@ -8,6 +8,7 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
 ]
 data_root = 'data/demo/ade/ADEChallengeData2016'
+num_classes = 5  # GATEDemoDataset: wall, building, sky, floor, tree (ADE20K ids 1-5)
 crop_size = (64, 64)
 scale = (128, 96)
 data_preprocessor = dict(size=crop_size)
@@ -30,9 +31,9 @@ model = dict(
             dict(controlnets=dict(canny=1.0), lora='b'),
         ],
         norm_cfg=dict(type='BN', requires_grad=True)),
-    decode_head=dict(in_channels=tiny_channels, channels=32,
+    decode_head=dict(in_channels=tiny_channels, channels=32, num_classes=num_classes,
                      norm_cfg=dict(type='BN', requires_grad=True)),
-    auxiliary_head=dict(in_channels=tiny_channels[1], channels=32,
+    auxiliary_head=dict(in_channels=tiny_channels[1], channels=32, num_classes=num_classes,
                         norm_cfg=dict(type='BN', requires_grad=True)),
     test_cfg=dict(mode='whole'))
 
@@ -53,10 +54,10 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=8, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+    dataset=dict(type='GATEDemoDataset', data_root=data_root, pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=1, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+    dataset=dict(type='GATEDemoDataset', data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
 max_iters = 600

@@ -1,8 +1,9 @@
 """GATE for MMSegmentation: ``import mmseg_gate`` registers ``GATEBackbone`` in MMSeg's MODELS
-registry (configs: ``custom_imports=dict(imports=['mmseg_gate'], allow_failed_imports=False)``).
+registry, ``GATERunner`` (safe, exact, atomic checkpoints) and the demo dataset (configs:
+``custom_imports=dict(imports=['mmseg_gate'], allow_failed_imports=False)``).
 """
-from . import engine  # noqa: F401  (registers the CPU DDP wrapper, safe resume)
+from . import datasets, engine  # noqa: F401  (registrations, safe checkpoint loading)
 from .models import GATEBackbone
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 __all__ = ['GATEBackbone', '__version__']

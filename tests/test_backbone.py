@@ -36,8 +36,8 @@ def test_early_exit_matches_full_unet_forward(backbone):
         diffusion.unet(latents, 50, context)
     for handle in handles:
         handle.remove()
-    for tap, feat in zip(diffusion.taps.taps, truncated):
-        assert torch.equal(feat, full[tap]), tap
+    for tap, feat in zip(diffusion.taps.taps, truncated):  # two call paths: tolerance
+        torch.testing.assert_close(feat, full[tap], rtol=1e-5, atol=1e-6, msg=tap)
 
 
 def test_unet_stops_after_last_tapped_block(backbone):

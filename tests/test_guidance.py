@@ -36,8 +36,10 @@ def test_controlnet_scale_zero_is_prompt_only(gate_kwargs):
     model = GATEBackbone(**dict(gate_kwargs, variants=[
         dict(), dict(controlnets=dict(canny=0.0)), dict(controlnets=dict(canny=1.0))]))
     plain, zero, full = variant_feats(model, images())
-    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
-    assert not torch.allclose(plain[0], full[0])
+    # Rows of one UNet batch: equal up to float rounding (kernels may differ per row).
+    for a, b in zip(plain, zero):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain[0], full[0], rtol=1e-3, atol=1e-4)
 
 
 def test_lora_scale_zero_is_prompt_only_and_lora_changes_features(gate_kwargs):
@@ -45,10 +47,14 @@ def test_lora_scale_zero_is_prompt_only_and_lora_changes_features(gate_kwargs):
         dict(), dict(lora='a', lora_scale=0.0), dict(lora='a'), dict(lora='b'),
         dict(lora='a', lora_scale=0.5)]))
     plain, zero, lora_a, lora_b, half_a = variant_feats(model, images())
-    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
-    assert not torch.allclose(plain[0], lora_a[0])
-    assert not torch.allclose(lora_a[0], lora_b[0])
-    assert not torch.allclose(half_a[0], lora_a[0]) and not torch.allclose(half_a[0], plain[0])
+    for a, b in zip(plain, zero):  # rows of one batch: equal up to float rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def differ(a, b):
+        return not torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+    assert differ(plain[0], lora_a[0]) and differ(lora_a[0], lora_b[0])
+    assert differ(half_a[0], lora_a[0]) and differ(half_a[0], plain[0])
 
 
 def test_guided_variants_equal_single_variant_backbones(gate_kwargs, gate):
@@ -118,22 +124,20 @@ def test_several_assigners_concatenate(gate_kwargs):
 
 
 def test_kohya_locon_file_loads_like_diffusers_format(gate_kwargs, tiny_loras, tmp_path):
-    """The same weights in kohya's key format (attention and conv layers) give the same
-    features as the diffusers file."""
+    """The same weights in kohya's key format (attention and conv layers, alpha = rank / 2)
+    give the features of our file (alpha = rank) at LoRA scale 0.5: keys and alphas land."""
     kohya = {}
     for key, value in load_file(tiny_loras['a']).items():
-        # diffusers writes `.lora.down/up` (linear) and `.lora_A/B` (conv) keys.
-        module, kind = re.match(r'unet\.(.+)\.lora[._](down|up|A|B)\.weight$', key).groups()
-        kind = {'A': 'down', 'B': 'up'}.get(kind, kind)
+        module, kind = re.match(r'unet\.(.+)\.lora_(A|B)\.weight$', key).groups()
         name = 'lora_unet_' + module.replace('.', '_')
-        kohya[f'{name}.lora_{kind}.weight'] = value
-        if kind == 'down':
-            kohya[f'{name}.alpha'] = torch.tensor(float(value.shape[0]))  # alpha = rank
+        kohya[f"{name}.lora_{dict(A='down', B='up')[kind]}.weight"] = value
+        if kind == 'A':
+            kohya[f'{name}.alpha'] = torch.tensor(value.shape[0] / 2)
     assert any('resnets' in k and 'conv1' in k for k in kohya)  # LoCon layers included
     path = str(tmp_path / 'kohya.safetensors')
     save_file(kohya, path)
-    ours = variant_feats(GATEBackbone(**dict(gate_kwargs, variants=[dict(lora='a')])),
-                         images())
+    ours = variant_feats(GATEBackbone(**dict(gate_kwargs, variants=[
+        dict(lora='a', lora_scale=0.5)])), images())
     theirs = variant_feats(GATEBackbone(**dict(gate_kwargs, loras=dict(a=path),
                                                variants=[dict(lora='a')])), images())
     for a, b in zip(ours[0], theirs[0]):

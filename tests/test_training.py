@@ -4,8 +4,8 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.runner import Runner
 
+from mmseg.registry import RUNNERS
 from mmseg_gate.demo_data import write_ade_layout_dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -42,7 +42,7 @@ def demo_cfg(tiny, data_root, work_dir, max_iters):
 
 
 def test_train_evaluate_checkpoint_and_reload(tiny, demo_root, tmp_path):
-    runner = Runner.from_cfg(demo_cfg(tiny, demo_root, tmp_path / 'run', 4))
+    runner = RUNNERS.build(demo_cfg(tiny, demo_root, tmp_path / 'run', 4))
     runner.train()
     ckpt = tmp_path / 'run' / 'iter_4.pth'
     assert ckpt.exists()
@@ -54,7 +54,7 @@ def test_train_evaluate_checkpoint_and_reload(tiny, demo_root, tmp_path):
 
     cfg = demo_cfg(tiny, demo_root, tmp_path / 'test', 4)
     cfg.load_from = str(ckpt)
-    tester = Runner.from_cfg(cfg)
+    tester = RUNNERS.build(cfg)
     metrics = tester.test()
     assert 'mIoU' in metrics
     reloaded = tester.model.state_dict()
@@ -63,10 +63,10 @@ def test_train_evaluate_checkpoint_and_reload(tiny, demo_root, tmp_path):
 
 
 def test_resume_with_safe_loading(tiny, demo_root, tmp_path):
-    Runner.from_cfg(demo_cfg(tiny, demo_root, tmp_path, 2)).train()
+    RUNNERS.build(demo_cfg(tiny, demo_root, tmp_path, 2)).train()
     cfg = demo_cfg(tiny, demo_root, tmp_path, 4)
     cfg.resume = True
-    runner = Runner.from_cfg(cfg)
+    runner = RUNNERS.build(cfg)
     runner.train()
     assert runner.iter == 4
     assert (tmp_path / 'iter_4.pth').exists()
@@ -87,7 +87,7 @@ def test_ade20k_submission_writes_label_maps(tiny, demo_root, tmp_path):
     cfg.test_dataloader.num_workers = 0
     cfg.test_dataloader.persistent_workers = False
     cfg.test_evaluator.output_dir = str(tmp_path / 'predictions')
-    Runner.from_cfg(cfg).test()
+    RUNNERS.build(cfg).test()
     images = sorted(p.stem for p in testing.iterdir())
     written = sorted((tmp_path / 'predictions').iterdir())
     assert [p.stem for p in written] == images

@@ -7,9 +7,8 @@ predictions without evaluating, e.g. ADE20K test images:
 """
 import argparse
 
-from mmengine.runner import Runner
-
 import mmseg_gate  # noqa: F401  (registers GATEBackbone)
+from mmseg.registry import RUNNERS
 from mmseg_gate.engine.cli import add_common_args, load_config
 
 
@@ -52,7 +51,7 @@ def main():
     if args.out is not None:
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
-    Runner.from_cfg(cfg).test()
+    RUNNERS.build(cfg).test()
 
 
 if __name__ == '__main__':

@@ -1,13 +1,14 @@
 """Train a segmentor: ``python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp]``.
 
-MMSeg's tools/train.py with ``mmseg_gate`` imported (GATEBackbone registered, MMEngine
-checkpoints resumable under torch >= 2.6, ``--launcher pytorch`` working without CUDA).
+MMSeg's tools/train.py with ``mmseg_gate`` imported (GATEBackbone registered) and run by
+``GATERunner`` unless the config names another runner (checkpoints that are plain data,
+written atomically, loaded strictly, resumed exactly), ``--launcher pytorch`` working without
+CUDA.
 """
 import argparse
 import logging
 
 from mmengine.logging import print_log
-from mmengine.runner import Runner
 
 import mmseg_gate  # noqa: F401  (registers GATEBackbone)
 from mmseg.registry import RUNNERS
@@ -36,8 +37,7 @@ def main():
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     cfg.resume = args.resume
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    RUNNERS.build(cfg).train()
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ from mmengine.config import Config, DictAction
 from peft import LoraConfig
 from PIL import Image
 
+from mmseg_gate.fileio import atomic_file, remove_stale_temporaries
 from mmseg_gate.models.diffusion.loading import load_stable_diffusion
 from mmseg_gate.models.diffusion.lora import save_lora_file
 from mmseg_gate.models.diffusion.prompts import encode_prompt
@@ -76,9 +77,24 @@ def captions_for(cfg, paths) -> list:
     return [table.get(osp.basename(p), cfg.get('caption', '')) for p in paths]
 
 
+def check_recipe(cfg) -> None:
+    """Settings that would otherwise fail late or silently do nothing."""
+    for key in ('steps', 'num_images', 'batch_size', 'rank', 'save_every', 'log_every',
+                'resolution'):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{key} must be a positive integer, got {value!r} (set it in the '
+                             f'config or with --cfg-options {key}=N).')
+    if cfg.resolution % 8:
+        raise ValueError(f'resolution must be a multiple of 8 (the VAE downsamples by 8), '
+                         f'got {cfg.resolution}.')
+
+
 def train(cfg) -> list:
+    check_recipe(cfg)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.work_dir, exist_ok=True)
+    remove_stale_temporaries(cfg.work_dir)  # files of a run killed while saving
     parts = load_stable_diffusion(cfg.sd_model)
     unet, vae, scheduler = parts.unet, parts.vae.eval(), parts.scheduler
     paths = pick_images(cfg.image_dir, cfg.num_images, cfg.seed)
@@ -121,7 +137,7 @@ def train(cfg) -> list:
         if step % cfg.save_every == 0 or step == cfg.steps:
             path = osp.join(cfg.work_dir, f'lora_step{step}.safetensors')
             print(f'[train_lora] saved {save_lora_file(unet, path)}', flush=True)
-    with open(osp.join(cfg.work_dir, 'log.json'), 'w') as f:
+    with atomic_file(osp.join(cfg.work_dir, 'log.json')) as tmp, open(tmp, 'w') as f:
         json.dump(dict(images=paths, losses=log), f)
     return log
 

@@ -1,6 +1,8 @@
+from .checkpoint import install_safe_local_loader, read_checkpoint
 from .distributed import CPUDistributedDataParallel, setup_cpu_distributed
-from .safe_load import allow_mmengine_checkpoints
+from .runner import GATERunner, TrainingStateHook
 
-allow_mmengine_checkpoints()
+install_safe_local_loader()
 
-__all__ = ['CPUDistributedDataParallel', 'setup_cpu_distributed', 'allow_mmengine_checkpoints']
+__all__ = ['CPUDistributedDataParallel', 'setup_cpu_distributed', 'GATERunner',
+           'TrainingStateHook', 'install_safe_local_loader', 'read_checkpoint']

@@ -32,5 +32,7 @@ def load_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    # Safe, exact and atomic checkpoints, unless the config picks its own runner.
+    cfg.setdefault('runner_type', 'GATERunner')
     setup_cpu_distributed(cfg)
     return cfg

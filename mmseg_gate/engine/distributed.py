@@ -16,10 +16,36 @@ from mmengine.registry import MODEL_WRAPPERS
 @MODEL_WRAPPERS.register_module()
 class CPUDistributedDataParallel(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` for CPU modules: DDP rejects ``device_ids`` there, and
-    SyncBN needs CUDA, so it becomes plain BN (statistics per process)."""
+    SyncBN needs CUDA, so it becomes plain BN (statistics per process).
+
+    Without SyncBN each process ends training with its own BN running statistics, and
+    validation (which bypasses DDP's forward and its buffer broadcast) would evaluate a
+    different model on every rank. Before the first validation or test step after training
+    steps, every rank therefore takes rank 0's buffers: the model rank 0 saves in its
+    checkpoint, so the logged metrics equal ``tools/test.py`` on that checkpoint.
+    """
 
     def __init__(self, module, device_ids=None, **kwargs):
         super().__init__(module=revert_sync_batchnorm(module), device_ids=None, **kwargs)
+        self._buffers_from_rank0 = False
+
+    def train_step(self, data, optim_wrapper):
+        self._buffers_from_rank0 = False
+        return super().train_step(data, optim_wrapper)
+
+    def val_step(self, data):
+        self._take_rank0_buffers()
+        return super().val_step(data)
+
+    def test_step(self, data):
+        self._take_rank0_buffers()
+        return super().test_step(data)
+
+    def _take_rank0_buffers(self) -> None:
+        if not self._buffers_from_rank0:
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, src=0)
+            self._buffers_from_rank0 = True
 
 
 def setup_cpu_distributed(cfg) -> bool:

@@ -2,6 +2,9 @@
 # Inputs are normalised to [-1, 1] (the VAE's range); the backbone is told the same
 # mean/std so it can undo any other normalisation a config may use.
 custom_imports = dict(imports=['mmseg_gate'], allow_failed_imports=False)
+# MMEngine's Runner with checkpoints that hold plain data only (nothing in them runs), are
+# written atomically, load strictly and resume exactly (mmseg_gate/engine/runner.py).
+runner_type = 'GATERunner'
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 pixel_mean = [127.5, 127.5, 127.5]

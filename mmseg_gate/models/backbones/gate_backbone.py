@@ -123,8 +123,12 @@ class GATEBackbone(BaseModule):
         self.out_channels = [a.out_channels for a in self.amalgamations]
         self.refiners = nn.ModuleList(
             refinement_stack(c, num_refine_blocks, norm_cfg) for c in self.out_channels)
-        self.register_buffer('input_mean', _as_pixel_stats(input_mean), persistent=False)
-        self.register_buffer('input_std', _as_pixel_stats(input_std), persistent=False)
+        # Kept in float32 whatever the module's dtype (half would round 58.395 to 58.40).
+        self.input_mean = _as_pixel_stats(input_mean)
+        self.input_std = _as_pixel_stats(input_std)
+        # Follows .to()/.cuda()/.half() like the trainable parts: the frozen parts go to its
+        # device (in `frozen_dtype`), the trainable parts run in its dtype.
+        self.register_buffer('_placement', torch.zeros(0), persistent=False)
         self.noise_seed = noise_seed
         self._train_generator: Optional[torch.Generator] = None
         print_log(f'GATEBackbone: {sd_model}, {len(parsed)} variant(s), taps '
@@ -136,9 +140,25 @@ class GATEBackbone(BaseModule):
         return (f'frozen={self.diffusion.source!r}, out_channels={self.out_channels}, '
                 f'out_strides={self.out_strides}')
 
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.diffusion.to(self._placement.device)
+        return module
+
     def _generator(self) -> torch.Generator:
         if not self.training:
             return torch.Generator().manual_seed(self.noise_seed)
+        return self._generator_for_training()
+
+    def noise_generator_state(self) -> Optional[torch.Tensor]:
+        """State of the training noise generator (None before the first training step);
+        checkpoints carry it so that a resumed run draws the same noise."""
+        return None if self._train_generator is None else self._train_generator.get_state()
+
+    def set_noise_generator_state(self, state: torch.Tensor) -> None:
+        self._generator_for_training().set_state(state)
+
+    def _generator_for_training(self) -> torch.Generator:
         if self._train_generator is None:
             self._train_generator = torch.Generator().manual_seed(self.noise_seed + get_rank())
         return self._train_generator
@@ -153,7 +173,8 @@ class GATEBackbone(BaseModule):
     def to_vae_range(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the data preprocessor's normalisation, into the VAE's [-1, 1], padded to a
         multiple of 64."""
-        pixels = x.float() * self.input_std + self.input_mean
+        std, mean = self.input_std.to(x.device), self.input_mean.to(x.device)
+        pixels = x.float() * std + mean
         return _pad_to_multiple(pixels / 127.5 - 1.0, SIZE_MULTIPLE)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -165,10 +186,12 @@ class GATEBackbone(BaseModule):
     def fuse(self, per_variant: List[List[torch.Tensor]], height: int,
              width: int) -> Tuple[torch.Tensor, ...]:
         """Per output level: crop each variant's tap to the input size, amalgamate, refine."""
+        dtype = self._placement.dtype  # the trainable parts' dtype (float32 unless .half())
         outs: List[torch.Tensor] = []
         for level, (i, stride) in enumerate(zip(self.tap_order, self.out_strides)):
             crop = (..., slice(math.ceil(height / stride)), slice(math.ceil(width / stride)))
-            fused = self.amalgamations[level]([feats[i][crop].float() for feats in per_variant])
+            fused = self.amalgamations[level](
+                [feats[i][crop].to(dtype) for feats in per_variant])
             outs.append(self.refiners[level](fused))
         return tuple(outs)
 

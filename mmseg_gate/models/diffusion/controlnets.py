@@ -4,9 +4,12 @@ import os.path as osp
 
 from diffusers import ControlNetModel
 
-from .loading import is_local_path
+from .loading import is_local_path, load_weights
 
 DEFAULT_CANNY = 'lllyasviel/sd-controlnet-canny'
+_GET_CONTROLNET_HINT = (
+    f"Get the paper's Canny ControlNet with `hf download {DEFAULT_CANNY} --local-dir "
+    'checkpoints/controlnet-canny --include "*.json" "*.safetensors"`.')
 
 
 def load_controlnet(model: str, unet) -> ControlNetModel:
@@ -14,21 +17,13 @@ def load_controlnet(model: str, unet) -> ControlNetModel:
     if is_local_path(model):
         if not osp.isdir(model):
             raise FileNotFoundError(
-                f"GATEBackbone: ControlNet folder '{model}' does not exist. Get the paper's Canny "
-                f'ControlNet with `hf download {DEFAULT_CANNY} --local-dir checkpoints/'
-                'controlnet-canny --include "*.json" "*.safetensors"`.')
+                f"GATEBackbone: ControlNet folder '{model}' does not exist. "
+                f'{_GET_CONTROLNET_HINT}')
         if not any(f.endswith('.safetensors') for f in os.listdir(model)):
             raise ValueError(f"GATEBackbone: '{model}' has no .safetensors ControlNet weights; "
                              'GATE loads safetensors only (convert with `ControlNetModel.'
                              'from_pretrained(folder).save_pretrained(folder)`).')
-    try:
-        controlnet = ControlNetModel.from_pretrained(model, use_safetensors=True)
-    except OSError as err:
-        if is_local_path(model):
-            raise
-        raise OSError(f"GATEBackbone: could not load ControlNet '{model}' from the Hugging Face "
-                      f'hub or its cache ({err}); download it first or give a local folder.'
-                      ) from err
+    controlnet = load_weights(ControlNetModel, model, hint=_GET_CONTROLNET_HINT)
     check_controlnet_fits(controlnet, unet, model)
     return controlnet.requires_grad_(False).eval()
 

@@ -11,6 +11,7 @@ diffusion weights: they are not in checkpoints (a checkpoint reload rebuilds the
 source), not given to the optimizer or DDP, not reset by ``init_weights``, not switched to train
 mode, and not copied by ``deepcopy`` (EMA hooks): frozen weights can be shared.
 """
+import numbers
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -59,6 +60,9 @@ class FrozenStableDiffusion:
                  loras: Optional[Dict[str, str]] = None, dtype: str = 'auto',
                  batch_variants: bool = True):
         num_steps = parts.scheduler.config.num_train_timesteps
+        if isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
+            raise ValueError(f'GATEBackbone: timestep must be an integer in [0, {num_steps}) '
+                             f'(a step of the noise schedule), got {timestep!r}.')
         if not 0 <= timestep < num_steps:
             raise ValueError(f'GATEBackbone: timestep must be in [0, {num_steps}), '
                              f'got {timestep}.')
@@ -74,7 +78,7 @@ class FrozenStableDiffusion:
         for module in self._modules():
             module.requires_grad_(False).eval()
         self.taps = UNetTaps(self.unet, taps)
-        self.timestep = timestep
+        self.timestep = int(timestep)
         self.dtype_name = dtype
         self.batch_variants = batch_variants
         self.prompt_embeds = {p: encode_prompt(parts.text_encoder, parts.tokenizer, p)

@@ -56,6 +56,14 @@ def check_local_model(folder: str) -> None:
     for name in _WEIGHT_COMPONENTS:
         sub = osp.join(folder, name)
         files = os.listdir(sub)
+        variants = [f for f in files if _is_variant_weights(f)]
+        if variants and not any(f.endswith('.safetensors') and not _is_variant_weights(f)
+                                for f in files):
+            raise ValueError(
+                f"GATEBackbone: '{sub}' holds only variant weights ({', '.join(sorted(variants))}"
+                '), not the full-precision safetensors file diffusers loads by default. '
+                "Download the full files too (drop `--exclude \"*.fp16.*\"`), or convert once: "
+                "`Model.from_pretrained(folder, variant='fp16').save_pretrained(folder)`.")
         if not any(f.endswith('.safetensors') for f in files):
             found = [f for f in files if f.endswith(('.bin', '.ckpt', '.pt', '.pth'))]
             raise ValueError(
@@ -67,9 +75,17 @@ def check_local_model(folder: str) -> None:
                 'safe_serialization=True)`.')
 
 
+def _is_variant_weights(name: str) -> bool:
+    """``diffusion_pytorch_model.fp16.safetensors`` and the like (a dot in the stem)."""
+    return name.endswith('.safetensors') and '.' in name[:-len('.safetensors')]
+
+
 def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
                           torch_dtype: Optional[torch.dtype] = None) -> StableDiffusionParts:
     """Load VAE (decoder dropped), UNet, CLIP text encoder, tokenizer and noise schedule.
+
+    Every weight file must load completely (no key missing, left over or of another shape)
+    and hold finite values; anything else is an error naming the file.
 
     Args:
         pretrained: a local diffusers-format folder, or a hub id such as
@@ -80,25 +96,67 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
     local = is_local_path(pretrained)
     if local:
         check_local_model(pretrained)
-    kwargs = dict(use_safetensors=True, torch_dtype=torch_dtype)
+    dtype = dict(torch_dtype=torch_dtype)
+    vae = load_weights(AutoencoderKL, pretrained, 'vae', **dtype)
+    unet = load_weights(UNet2DConditionModel, pretrained, 'unet', **dtype)
+    text_encoder = load_weights(CLIPTextModel, pretrained, 'text_encoder',
+                                dtype=torch_dtype or torch.float32)
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder='vae', **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder='unet', **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(
-            pretrained, subfolder='text_encoder', use_safetensors=True,
-            dtype=torch_dtype or torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder='tokenizer')
         # Only the forward-noising formula is needed; any SD scheduler config defines it.
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder='scheduler')
-    except (OSError, EnvironmentError) as err:
-        if local:
-            raise
-        raise OSError(
-            f"GATEBackbone: '{pretrained}' is not a local folder, and could not be loaded as a "
-            f'Hugging Face hub id from the hub or its local cache ({err}). Download it first '
-            f'(online), or point `sd_model` at a local folder.\n{_GET_WEIGHTS_HINT}') from err
+    except (OSError, ValueError) as err:
+        raise _load_error(pretrained, 'tokenizer/ or scheduler/', err,
+                          _GET_WEIGHTS_HINT) from err
     drop_vae_decoder(vae)
     return StableDiffusionParts(vae, unet, text_encoder, tokenizer, scheduler, pretrained)
+
+
+def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,
+                 hint: str = _GET_WEIGHTS_HINT, **kwargs):
+    """``model_class.from_pretrained`` (safetensors only) that fails, naming the weights and
+    ending with ``hint``, unless every tensor of the file landed in the model and all of them
+    are finite."""
+    where = f'{pretrained}/{subfolder}' if subfolder else pretrained
+    try:
+        model, info = model_class.from_pretrained(
+            pretrained, subfolder=subfolder, use_safetensors=True, output_loading_info=True,
+            **kwargs)
+    except Exception as err:  # SafetensorError, OSError, size mismatches: add the file
+        raise _load_error(pretrained, where, err, hint) from err
+    problems = {kind: list(info.get(kind) or []) for kind in
+                ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
+    if any(problems.values()):
+        summary = '; '.join(f'{len(keys)} {kind.replace("_", " ")} (e.g. {keys[:3]})'
+                            for kind, keys in problems.items() if keys)
+        raise ValueError(
+            f"'{where}' does not load completely into {model_class.__name__}: {summary}. The "
+            'weights belong to another architecture or the file is incomplete; re-download '
+            f'it.\n{hint}')
+    check_finite(model, where)
+    return model
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """NaN or infinite weights would train silently into `loss: nan`: refuse them."""
+    bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"'{where}' holds non-finite (NaN or infinite) weights in "
+                         f'{len(bad)} tensor(s), e.g. {bad[:3]}. The file is corrupt: '
+                         'download or export it again.')
+
+
+def _load_error(pretrained: str, where: str, err: Exception, hint: str) -> Exception:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not is_local_path(pretrained) and isinstance(err, OSError):
+        return OSError(
+            f"'{pretrained}' is not a local folder, and could not be loaded as a Hugging Face "
+            f'hub id from the hub or its local cache ({message}). Download it first (online), '
+            f'or give a local folder.\n{hint}')
+    return ValueError(f"Cannot load '{where}' ({type(err).__name__}: {message}). The file is "
+                      'truncated, empty or not what its config describes: download it '
+                      f'again.\n{hint}')
 
 
 def drop_vae_decoder(vae: AutoencoderKL) -> None:

@@ -5,61 +5,101 @@ kohya-style ones (``lora_unet_*`` keys, conv "LoCon" layers included), which dif
 A batch can mix adapters: peft's LoRA layers take an ``adapter_names`` list (one name per
 sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every LoRA layer.
 """
+import json
 import logging
-import os
 import os.path as osp
-import re
-import tempfile
 from contextlib import contextmanager
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_unet_state_dict_to_peft
 from mmengine.logging import print_log
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
+from ...fileio import atomic_file
 
 BASE = '__base__'
-_LORA_SUFFIX = re.compile(r'\.(lora_[AB]|lora\.(down|up)|lora_linear_layer\.(down|up)|'
-                          r'lora_(down|up))\.weight$|\.alpha$|\.lora_magnitude_vector.*$')
-
 
 def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
-    """The UNet part of a LoRA safetensors file in diffusers' key format, with kohya alphas
-    or diffusers' adapter metadata (rank, alpha, targets) where the file has them."""
+    """The UNet part of a LoRA safetensors file, every key in peft's format
+    (``unet.<module>.lora_A/lora_B.weight``), with kohya alphas or diffusers' adapter metadata
+    (rank, alpha, targets) where the file has them.
+
+    diffusers/peft files, kohya files (``lora_unet_*``, LoCon convolutions included) and files
+    mixing diffusers' two key styles (``lora.down/up`` and ``lora_A/B``) are all normalised
+    here: diffusers converts a dict only when its first key lacks ``lora_A``, so a mixed file
+    would otherwise silently lose its attention LoRA.
+    """
     if not osp.isfile(path):
         raise FileNotFoundError(_missing_lora_hint(path))
     if not path.endswith('.safetensors'):
-        raise ValueError(f"GATEBackbone: LoRA file '{path}' is not .safetensors; GATE loads "
-                         'safetensors only (pickle files run code when loaded).')
-    state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-        osp.dirname(osp.abspath(path)), weight_name=osp.basename(path), use_safetensors=True,
-        local_files_only=True, return_lora_metadata=True)
+        raise ValueError(f"LoRA file '{path}' is not .safetensors; GATE loads safetensors "
+                         'only (pickle files run code when loaded).')
+    try:
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            osp.dirname(osp.abspath(path)), weight_name=osp.basename(path),
+            use_safetensors=True, local_files_only=True, return_lora_metadata=True)
+    except Exception as err:  # SafetensorError, OSError, ValueError: add the file and fix
+        raise ValueError(
+            f"LoRA file '{path}' cannot be read ({type(err).__name__}: "
+            f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}). It is empty, '
+            'truncated or not a LoRA safetensors file: train it again with '
+            'tools/train_lora.py or download it again.') from err
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith('unet.')}
     if len(unet_keys) < len(state_dict):
-        print_log(f"GATEBackbone: LoRA '{path}' also has text-encoder weights; they are not "
-                  'used (prompts are encoded by the base text encoder).', logger='current',
+        print_log(f"LoRA '{path}' also has text-encoder weights; they are not used (prompts "
+                  'are encoded by the base text encoder).', logger='current',
                   level=logging.WARNING)
     if not unet_keys:
-        raise ValueError(f"GATEBackbone: LoRA file '{path}' has no UNet weights (keys like "
-                         "'unet.*' or 'lora_unet_*').")
+        raise ValueError(f"LoRA file '{path}' has no UNet weights (keys like 'unet.*' or "
+                         "'lora_unet_*').")
+    unet_keys = convert_unet_state_dict_to_peft(unet_keys)
+    bad = [k for k, v in unet_keys.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"LoRA file '{path}' holds non-finite (NaN or infinite) values in "
+                         f'{len(bad)} tensor(s), e.g. {bad[:3]}: it is corrupt (a diverged '
+                         'training run?). Use an earlier checkpoint or train it again.')
+    _check_ranks(unet_keys, path)
     return unet_keys, alphas, metadata
 
 
+def _check_ranks(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Each module's down (A) and up (B) factors must agree on the rank."""
+    problems = []
+    for key, down in state_dict.items():
+        if not key.endswith('.lora_A.weight'):
+            continue
+        up = state_dict.get(key.replace('.lora_A.', '.lora_B.'))
+        module = key[:-len('.lora_A.weight')]
+        if up is None:
+            problems.append(f'{module}: lora_A without lora_B')
+        elif down.shape[0] != up.shape[1]:
+            problems.append(f'{module}: rank {down.shape[0]} (A) but {up.shape[1]} (B)')
+    problems += [f"{k[:-len('.lora_B.weight')]}: lora_B without lora_A" for k in state_dict
+                 if k.endswith('.lora_B.weight')
+                 and k.replace('.lora_B.', '.lora_A.') not in state_dict]
+    if problems:
+        raise ValueError(f"LoRA file '{path}' is inconsistent ({len(problems)} problem(s), "
+                         f'e.g. {problems[:3]}): it is corrupt or was edited. Train it again '
+                         'with tools/train_lora.py.')
+
+
 def save_lora_file(unet, path: str, adapter_name: str = 'default') -> str:
-    """Write ``unet``'s adapter as a diffusers LoRA safetensors file with its rank/alpha
-    metadata, atomically (temporary file in the same folder, then rename)."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    state = convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp, unet_lora_layers=state, weight_name='lora.safetensors',
-            safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict())
-        os.replace(osp.join(tmp, 'lora.safetensors'), path)
+    """Write ``unet``'s adapter as a LoRA safetensors file in one key format (peft's
+    ``unet.<module>.lora_A/lora_B.weight``, which diffusers and GATE load as they are) with
+    its rank/alpha metadata, atomically."""
+    state = {f'unet.{k}': v.detach().contiguous()
+             for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+    config = {f'unet.{k}': sorted(v) if isinstance(v, set) else v
+              for k, v in unet.peft_config[adapter_name].to_dict().items()}
+    metadata = {'format': 'pt',
+                LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    with atomic_file(path) as tmp:
+        save_file(state, tmp, metadata=metadata)
     return path
 
 
@@ -68,37 +108,53 @@ def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> Non
     modules = dict(unet.named_modules())
     problems = []
     for key, value in state_dict.items():
-        if not key.endswith('.weight') or '.lora' not in key:
+        if not key.endswith(('.lora_A.weight', '.lora_B.weight')):
             continue
-        target = _LORA_SUFFIX.sub('', key[len('unet.'):])
+        target = key[len('unet.'):-len('.lora_A.weight')]
         module = modules.get(target)
         if module is None:
             problems.append(f'{target}: no such module')
             continue
         module = getattr(module, 'base_layer', module)
-        suffix = key[len('unet.') + len(target):]
-        down = 'lora_A' in suffix or 'down' in suffix
+        down = key.endswith('.lora_A.weight')
         size = value.shape[1] if down else value.shape[0]
         expected = module.weight.shape[1] if down else module.weight.shape[0]
         if size != expected:
             problems.append(f'{target}: LoRA size {size}, module size {expected}')
     if problems:
         raise ValueError(
-            f"GATEBackbone: LoRA '{path}' does not fit this UNet ({len(problems)} problems, "
-            f'e.g. {problems[:3]}). It was trained for another model; train one for this '
-            'UNet with tools/train_lora.py.')
+            f"LoRA '{path}' does not fit this UNet ({len(problems)} problems, e.g. "
+            f'{problems[:3]}). It was trained for another model; train one for this UNet with '
+            'tools/train_lora.py.')
 
 
 def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]) -> None:
-    """Load each ``name -> path`` as an adapter and set its scale."""
+    """Load each ``name -> path`` as an adapter, check that every tensor of the file reached
+    its module, and set the adapters' scales."""
     for name, path in adapters.items():
         state_dict, alphas, metadata = read_lora_file(path)
         check_lora_fits(unet, state_dict, path)
         unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
                                prefix='unet', metadata=None if alphas else metadata)
+        check_lora_landed(unet, name, state_dict, path)
     if adapters:
         names = list(adapters)
         unet.set_adapters(names, weights=[scales[n] for n in names])
+
+
+def check_lora_landed(unet, adapter_name: str, state_dict: Dict[str, torch.Tensor],
+                      path: str) -> None:
+    """Count the file's tensors that now sit, unchanged, in the adapter's layers."""
+    landed = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    missing = [key for key, value in state_dict.items()
+               if key[len('unet.'):] not in landed
+               or not torch.equal(landed[key[len('unet.'):]].to(value), value)]
+    if missing:
+        raise ValueError(
+            f"LoRA '{path}': only {len(state_dict) - len(missing)} of its {len(state_dict)} "
+            f'tensors reached a UNet layer; not loaded: {missing[:5]}'
+            f'{" ..." if len(missing) > 5 else ""}. The file does not match this UNet or '
+            'uses a key format GATE does not know.')
 
 
 @contextmanager

@@ -1,0 +1,3 @@
+from .demo import GATEDemoDataset
+
+__all__ = ['GATEDemoDataset']
