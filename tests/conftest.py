@@ -1,12 +1,17 @@
 """Shared tiny models: built once per session, saved in diffusers format, loaded for real."""
 import copy
+import os.path as osp
 
 import pytest
 import torch
+from mmengine.config import Config
 
 import mmseg_gate  # noqa: F401
 from mmseg.utils import register_all_modules
+from mmseg_gate.demo_data import write_ade_layout_dataset
 from mmseg_gate.models.diffusion.architectures import save_random_stable_diffusion
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 torch.set_num_threads(2)
 # What tools/train.py gets from the config's default_scope: MMSeg's registries.
@@ -54,3 +59,40 @@ def gate_kwargs(tiny_sd, tiny_controlnet, tiny_loras) -> dict:
                 loras=tiny_loras,
                 variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a'),
                           dict(controlnets=dict(canny=1.0), lora='b')])
+
+
+@pytest.fixture(scope='session')
+def demo_root(tmp_path_factory) -> str:
+    """A small demo dataset in ADE20K's layout (8 training, 2 validation images)."""
+    root = str(tmp_path_factory.mktemp('ade') / 'ADEChallengeData2016')
+    write_ade_layout_dataset(root, num_train=8, num_val=2, seed=0)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny(tiny_sd, tiny_controlnet, tiny_loras) -> dict:
+    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras)
+
+
+@pytest.fixture(scope='session')
+def make_demo_cfg(tiny, demo_root):
+    """``make_demo_cfg(work_dir, max_iters)``: the demo config (three GATE variants) on the
+    tiny models and data, checkpointing and validating every 2 iterations."""
+
+    def make(work_dir, max_iters: int) -> Config:
+        cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_demo.py'))
+        cfg.model.backbone.sd_model = tiny['sd_model']
+        cfg.model.backbone.controlnets.canny.model = tiny['controlnet']
+        cfg.model.backbone.loras = dict(tiny['loras'])
+        cfg.work_dir = str(work_dir)
+        for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+            loader.dataset.data_root = demo_root
+        cfg.train_dataloader.batch_size = 2
+        cfg.train_cfg.max_iters = max_iters
+        cfg.train_cfg.val_interval = max_iters
+        cfg.default_hooks.checkpoint.interval = 2
+        cfg.default_hooks.logger.interval = 1
+        cfg.param_scheduler[0].end = max_iters
+        return cfg
+
+    return make

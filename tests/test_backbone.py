@@ -153,3 +153,26 @@ def test_low_precision_frozen_parts(tiny_sd, backbone):
     for out, expected in zip(outs, ref):
         assert out.dtype == torch.float32
         assert (out - expected).abs().mean() < 0.1 * expected.abs().mean()
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_segmentor_in_half_precision(make_demo_cfg, tmp_path, dtype):
+    """``model.half()`` / ``.to(dtype)``: the trainable parts and heads run in that dtype,
+    the frozen parts in their own (``frozen_dtype``)."""
+    from mmseg.registry import MODELS
+    model = MODELS.build(make_demo_cfg(tmp_path, 1).model).eval().to(dtype)
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
+    assert logits.dtype == dtype and logits.shape[:2] == (1, 5)
+    assert torch.isfinite(logits).all()
+    assert model.backbone.diffusion.unet.dtype == torch.float32  # CPU: frozen_dtype auto
+
+
+def test_to_device_places_frozen_parts(tiny_sd):
+    """``.to(device)``/``.cuda()`` moves the frozen parts right away (in ``frozen_dtype``),
+    not on the first forward. ('meta' stands in for an accelerator here.)"""
+    from mmseg_gate import GATEBackbone
+    model = GATEBackbone(sd_model=tiny_sd).to('meta')
+    for part in (model.diffusion.unet, model.diffusion.vae):
+        assert part.device.type == 'meta' and part.dtype == torch.float16  # auto: fp16
+    assert all(e.device.type == 'meta' for e in model.diffusion.prompt_embeds.values())

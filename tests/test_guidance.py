@@ -205,6 +205,8 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     root = tmp_path / 'ade'
     write_ade_layout_dataset(str(root), num_train=4, num_val=0)
     work = tmp_path / 'lora'
+    work.mkdir()
+    (work / 'lora_step9.safetensors.gate-tmp').write_bytes(b'left by a killed run')
     options = [f'sd_model={tiny_sd}', f'image_dir={root}/images/training', f'work_dir={work}',
                'num_images=4', 'steps=40', 'save_every=20', 'log_every=10', 'batch_size=4',
                'unet_lr=3e-3']
@@ -216,6 +218,9 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     losses = [e['loss'] for e in json.load(open(work / 'log.json'))['losses']]
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     assert (work / 'lora_step20.safetensors').exists()
+    assert not list(work.glob('*.gate-tmp'))
+    saved = load_file(str(work / 'lora_step20.safetensors'))
+    assert any('attn1.to_q.lora_A' in k for k in saved)  # attention LoRA kept
     model = GATEBackbone(**dict(gate_kwargs, loras=dict(a=str(work / 'lora_step40.safetensors'),
                                                         b=str(work / 'lora_step20.safetensors'))))
     plain, lora_a, lora_b = variant_feats(model, images())

@@ -11,6 +11,7 @@ is a faithful code of the image. Existing outputs are kept unless ``--force``; n
 a temporary folder and renamed into place, so an interrupted run leaves nothing half-written.
 """
 import argparse
+import glob
 import os
 import os.path as osp
 import shutil
@@ -25,6 +26,9 @@ from mmseg_gate.demo_data import write_ade_layout_dataset
 from mmseg_gate.models.diffusion.architectures import (save_random_controlnet,
                                                        save_random_stable_diffusion,
                                                        unit_variance_scaling)
+
+_TMP_PREFIX = '.make_demo-tmp-'
+
 
 def load_images(folder: str) -> torch.Tensor:
     """All images of ``folder`` as one (N, 3, H, W) tensor in [-1, 1]."""
@@ -70,7 +74,9 @@ def write_atomically(target: str, force: bool, writer) -> None:
         return
     parent = osp.dirname(osp.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-')
+    for stale in glob.glob(osp.join(glob.escape(parent), _TMP_PREFIX + '*')):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_TMP_PREFIX)
     try:
         writer(osp.join(tmp, 'out'))
         if osp.isdir(target):

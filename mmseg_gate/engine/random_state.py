@@ -35,14 +35,17 @@ def capture_random_state(model: nn.Module) -> dict:
     return state
 
 
-def restore_random_state(model: nn.Module, state: dict) -> None:
-    """Set every random stream to ``state`` (from :func:`capture_random_state`)."""
+def restore_random_state(model: nn.Module, state: dict, host: bool = True) -> None:
+    """Set the random streams to ``state`` (from :func:`capture_random_state`): all of them,
+    or with ``host=False`` only torch's, CUDA's and the modules' (the model's streams; numpy's
+    and Python's drive data augmentation, which resuming replays by itself)."""
     torch.set_rng_state(state['torch'])
-    numpy = state['numpy']
-    np.random.set_state((numpy['kind'], numpy['keys'].numpy().astype(np.uint32), numpy['pos'],
-                         numpy['has_gauss'], numpy['cached_gaussian']))
-    python = state['python']
-    random.setstate((python['version'], tuple(python['state']), python['gauss']))
+    if host:
+        numpy = state['numpy']
+        np.random.set_state((numpy['kind'], numpy['keys'].numpy().astype(np.uint32),
+                             numpy['pos'], numpy['has_gauss'], numpy['cached_gaussian']))
+        python = state['python']
+        random.setstate((python['version'], tuple(python['state']), python['gauss']))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
     modules = _modules_with_generators(model)

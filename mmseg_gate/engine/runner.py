@@ -10,11 +10,12 @@ for any config that names no runner):
 - **Loads are complete.** ``load_from`` and ``--resume`` load the weights strictly: a key
   missing on either side, or of another shape, is an error naming the file (set
   ``load_strict = False`` in a config to fine-tune from a checkpoint of another model).
-- **Resume is exact.** Checkpoints carry every random stream (torch, CUDA, numpy, Python and
-  the backbone's training noise, :mod:`mmseg_gate.engine.random_state`), restored right
-  before the first resumed iteration; validation leaves them untouched, so the run does not
-  depend on when it validated. In distributed runs only rank 0's streams are saved, so only
-  a single-process run is bitwise exact.
+- **Resume is exact.** Checkpoints carry the model's random streams (torch's, CUDA's and the
+  backbone's training noise, :mod:`mmseg_gate.engine.random_state`), restored right before
+  the first resumed iteration; data order and augmentation resume exactly already (MMEngine
+  replays the data pipeline over the trained batches). Validation leaves every stream
+  untouched, so the run does not depend on when it validated. In distributed runs only rank
+  0's streams are saved, so only a single-process run is bitwise exact.
 - **Saves are atomic.** A checkpoint is written to a temporary file and renamed into place,
   so a kill during a save leaves the previous checkpoints intact.
 """
@@ -51,8 +52,11 @@ class TrainingStateHook(Hook):
         checkpoint['random_state'] = capture_random_state(_unwrap(runner.model))
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        # The resumed loop has replayed the data pipeline up to here (MMEngine skips the
+        # trained batches by loading them), which leaves numpy's and Python's streams where
+        # the checkpoint found them and has just drawn this batch: restore the model's only.
         if self.pending_random_state is not None:
-            restore_random_state(_unwrap(runner.model), self.pending_random_state)
+            restore_random_state(_unwrap(runner.model), self.pending_random_state, host=False)
             self.pending_random_state = None
 
     def before_val(self, runner) -> None:

@@ -23,6 +23,9 @@ from safetensors.torch import save_file
 from ...fileio import atomic_file
 
 BASE = '__base__'
+# peft's keys: LoRA factors (and their bias), DoRA magnitudes.
+_PEFT_KEY_ENDINGS = ('.lora_A.weight', '.lora_B.weight', '.lora_B.bias',
+                     '.lora_magnitude_vector')
 
 def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
     """The UNet part of a LoRA safetensors file, every key in peft's format
@@ -58,6 +61,11 @@ def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], 
         raise ValueError(f"LoRA file '{path}' has no UNet weights (keys like 'unet.*' or "
                          "'lora_unet_*').")
     unet_keys = convert_unet_state_dict_to_peft(unet_keys)
+    unknown = [k for k in unet_keys if not k.endswith(_PEFT_KEY_ENDINGS)]
+    if unknown:
+        raise ValueError(f"LoRA file '{path}' has {len(unknown)} key(s) in a format GATE does "
+                         f'not know, e.g. {unknown[:3]}; expected diffusers, peft or kohya '
+                         'LoRA keys (lora_A/lora_B, lora.down/lora.up, lora_down/lora_up).')
     bad = [k for k, v in unet_keys.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise ValueError(f"LoRA file '{path}' holds non-finite (NaN or infinite) values in "
@@ -134,8 +142,12 @@ def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float])
     for name, path in adapters.items():
         state_dict, alphas, metadata = read_lora_file(path)
         check_lora_fits(unet, state_dict, path)
-        unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
-                               prefix='unet', metadata=None if alphas else metadata)
+        try:
+            unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
+                                   prefix='unet', metadata=None if alphas else metadata)
+        except Exception as err:  # peft/diffusers errors do not name the file
+            raise ValueError(f"LoRA '{path}' could not be loaded into the UNet "
+                             f'({type(err).__name__}: {err}).') from err
         check_lora_landed(unet, name, state_dict, path)
     if adapters:
         names = list(adapters)
