@@ -154,3 +154,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoints(make_demo_cfg, tmp
     RUNNERS.build(cfg).train()
     assert read_checkpoint(str(tmp_path / 'iter_4.pth'))['meta']['iter'] == 4
     assert list(tmp_path.glob('*.gate-tmp')) == []
+
+
+def test_unplain_checkpoint_content_is_refused_at_save():
+    from collections import OrderedDict
+
+    from mmseg_gate.engine.checkpoint import check_plain, to_plain
+    check_plain({'a': [torch.zeros(1), 1, 'x', None], 'b': OrderedDict(c=(1.0, True))})
+    check_plain(to_plain({'palette': np.zeros((2, 3)), 'n': np.int64(3)}))
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a .*HistoryBuffer"):
+        check_plain({'x': HistoryBuffer()})

@@ -87,6 +87,26 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+_PLAIN_LEAVES = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.Size,
+                 torch.dtype, torch.device)
+
+
+def check_plain(value: Any, where: str = 'checkpoint') -> None:
+    """Raise if ``value`` holds anything ``torch.load(weights_only=True)`` would refuse, so
+    that a checkpoint that could not be resumed is never written."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain(key, f'{where} key')
+            check_plain(item, f'{where}[{key!r}]')
+    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            check_plain(item, f'{where}[{i}]')
+    elif not isinstance(value, _PLAIN_LEAVES):
+        raise TypeError(f'{where} is a {type(value).__module__}.{type(value).__qualname__}; '
+                        'checkpoints hold tensors, numbers, strings, lists and dicts only, so '
+                        'that loading them cannot run code. Store it as plain data.')
+
+
 def plain_message_hub(state: dict) -> dict:
     """A ``MessageHub.state_dict()`` with each ``HistoryBuffer`` written as its data."""
     scalars = OrderedDict()

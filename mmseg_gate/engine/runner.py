@@ -30,8 +30,8 @@ from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_mod
 
 from mmseg.registry import HOOKS, RUNNERS
 from ..fileio import commit, remove_stale_temporaries, temporary_name
-from .checkpoint import (is_plain_message_hub, plain_message_hub, read_checkpoint,
-                         restore_message_hub)
+from .checkpoint import (check_plain, is_plain_message_hub, plain_message_hub,
+                         read_checkpoint, restore_message_hub, to_plain)
 from .random_state import capture_random_state, restore_random_state
 
 
@@ -49,7 +49,9 @@ class TrainingStateHook(Hook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint['message_hub'] = plain_message_hub(checkpoint['message_hub'])
+        checkpoint['meta'] = to_plain(checkpoint['meta'])  # dataset_meta may hold numpy
         checkpoint['random_state'] = capture_random_state(_unwrap(runner.model))
+        check_plain(checkpoint)
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         # The resumed loop has replayed the data pipeline up to here (MMEngine skips the
