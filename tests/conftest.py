@@ -8,8 +8,8 @@ from mmengine.config import Config
 
 import mmseg_gate  # noqa: F401
 from mmseg.utils import register_all_modules
-from mmseg_gate.demo_data import write_ade_layout_dataset
-from mmseg_gate.models.diffusion.architectures import save_random_stable_diffusion
+from mmseg_gate.testing.demo_data import write_ade_layout_dataset
+from mmseg_gate.testing.architectures import save_random_stable_diffusion
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -39,13 +39,13 @@ def backbone(_backbone):
 @pytest.fixture(scope='session')
 def tiny_controlnet(tiny_sd, tmp_path_factory) -> str:
     """A ControlNet for the tiny UNet whose zero convolutions are not zero (it does something)."""
-    from mmseg_gate.models.diffusion.architectures import save_random_controlnet
+    from mmseg_gate.testing.architectures import save_random_controlnet
     return save_random_controlnet(str(tmp_path_factory.mktemp('controlnet')), tiny_sd)
 
 
 @pytest.fixture(scope='session')
 def tiny_loras(tiny_sd, tmp_path_factory) -> dict:
-    from mmseg_gate.models.diffusion.architectures import save_random_lora
+    from mmseg_gate.testing.architectures import save_random_lora
     folder = tmp_path_factory.mktemp('loras')
     return {name: save_random_lora(str(folder / f'{name}.safetensors'), tiny_sd, seed=seed)
             for name, seed in (('a', 1), ('b', 2))}

@@ -23,25 +23,25 @@ def test_outputs_high_resolution_first(backbone, size):
 
 
 def test_early_exit_matches_full_unet_forward(backbone):
-    diffusion = backbone.diffusion
+    extractor = backbone.extractor
     latents = torch.randn(1, 4, 8, 12)
-    context = next(iter(diffusion.prompt_embeds.values()))
-    truncated = diffusion.taps(latents, 50, context)
+    context = next(iter(extractor.prompt_embeds.values())).hidden
+    truncated = extractor.taps[None](latents, 50, context)
 
-    modules = dict(diffusion.unet.named_modules())
+    modules = dict(extractor.unet.named_modules())
     full = {}
     handles = [modules[t].register_forward_hook(
-        lambda _m, _i, out, t=t: full.__setitem__(t, out)) for t in diffusion.taps.taps]
+        lambda _m, _i, out, t=t: full.__setitem__(t, out)) for t in truncated]
     with torch.no_grad():
-        diffusion.unet(latents, 50, context)
+        extractor.unet(latents, 50, context)
     for handle in handles:
         handle.remove()
-    for tap, feat in zip(diffusion.taps.taps, truncated):  # two call paths: tolerance
+    for tap, feat in truncated.items():  # two call paths: tolerance
         torch.testing.assert_close(feat, full[tap], rtol=1e-5, atol=1e-6, msg=tap)
 
 
 def test_unet_stops_after_last_tapped_block(backbone):
-    unet = backbone.diffusion.unet
+    unet = backbone.extractor.unet
     ran = []
     handles = [unet.up_blocks[3].register_forward_hook(lambda *a: ran.append('up_blocks.3')),
                unet.conv_out.register_forward_hook(lambda *a: ran.append('conv_out'))]
@@ -49,20 +49,20 @@ def test_unet_stops_after_last_tapped_block(backbone):
     for handle in handles:
         handle.remove()
     assert ran == []
-    assert backbone.diffusion.taps.stages_run[-1] == 'up_blocks.2'
+    assert backbone.extractor.stages_run[-1] == 'up_blocks.2'
 
 
 def test_refinement_starts_as_identity(backbone):
     x = torch.randn(1, 3, 64, 64)
-    raw = backbone.diffusion(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
+    raw = backbone.extractor(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
     outs = backbone(x)
-    for out, i in zip(outs, backbone.tap_order):
-        assert torch.equal(out, raw[0][i].float())
+    for out, name in zip(outs, backbone.out_names):
+        assert torch.equal(out, raw[0][name].float())
 
 
 def test_diffusion_weights_frozen_through_a_training_step(backbone):
     backbone.train()
-    unet = backbone.diffusion.unet
+    unet = backbone.extractor.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     trainable = list(backbone.parameters())
     assert trainable and all(p.requires_grad for p in trainable)
@@ -73,15 +73,15 @@ def test_diffusion_weights_frozen_through_a_training_step(backbone):
         loss.backward()
         optimizer.step()
     assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
-    assert all(p.grad is None for p in backbone.diffusion.vae.parameters())
+    assert all(p.grad is None for p in backbone.extractor.vae.parameters())
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
 def test_checkpoint_holds_only_trainable_parts(backbone):
     keys = list(backbone.state_dict())
-    assert keys and all(k.startswith('refiners.') for k in keys)
-    frozen = sum(p.numel() for p in backbone.diffusion.unet.parameters())
+    assert keys and all(k.startswith('fusion.refiners.') for k in keys)
+    frozen = sum(p.numel() for p in backbone.extractor.unet.parameters())
     assert sum(p.numel() for p in backbone.parameters()) < frozen
 
 
@@ -89,11 +89,11 @@ def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
     from mmseg_gate import GATEBackbone
     model = GATEBackbone(sd_model=tiny_sd,
                          init_cfg=dict(type='Kaiming', layer='Conv2d'))
-    before = {k: v.clone() for k, v in model.diffusion.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in model.extractor.unet.state_dict().items()}
     model.init_weights()
-    assert all(torch.equal(before[k], v) for k, v in model.diffusion.unet.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.extractor.unet.state_dict().items())
     # The refinement blocks are still the identity after a Kaiming init of their convs.
-    for stack in model.refiners:
+    for stack in model.fusion.refiners:
         for block in stack:
             assert torch.all(block.conv2.norm.weight == 0)
 
@@ -111,21 +111,22 @@ def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
     import copy
     x = torch.randn(1, 3, 64, 64)
     run_a, run_b = copy.deepcopy(backbone).train(), copy.deepcopy(backbone).train()
-    a1, a2 = run_a.diffusion(x, run_a._generator()), run_a.diffusion(x, run_a._generator())
-    b1 = run_b.diffusion(x, run_b._generator())
-    assert not torch.equal(a1[0][0], a2[0][0])
-    assert torch.equal(a1[0][0], b1[0][0])
+    a1, a2 = run_a.extractor(x, run_a._generator()), run_a.extractor(x, run_a._generator())
+    b1 = run_b.extractor(x, run_b._generator())
+    tap = run_a.out_names[0]
+    assert not torch.equal(a1[0][tap], a2[0][tap])
+    assert torch.equal(a1[0][tap], b1[0][tap])
 
 
 def test_deepcopy_shares_frozen_parts(backbone):
     import copy
     clone = copy.deepcopy(backbone)
-    assert clone.diffusion is backbone.diffusion
-    assert clone.refiners[0] is not backbone.refiners[0]
+    assert clone.extractor is backbone.extractor
+    assert clone.fusion.refiners[0] is not backbone.fusion.refiners[0]
 
 
 def test_vae_decoder_not_kept(backbone):
-    assert backbone.diffusion.vae.decoder is None
+    assert backbone.extractor.vae.decoder is None
 
 
 def test_normalisation_is_undone(backbone, tiny_sd):
@@ -149,7 +150,7 @@ def test_low_precision_frozen_parts(tiny_sd, backbone):
     low.load_state_dict(backbone.state_dict())
     x = torch.randn(1, 3, 64, 64)
     outs, ref = low(x), backbone(x)
-    assert low.diffusion.unet.dtype == torch.bfloat16
+    assert low.extractor.unet.dtype == torch.bfloat16
     for out, expected in zip(outs, ref):
         assert out.dtype == torch.float32
         assert (out - expected).abs().mean() < 0.1 * expected.abs().mean()
@@ -165,7 +166,7 @@ def test_segmentor_in_half_precision(make_demo_cfg, tmp_path, dtype):
         logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
     assert logits.dtype == dtype and logits.shape[:2] == (1, 5)
     assert torch.isfinite(logits).all()
-    assert model.backbone.diffusion.unet.dtype == torch.float32  # CPU: frozen_dtype auto
+    assert model.backbone.extractor.unet.dtype == torch.float32  # CPU: frozen_dtype auto
 
 
 def test_to_device_places_frozen_parts(tiny_sd):
@@ -173,6 +174,6 @@ def test_to_device_places_frozen_parts(tiny_sd):
     not on the first forward. ('meta' stands in for an accelerator here.)"""
     from mmseg_gate import GATEBackbone
     model = GATEBackbone(sd_model=tiny_sd).to('meta')
-    for part in (model.diffusion.unet, model.diffusion.vae):
+    for part in (model.extractor.unet, model.extractor.vae):
         assert part.device.type == 'meta' and part.dtype == torch.float16  # auto: fp16
-    assert all(e.device.type == 'meta' for e in model.diffusion.prompt_embeds.values())
+    assert all(e.hidden.device.type == 'meta' for e in model.extractor.prompt_embeds.values())

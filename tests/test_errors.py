@@ -42,7 +42,7 @@ def test_wrong_channel_count(backbone):
 
 @pytest.mark.parametrize('tap', ['up_blocks.7.upsamplers.0', 'conv_out'])
 def test_bad_tap(tiny_sd, tap):
-    with pytest.raises(KeyError, match='tap'):
+    with pytest.raises(KeyError, match='(?i)tap'):
         GATEBackbone(sd_model=tiny_sd, taps=[tap])
 
 

@@ -24,7 +24,8 @@ def images(seed=0, size=(64, 96)):
 
 def variant_feats(backbone, x):
     backbone.eval()
-    return backbone.diffusion(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
+    feats = backbone.extractor(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
+    return [list(variant.values()) for variant in feats]
 
 
 @pytest.fixture(scope='module')
@@ -75,44 +76,44 @@ def test_one_batch_equals_one_variant_at_a_time(gate_kwargs, gate):
 
 
 def test_shared_work_runs_once_per_image(gate):
-    diffusion = gate.diffusion
+    extractor = gate.extractor
     calls = {'vae_encoder': 0, 'controlnet': 0, 'unet_batches': 0}
 
     def counter(name):
         return lambda *_: calls.__setitem__(name, calls[name] + 1)
 
-    handles = [diffusion.vae.encoder.register_forward_hook(counter('vae_encoder')),
-               diffusion.controlnets['canny'].register_forward_hook(counter('controlnet')),
-               diffusion.unet.conv_in.register_forward_hook(counter('unet_batches'))]
-    diffusion.counts.clear()
+    handles = [extractor.vae.encoder.register_forward_hook(counter('vae_encoder')),
+               extractor.controlnets['canny'].register_forward_hook(counter('controlnet')),
+               extractor.unet.conv_in.register_forward_hook(counter('unet_batches'))]
+    extractor.counts.clear()
     gate.eval()(images())
     for handle in handles:
         handle.remove()
     # Three variants, two images: one VAE call, one ControlNet call, one UNet batch.
     assert calls == {'vae_encoder': 1, 'controlnet': 1, 'unet_batches': 1}
-    assert diffusion.counts['vae_encodes'] == 2
-    assert diffusion.counts['controlnet_passes'] == 2
-    assert diffusion.counts['unet_passes'] == 6
+    assert extractor.counts['vae_encodes'] == 2
+    assert extractor.counts['controlnet_passes'] == 2
+    assert extractor.counts['unet_passes'] == 6
 
 
 def test_gradients_reach_only_trainable_parts(gate):
     model = gate.train()
     loss = sum(o.square().mean() for o in model(images()))
     loss.backward()
-    diffusion = model.diffusion
-    frozen = [*diffusion.unet.parameters(), *diffusion.vae.parameters(),
-              *diffusion.controlnets['canny'].parameters()]
+    extractor = model.extractor
+    frozen = [*extractor.unet.parameters(), *extractor.vae.parameters(),
+              *extractor.controlnets['canny'].parameters()]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
     trainable = dict(model.named_parameters())
-    assert all(k.startswith(('amalgamations.', 'refiners.')) for k in trainable)
-    assert any(k.startswith('amalgamations.') and p.grad is not None
+    assert all(k.startswith(('fusion.amalgamations.', 'fusion.refiners.')) for k in trainable)
+    assert any(k.startswith('fusion.amalgamations.') and p.grad is not None
                for k, p in trainable.items())
     model.zero_grad()
 
 
 def test_amalgamation_weights_are_softmaxed_per_channel(gate):
     gate.eval()(images())
-    weights = gate.amalgamations[0].last_weights  # (assigners, variants, batch, channels)
+    weights = gate.fusion.amalgamations[0].last_weights  # (assigners, variants, batch, channels)
     assert weights.shape[:3] == (1, 3, 2)
     torch.testing.assert_close(weights.sum(dim=1), torch.ones_like(weights[:, 0]))
 
@@ -146,9 +147,9 @@ def test_kohya_locon_file_loads_like_diffusers_format(gate_kwargs, tiny_loras, t
 
 def test_class_names_are_appended(gate_kwargs):
     model = GATEBackbone(**dict(gate_kwargs, class_names='ade20k', append_class_names=True))
-    (prompt, embeds), = model.diffusion.prompt_embeds.items()
+    (prompt, embeds), = model.extractor.prompt_embeds.items()
     assert prompt.startswith('a photo of a street wall, building, sky')
-    assert embeds.shape[1] > 77  # 150 class names need several 77-token chunks
+    assert embeds.hidden.shape[1] > 77  # 150 class names need several 77-token chunks
 
 
 def test_missing_lora_file_says_how_to_make_it(gate_kwargs, tmp_path):
@@ -201,7 +202,7 @@ def test_canny_condition_matches_opencv_at_input_size():
 
 
 def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_path):
-    from mmseg_gate.demo_data import write_ade_layout_dataset
+    from mmseg_gate.testing.demo_data import write_ade_layout_dataset
     root = tmp_path / 'ade'
     write_ade_layout_dataset(str(root), num_train=4, num_val=0)
     work = tmp_path / 'lora'

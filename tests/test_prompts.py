@@ -34,7 +34,7 @@ def test_long_prompt_embedding_concatenates_chunks(tiny_sd, tokenizer):
     from transformers import CLIPTextModel
     encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder='text_encoder')
     prompt = ' '.join(['a highly realistic photo of the real world'] * 20)
-    embeds = encode_prompt(encoder, tokenizer, prompt)
+    embeds = encode_prompt([encoder], [tokenizer], prompt)
     num_chunks = len(chunk_token_ids(tokenizer, prompt))
-    assert embeds.shape == (1, 77 * num_chunks, 32)
-    assert encode_prompt(encoder, tokenizer, '').shape == (1, 77, 32)
+    assert embeds.hidden.shape == (1, 77 * num_chunks, 32) and embeds.pooled is None
+    assert encode_prompt([encoder], [tokenizer], '').hidden.shape == (1, 77, 32)

@@ -20,8 +20,8 @@ def test_train_evaluate_checkpoint_and_reload(make_demo_cfg, tmp_path):
     assert ckpt.exists()
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
     assert not any('unet' in k or 'vae' in k for k in state)
-    assert any(k.startswith('backbone.refiners.') for k in state)
-    assert any(k.startswith('backbone.amalgamations.') for k in state)
+    assert any(k.startswith('backbone.fusion.refiners.') for k in state)
+    assert any(k.startswith('backbone.fusion.amalgamations.') for k in state)
     trained = runner.model.state_dict()
 
     cfg = make_demo_cfg(tmp_path / 'test', 4)

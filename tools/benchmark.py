@@ -4,9 +4,10 @@
                               [--random-init [--arch sd15] [--lora-rank 64]] [--naive]
 
 ``--random-init`` builds the config's models from their known architecture (``--arch``,
-default SD1.5) with random weights -- SD model, ControlNets, LoRAs -- written to a temporary
-folder and loaded through the real loading code, so no download is needed; FLOPs and speed
-are those of the real models. Prints one JSON line:
+default SD1.5) with random weights -- SD model, ControlNets, LoRAs on the LoRA recipe's targets
+(``--lora-config``, default ``configs/lora/_base_.py``: LoCon, 12 module types) -- written to
+a temporary folder and loaded through the real loading code, so no download is needed; FLOPs,
+speed and memory are those of the real models. Prints one JSON line:
 
 - ``flops``: the backbone forward (torch's FLOP counter; a multiply-add counts 2);
 - ``unet_flops_per_variant`` / ``unet_full_flops_per_variant``: the truncated UNet pass
@@ -15,10 +16,14 @@ are those of the real models. Prints one JSON line:
 - ``peak_mem_bytes``: CUDA: peak allocated during the timed forwards; CPU: peak resident
   memory of the process during them (weights included);
 - ``vae_encodes`` / ``controlnet_passes`` / ``unet_passes``: per image, counted;
-- with ``--naive``: ``naive`` (the same measures for a model copy and full passes per
-  variant, in a separate process), ``flops_ratio``, ``speedup`` and ``peak_mem_ratio``.
+- with ``--naive`` (configs with LoRAs): ``fused``, the same measures with
+  ``lora_mode='fused'`` (no LoRA compute, a UNet copy per LoRA); ``naive``, the authors' way (a
+  full model copy and full passes per variant), each in a process of its own; and
+  ``flops_ratio`` and ``speedup`` (fused against naive) and ``peak_mem_ratio`` (the config's
+  mode, adapters by default, against naive).
 """
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -26,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import torch
 from mmengine.config import Config
@@ -35,9 +39,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mmseg_gate  # noqa: F401
 from mmseg.registry import MODELS
-from mmseg_gate.models.diffusion.frozen import resolve_dtype
-from mmseg_gate.models.diffusion.architectures import (save_random_controlnet, save_random_lora,
-                                                       save_random_stable_diffusion)
+from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate.models.amalgamation import GATEFusion
+from mmseg_gate.models.diffusion.latents import encode_latents
+from mmseg_gate.testing.architectures import (save_random_controlnet, save_random_lora,
+                                              save_random_stable_diffusion)
+from mmseg_gate.testing.naive import NaiveGATE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
@@ -52,11 +61,14 @@ def parse_args():
     parser.add_argument('--arch', default='sd15', help='architecture for --random-init')
     parser.add_argument('--lora-rank', type=int, default=64,
                         help='rank of the random LoRAs of --random-init (paper: 64)')
+    parser.add_argument('--lora-config', default=os.path.join(ROOT, 'configs', 'lora',
+                                                              '_base_.py'),
+                        help='LoRA recipe whose target_modules the random LoRAs use')
     parser.add_argument('--naive', action='store_true',
                         help='also measure the straightforward way (a model copy and full '
                         'passes per variant) and report both with their ratios')
-    parser.add_argument('--mode', choices=['both', 'efficient', 'naive'], default='both',
-                        help=argparse.SUPPRESS)
+    parser.add_argument('--mode', choices=['all', 'efficient', 'fused', 'naive'],
+                        default='all', help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -111,13 +123,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def full_unet_flops(backbone, images: torch.Tensor) -> int:
-    """FLOPs of diffusers' own full UNet forward (one variant) on the backbone's latent."""
-    diffusion = backbone.diffusion
-    latents = diffusion.encode(backbone.to_vae_range(images))
-    context = next(iter(diffusion.prompt_embeds.values())).expand(latents.shape[0], -1, -1)
+def unet_flops(extractor: GATEFeatureExtractor, latents: torch.Tensor):
+    """FLOPs of one variant's truncated UNet pass and of diffusers' full UNet forward on the
+    same latent (the first variant's prompt, no guidance)."""
+    embed = extractor.prompt_embeds[extractor.variants[0].prompt]
+    context = embed.hidden.expand(latents.shape[0], -1, -1)
+    added = None
+    if extractor.is_sdxl:
+        pixels = torch.zeros(latents.shape[0], 3, *(s * 8 for s in latents.shape[-2:]))
+        added = dict(text_embeds=embed.pooled.expand(latents.shape[0], -1),
+                     time_ids=extractor._time_ids(pixels.to(latents.device)))
+    t = extractor.timestep
     with torch.no_grad():
-        return count_flops(lambda: diffusion.unet(latents, diffusion.timestep, context))
+        truncated = count_flops(lambda: extractor.taps[None](latents, t, context,
+                                                            added_cond_kwargs=added))
+        full = count_flops(lambda: extractor.unet(latents, t, context,
+                                                  added_cond_kwargs=added))
+    return truncated, full
 
 
 def timed(forward, device, iters: int):
@@ -133,118 +155,60 @@ def timed(forward, device, iters: int):
     return round(statistics.median(times), 4), memory.peak
 
 
+def measure(forward, counts, device, iters: int, batch: int) -> dict:
+    """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first)."""
+    with torch.no_grad():
+        forward()  # warm-up, also moves the frozen parts to the device
+        flops = count_flops(forward)
+        counts.clear()
+        latency, peak = timed(forward, device, iters)
+    per_image = iters * batch
+    return dict(flops=flops, latency_s_median=latency, peak_mem_bytes=peak,
+                vae_encodes=counts['vae_encodes'] / per_image,
+                controlnet_passes=counts['controlnet_passes'] / per_image,
+                unet_passes=counts['unet_passes'] / per_image)
+
+
 def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
     """GATE as built: shared VAE encode and ControlNet passes, batched truncated UNet."""
     backbone = MODELS.build(cfg.model.backbone).to(device).eval()
-    images = torch.randn(batch, 3, *shape, device=device)
-    with torch.no_grad():
-        backbone(images)  # warm-up, also moves the frozen parts to the device
-        flops = count_flops(lambda: backbone(images))
-        diffusion = backbone.diffusion
-        latents = diffusion.encode(backbone.to_vae_range(images))
-        num_variants = len(diffusion.variants)
-        unet_flops = count_flops(lambda: diffusion.unet_features(latents)) // num_variants
-        unet_full = full_unet_flops(backbone, images)
-        diffusion.counts.clear()
-        latency, peak = timed(lambda: backbone(images), device, iters)
-    per_image = iters * batch
-    return dict(
-        config=cfg.filename, shape=list(shape), batch=batch, device=str(device),
-        frozen_dtype=str(diffusion.dtype).replace('torch.', ''), variants=num_variants,
-        flops=flops, unet_flops_per_variant=unet_flops,
-        unet_full_flops_per_variant=unet_full, unet_fraction=round(unet_flops / unet_full, 4),
-        latency_s_median=latency, iters=iters, peak_mem_bytes=peak,
-        vae_encodes=diffusion.counts['vae_encodes'] / per_image,
-        controlnet_passes=diffusion.counts['controlnet_passes'] / per_image,
-        unet_passes=diffusion.counts['unet_passes'] / per_image,
-        stages_run=diffusion.taps.stages_run)
+    extractor = backbone.extractor
+    images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
+    result = measure(lambda: backbone(images), extractor.counts, device, iters, batch)
+    latents = encode_latents(extractor.vae, torch.zeros(
+        batch, 3, *(-(-s // extractor.size_multiple) * extractor.size_multiple for s in shape),
+        device=device))
+    truncated, full = unet_flops(extractor, latents)
+    return dict(config=cfg.filename, shape=list(shape), batch=batch, device=str(device),
+                frozen_dtype=str(extractor.dtype).replace('torch.', ''),
+                lora_mode=extractor.lora_mode, variants=len(extractor.variants),
+                **result, iters=iters, unet_flops_per_variant=truncated,
+                unet_full_flops_per_variant=full, unet_fraction=round(truncated / full, 4),
+                stages_run=extractor.stages_run)
 
 
-class NaiveGATE:
-    """The straightforward way, as the authors' code runs GATE: every variant is a full model
-    copy (its LoRA fused into its own UNet, its own ControlNets) and runs on its own: its own
-    VAE encode, its own ControlNet passes, the whole UNet up to ``conv_out``."""
-
-    def __init__(self, backbone, cfg: Config, device: torch.device):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from mmseg_gate.models.diffusion.controlnets import load_controlnet
-        from mmseg_gate.models.diffusion.lora import load_lora_adapters
-        self.backbone = backbone
-        diffusion = backbone.diffusion
-        self.variants, self.prompt_embeds = diffusion.variants, diffusion.prompt_embeds
-        self.taps, self.timestep = diffusion.taps.taps, diffusion.timestep
-        self.scheduler, self.detectors = diffusion.scheduler, diffusion.detectors
-        self.dtype = dtype = resolve_dtype(diffusion.dtype_name, device)
-        self.prompt_embeds = {p: e.to(device, dtype) for p, e in self.prompt_embeds.items()}
-        backbone.diffusion = None  # only the copies below stay in memory
-        source, loras = cfg.model.backbone.sd_model, cfg.model.backbone.get('loras') or {}
-        controlnets = cfg.model.backbone.get('controlnets') or {}
-        self.copies = []
-        for variant in self.variants:
-            vae = AutoencoderKL.from_pretrained(source, subfolder='vae', use_safetensors=True)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder='unet',
-                                                        use_safetensors=True)
-            if variant.lora is not None:
-                load_lora_adapters(unet, {variant.adapter: loras[variant.lora]},
-                                   {variant.adapter: variant.lora_scale})
-                unet.fuse_lora(adapter_names=[variant.adapter])
-                unet.unload_lora()
-            nets = {name: load_controlnet(controlnets[name]['model'], unet)
-                    for name, _ in variant.controlnets}
-            self.copies.append((vae.to(device, dtype).eval(), unet.to(device, dtype).eval(),
-                                {n: net.to(device, dtype) for n, net in nets.items()}))
-        self.counts = Counter()
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor):
-        pixels = self.backbone.to_vae_range(images).to(self.dtype)
-        per_variant = [self._variant(v, *copy, pixels) for v, copy in
-                       zip(self.variants, self.copies)]
-        return self.backbone.fuse(per_variant, *images.shape[-2:])
-
-    def _variant(self, variant, vae, unet, controlnets, pixels):
-        self.counts['vae_encodes'] += len(pixels)
-        latent = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0),
-                            dtype=torch.float32)
-        t = torch.full((len(latent), ), self.timestep, dtype=torch.long)
-        noisy = self.scheduler.add_noise(latent, noise.to(latent), t)
-        context = self.prompt_embeds[variant.prompt].expand(len(latent), -1, -1)
-        down = mid = None
-        for name, scale in variant.controlnets:
-            self.counts['controlnet_passes'] += len(pixels)
-            d, m = controlnets[name](noisy, self.timestep, context,
-                                     controlnet_cond=self.detectors[name](pixels).to(self.dtype),
-                                     conditioning_scale=scale, return_dict=False)
-            down = d if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        captured, modules = {}, dict(unet.named_modules())
-        handles = [modules[tap].register_forward_hook(
-            lambda _m, _i, out, tap=tap: captured.__setitem__(tap, out)) for tap in self.taps]
-        self.counts['unet_passes'] += len(pixels)
-        unet(noisy, self.timestep, context, down_block_additional_residuals=down,
-             mid_block_additional_residual=mid)
-        for handle in handles:
-            handle.remove()
-        return [captured[tap] for tap in self.taps]
+def extractor_kwargs(backbone_cfg) -> dict:
+    """The backbone config's arguments that belong to the frozen half."""
+    names = inspect.signature(GATEFeatureExtractor.__init__).parameters
+    return {k: v for k, v in backbone_cfg.items() if k in names}
 
 
 def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
-    naive = NaiveGATE(MODELS.build(cfg.model.backbone).to(device).eval(), cfg, device)
-    images = torch.randn(batch, 3, *shape, device=device)
+    """The authors' way: a model copy and full passes per variant, then the same fusion."""
+    backbone_cfg = cfg.model.backbone
+    naive = NaiveGATE(device, **extractor_kwargs(backbone_cfg))
+    images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
     with torch.no_grad():
-        naive(images)  # warm-up
-        flops = count_flops(lambda: naive(images))
-        naive.counts.clear()
-        latency, peak = timed(lambda: naive(images), device, iters)
-    per_image = iters * batch
-    return dict(flops=flops, latency_s_median=latency, peak_mem_bytes=peak,
-                vae_encodes=naive.counts['vae_encodes'] / per_image,
-                controlnet_passes=naive.counts['controlnet_passes'] / per_image,
-                unet_passes=naive.counts['unet_passes'] / per_image)
+        naive(images)  # learns its features' channels and strides
+    fusion = GATEFusion(naive.feature_info, len(naive.variants), backbone_cfg.get('num_assigners', 1),
+                        backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
+                                                              dropout_ratio=0.5)),
+                        backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
+    return measure(lambda: fusion(naive(images)), naive.counts, device, iters, batch)
 
 
-def write_random_models(cfg: Config, folder: str, arch: str, lora_rank: int) -> None:
+def write_random_models(cfg: Config, folder: str, arch: str, lora_rank: int,
+                        lora_targets) -> None:
     """Random weights of ``arch`` for the config's SD model, ControlNets and LoRAs."""
     backbone = cfg.model.backbone
     backbone.sd_model = save_random_stable_diffusion(os.path.join(folder, arch), arch)
@@ -254,7 +218,7 @@ def write_random_models(cfg: Config, folder: str, arch: str, lora_rank: int) -> 
     for i, name in enumerate(backbone.get('loras') or {}):
         backbone.loras[name] = save_random_lora(
             os.path.join(folder, f'lora-{name}.safetensors'), backbone.sd_model, lora_rank,
-            seed=i)
+            seed=i, targets=lora_targets)
 
 
 def run_mode(config_path: str, mode: str, args) -> dict:
@@ -273,7 +237,9 @@ def main():
     cfg = Config.fromfile(args.config)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if args.mode == 'efficient':
+    if args.mode in ('efficient', 'fused'):
+        if args.mode == 'fused':
+            cfg.model.backbone.lora_mode = 'fused'
         print(json.dumps(benchmark(cfg, args.shape, device, args.iters, args.batch)))
         return
     if args.mode == 'naive':
@@ -281,17 +247,22 @@ def main():
         return
     with tempfile.TemporaryDirectory(prefix='gate-bench-') as tmp:
         if args.random_init:
-            write_random_models(cfg, tmp, args.arch, args.lora_rank)
+            targets = Config.fromfile(args.lora_config).target_modules
+            write_random_models(cfg, tmp, args.arch, args.lora_rank, targets)
         resolved = os.path.join(tmp, 'config.py')
         cfg.dump(resolved)
         result = run_mode(resolved, 'efficient', args)
         result['config'] = args.config
         if args.naive:
             naive = run_mode(resolved, 'naive', args)
+            fused = result
+            if cfg.model.backbone.get('loras'):
+                fused = run_mode(resolved, 'fused', args)
+                result['fused'] = {k: fused[k] for k in (
+                    'flops', 'latency_s_median', 'peak_mem_bytes', 'unet_passes')}
             result['naive'] = naive
-            result['flops_ratio'] = round(result['flops'] / naive['flops'], 4)
-            result['speedup'] = round(naive['latency_s_median'] / result['latency_s_median'],
-                                      3)
+            result['flops_ratio'] = round(fused['flops'] / naive['flops'], 4)
+            result['speedup'] = round(naive['latency_s_median'] / fused['latency_s_median'], 3)
             result['peak_mem_ratio'] = round(result['peak_mem_bytes'] /
                                              naive['peak_mem_bytes'], 4)
     result['random_init'] = args.arch if args.random_init else False

@@ -3,7 +3,7 @@ Stable Diffusion in diffusers format and a ControlNet for it.
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
 
-The scenes are described in ``mmseg_gate/demo_data.py``. The tiny model's UNet and text
+The scenes are described in ``mmseg_gate/testing/demo_data.py``. The tiny model's UNet and text
 encoder keep their random weights, but its VAE is first trained briefly as an autoencoder on
 the demo images: a random VAE encoder's 4-channel latent keeps almost nothing of the image
 (a linear probe of the demo classes on it scores chance, 25%), whereas a real SD VAE's latent
@@ -22,8 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from mmseg_gate.demo_data import write_ade_layout_dataset
-from mmseg_gate.models.diffusion.architectures import (save_random_controlnet,
+from mmseg_gate.testing.demo_data import write_ade_layout_dataset
+from mmseg_gate.testing.architectures import (save_random_controlnet,
                                                        save_random_stable_diffusion,
                                                        unit_variance_scaling)
 

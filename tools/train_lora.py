@@ -24,6 +24,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from mmseg_gate.fileio import atomic_file, remove_stale_temporaries
+from mmseg_gate.models.diffusion.latents import encode_latents
 from mmseg_gate.models.diffusion.loading import load_stable_diffusion
 from mmseg_gate.models.diffusion.lora import save_lora_file
 from mmseg_gate.models.diffusion.prompts import encode_prompt
@@ -61,10 +62,8 @@ def load_square(path: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-@torch.no_grad()
-def encode_latents(vae, paths, resolution: int) -> torch.Tensor:
-    latents = [vae.encode(load_square(p, resolution)[None]).latent_dist.mode() for p in paths]
-    return torch.cat(latents) * vae.config.scaling_factor
+def encode_images(vae, paths, resolution: int) -> torch.Tensor:
+    return torch.cat([encode_latents(vae, load_square(p, resolution)[None]) for p in paths])
 
 
 def captions_for(cfg, paths) -> list:
@@ -98,10 +97,15 @@ def train(cfg) -> list:
     parts = load_stable_diffusion(cfg.sd_model)
     unet, vae, scheduler = parts.unet, parts.vae.eval(), parts.scheduler
     paths = pick_images(cfg.image_dir, cfg.num_images, cfg.seed)
-    latents = encode_latents(vae, paths, cfg.resolution)
+    latents = encode_images(vae, paths, cfg.resolution)
     # As in Stable Diffusion's own training, captions are cut to one 77-token chunk.
-    contexts = torch.cat([encode_prompt(parts.text_encoder, parts.tokenizer, c)[:, :77]
-                          for c in captions_for(cfg, paths)])
+    embeds = [encode_prompt(parts.text_encoders, parts.tokenizers, c)
+              for c in captions_for(cfg, paths)]
+    contexts = torch.cat([e.hidden[:, :77] for e in embeds])
+    # SDXL's added conditions: pooled caption embedding, and the training size (no crop).
+    pooled = torch.cat([e.pooled for e in embeds]) if parts.is_sdxl else None
+    time_ids = torch.tensor([[cfg.resolution, cfg.resolution, 0, 0, cfg.resolution,
+                              cfg.resolution]], dtype=torch.float32)
     del parts
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights='gaussian',
@@ -124,7 +128,9 @@ def train(cfg) -> list:
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t) \
             if scheduler.config.prediction_type == 'v_prediction' else noise
-        pred = unet(noisy, t, contexts[index]).sample
+        added = None if pooled is None else dict(text_embeds=pooled[index],
+                                                 time_ids=time_ids.expand(len(index), -1))
+        pred = unet(noisy, t, contexts[index], added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float())
         optimizer.zero_grad()
         loss.backward()

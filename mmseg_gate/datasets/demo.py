@@ -2,7 +2,7 @@
 from mmseg.datasets import ADE20KDataset
 from mmseg.registry import DATASETS
 
-from ..demo_data import DEMO_CLASSES
+from ..testing.demo_data import DEMO_CLASSES
 
 DEMO_CLASS_NAMES = ('wall', 'building', 'sky', 'floor', 'tree')
 

@@ -1,3 +1,4 @@
 from .backbones import GATEBackbone
+from .diffusion import GATEFeatureExtractor
 
-__all__ = ['GATEBackbone']
+__all__ = ['GATEBackbone', 'GATEFeatureExtractor']

@@ -9,7 +9,7 @@ identity, so training begins from the raw diffusion features. Only the last norm
 zeroed (as in "zero-init residual" ResNets): the authors zero every weight of the block, which
 leaves its convolutions without gradient forever.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from mmcv.cnn import ConvModule
@@ -117,3 +117,46 @@ class VariantAmalgamation(BaseModule):
         # Kept for inspection (which variant the model relies on, per channel).
         self.last_weights = torch.stack(weights).detach()  # (A, V, B, C)
         return torch.cat(fused, dim=1)
+
+
+class GATEFusion(BaseModule):
+    """GATE's trainable half: per feature level, the variants' maps amalgamated, then
+    refined; levels ordered from high to low resolution (MMSeg's convention).
+
+    Args:
+        feature_info: ``dict(name, channels, stride)`` per feature, as a
+            ``GATEFeatureExtractor`` describes its output.
+        num_variants: number of variants fused.
+        num_assigners: weight assigners per level (see :class:`VariantAmalgamation`).
+        assigner_cfg: ``hidden_channels`` and ``dropout_ratio`` of the assigners.
+        num_refine_blocks: refinement blocks per level.
+        norm_cfg: norm layer of the assigners and refinement blocks.
+    """
+
+    def __init__(self, feature_info: List[dict], num_variants: int, num_assigners: int = 1,
+                 assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
+                 num_refine_blocks: int = 1,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg)
+        # High resolution first; a stable sort keeps the given order within a stride.
+        levels = sorted(feature_info, key=lambda f: f['stride'])
+        self.names = [f['name'] for f in levels]
+        self.strides = [f['stride'] for f in levels]
+        self.amalgamations = nn.ModuleList(
+            VariantAmalgamation(f['channels'], num_variants, num_assigners, norm_cfg=norm_cfg,
+                                **assigner_cfg) for f in levels)
+        self.out_channels = [a.out_channels for a in self.amalgamations]
+        self.refiners = nn.ModuleList(
+            refinement_stack(c, num_refine_blocks, norm_cfg) for c in self.out_channels)
+
+    def forward(self, per_variant: List[dict],
+                dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+        """``per_variant``: one dict name -> (N, C, H, W) per variant; ``dtype``: the dtype
+        to run in (the features' own by default)."""
+        outs = []
+        for level, name in enumerate(self.names):
+            feats = [variant[name] if dtype is None else variant[name].to(dtype)
+                     for variant in per_variant]
+            outs.append(self.refiners[level](self.amalgamations[level](feats)))
+        return tuple(outs)

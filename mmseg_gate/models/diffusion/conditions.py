@@ -46,12 +46,12 @@ class ConditionDetector:
         elif type in _WEIGHTED:
             if weights is None or not osp.isdir(weights):
                 raise FileNotFoundError(
-                    f"GATEBackbone: condition detector '{type}' needs its weights in a local "
+                    f"Condition detector '{type}' needs its weights in a local "
                     f'folder (weights={weights!r} is not one). {_ANNOTATORS_HINT}')
             import controlnet_aux
             self.detector = getattr(controlnet_aux, _WEIGHTED[type]).from_pretrained(weights)
         else:
-            raise KeyError(f"GATEBackbone: unknown condition detector '{type}'; use 'canny' "
+            raise KeyError(f"Unknown condition detector '{type}'; use 'canny' "
                            f'or one of {sorted(_WEIGHTED)}.')
 
     def __repr__(self) -> str:

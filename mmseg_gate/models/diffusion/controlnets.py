@@ -17,10 +17,10 @@ def load_controlnet(model: str, unet) -> ControlNetModel:
     if is_local_path(model):
         if not osp.isdir(model):
             raise FileNotFoundError(
-                f"GATEBackbone: ControlNet folder '{model}' does not exist. "
+                f"ControlNet folder '{model}' does not exist. "
                 f'{_GET_CONTROLNET_HINT}')
         if not any(f.endswith('.safetensors') for f in os.listdir(model)):
-            raise ValueError(f"GATEBackbone: '{model}' has no .safetensors ControlNet weights; "
+            raise ValueError(f"'{model}' has no .safetensors ControlNet weights; "
                              'GATE loads safetensors only (convert with `ControlNetModel.'
                              'from_pretrained(folder).save_pretrained(folder)`).')
     controlnet = load_weights(ControlNetModel, model, hint=_GET_CONTROLNET_HINT)
@@ -35,7 +35,7 @@ def check_controlnet_fits(controlnet, unet, name: str) -> None:
     for key in ('cross_attention_dim', 'block_out_channels', 'layers_per_block'):
         if tuple(_as_tuple(getattr(ours, key))) != tuple(_as_tuple(getattr(theirs, key))):
             raise ValueError(
-                f"GATEBackbone: ControlNet '{name}' does not fit the UNet: its {key} is "
+                f"ControlNet '{name}' does not fit the UNet: its {key} is "
                 f'{getattr(theirs, key)} but the UNet has {getattr(ours, key)}. Use a '
                 'ControlNet trained for the same Stable Diffusion version.')
 

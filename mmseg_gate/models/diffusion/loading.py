@@ -8,15 +8,17 @@ import os
 import os.path as osp
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEFAULT_MODEL = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _WEIGHT_COMPONENTS = ('vae', 'unet', 'text_encoder')
 _COMPONENTS = _WEIGHT_COMPONENTS + ('tokenizer', 'scheduler')
+# SDXL adds a second tokenizer and text encoder (OpenCLIP bigG, with projection).
+_XL_COMPONENTS = ('text_encoder_2', 'tokenizer_2')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _GET_WEIGHTS_HINT = (
     'Get Stable Diffusion v1.5 in diffusers format with\n'
@@ -27,13 +29,18 @@ _GET_WEIGHTS_HINT = (
 
 @dataclass
 class StableDiffusionParts:
-    """What GATE needs from a Stable Diffusion checkpoint (no VAE decoder)."""
+    """What GATE needs from a Stable Diffusion checkpoint (no VAE decoder). SD1.x/2.x have
+    one text encoder and tokenizer, SDXL two (the second with a pooled projection)."""
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoders: List[CLIPTextModel]
+    tokenizers: List[CLIPTokenizer]
     scheduler: DDPMScheduler
     source: str
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
 
 
 def is_local_path(pretrained: str) -> bool:
@@ -41,33 +48,45 @@ def is_local_path(pretrained: str) -> bool:
     return osp.exists(pretrained) or not _HUB_ID.match(pretrained)
 
 
+def is_sdxl_model(pretrained: str) -> bool:
+    """SDXL's folders (or hub repos) hold a second text encoder."""
+    if osp.isdir(pretrained):
+        return osp.isdir(osp.join(pretrained, 'text_encoder_2'))
+    try:
+        index = DiffusionPipeline.load_config(pretrained)
+    except (OSError, ValueError) as err:
+        raise _load_error(pretrained, 'model_index.json', err, _GET_WEIGHTS_HINT) from err
+    return 'text_encoder_2' in index
+
+
 def check_local_model(folder: str) -> None:
     """Raise a clear error for a folder that is not a safetensors diffusers SD model."""
     if not osp.isdir(folder):
         raise FileNotFoundError(
-            f"GATEBackbone: model folder '{folder}' does not exist.\n{_GET_WEIGHTS_HINT}")
-    for name in _COMPONENTS:
+            f"Model folder '{folder}' does not exist.\n{_GET_WEIGHTS_HINT}")
+    components = _COMPONENTS + (_XL_COMPONENTS if is_sdxl_model(folder) else ())
+    for name in components:
         sub = osp.join(folder, name)
         if not osp.isdir(sub):
             raise FileNotFoundError(
-                f"GATEBackbone: '{folder}' has no '{name}/' folder. A diffusers-format Stable "
-                f"Diffusion folder holds {', '.join(n + '/' for n in _COMPONENTS)}.\n"
+                f"'{folder}' has no '{name}/' folder. A diffusers-format Stable Diffusion "
+                f"folder holds {', '.join(n + '/' for n in components)}.\n"
                 f'{_GET_WEIGHTS_HINT}')
-    for name in _WEIGHT_COMPONENTS:
+    for name in _WEIGHT_COMPONENTS + (_XL_COMPONENTS[:1] if is_sdxl_model(folder) else ()):
         sub = osp.join(folder, name)
         files = os.listdir(sub)
         variants = [f for f in files if _is_variant_weights(f)]
         if variants and not any(f.endswith('.safetensors') and not _is_variant_weights(f)
                                 for f in files):
             raise ValueError(
-                f"GATEBackbone: '{sub}' holds only variant weights ({', '.join(sorted(variants))}"
+                f"'{sub}' holds only variant weights ({', '.join(sorted(variants))}"
                 '), not the full-precision safetensors file diffusers loads by default. '
                 "Download the full files too (drop `--exclude \"*.fp16.*\"`), or convert once: "
                 "`Model.from_pretrained(folder, variant='fp16').save_pretrained(folder)`.")
         if not any(f.endswith('.safetensors') for f in files):
             found = [f for f in files if f.endswith(('.bin', '.ckpt', '.pt', '.pth'))]
             raise ValueError(
-                f"GATEBackbone: '{sub}' has no .safetensors weights"
+                f"'{sub}' has no .safetensors weights"
                 + (f' (only {", ".join(sorted(found))})' if found else '')
                 + '. GATE loads safetensors only, because pickle files run code when '
                 'loaded. Convert once with diffusers/transformers: '
@@ -82,7 +101,8 @@ def _is_variant_weights(name: str) -> bool:
 
 def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
                           torch_dtype: Optional[torch.dtype] = None) -> StableDiffusionParts:
-    """Load VAE (decoder dropped), UNet, CLIP text encoder, tokenizer and noise schedule.
+    """Load VAE (decoder dropped), UNet, CLIP text encoder(s), tokenizer(s) and noise
+    schedule of an SD1.x, SD2.x or SDXL model.
 
     Every weight file must load completely (no key missing, left over or of another shape)
     and hold finite values; anything else is an error naming the file.
@@ -99,17 +119,23 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
     dtype = dict(torch_dtype=torch_dtype)
     vae = load_weights(AutoencoderKL, pretrained, 'vae', **dtype)
     unet = load_weights(UNet2DConditionModel, pretrained, 'unet', **dtype)
-    text_encoder = load_weights(CLIPTextModel, pretrained, 'text_encoder',
-                                dtype=torch_dtype or torch.float32)
+    names = ['text_encoder', 'text_encoder_2'] if is_sdxl_model(pretrained) \
+        else ['text_encoder']
+    text_encoders = [
+        load_weights(CLIPTextModelWithProjection if name.endswith('_2') else CLIPTextModel,
+                     pretrained, name, dtype=torch_dtype or torch.float32) for name in names]
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder='tokenizer')
-        # Only the forward-noising formula is needed; any SD scheduler config defines it.
+        tokenizers = [CLIPTokenizer.from_pretrained(pretrained,
+                                                    subfolder=name.replace('text_encoder',
+                                                                           'tokenizer'))
+                      for name in names]
+        # Only the noise schedule is needed; any SD scheduler config defines it.
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder='scheduler')
     except (OSError, ValueError) as err:
         raise _load_error(pretrained, 'tokenizer/ or scheduler/', err,
                           _GET_WEIGHTS_HINT) from err
     drop_vae_decoder(vae)
-    return StableDiffusionParts(vae, unet, text_encoder, tokenizer, scheduler, pretrained)
+    return StableDiffusionParts(vae, unet, text_encoders, tokenizers, scheduler, pretrained)
 
 
 def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,

@@ -27,7 +27,8 @@ BASE = '__base__'
 _PEFT_KEY_ENDINGS = ('.lora_A.weight', '.lora_B.weight', '.lora_B.bias',
                      '.lora_magnitude_vector')
 
-def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
+def read_lora_file(path: str, unet_config=None
+                   ) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
     """The UNet part of a LoRA safetensors file, every key in peft's format
     (``unet.<module>.lora_A/lora_B.weight``), with kohya alphas or diffusers' adapter metadata
     (rank, alpha, targets) where the file has them.
@@ -35,7 +36,8 @@ def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], 
     diffusers/peft files, kohya files (``lora_unet_*``, LoCon convolutions included) and files
     mixing diffusers' two key styles (``lora.down/up`` and ``lora_A/B``) are all normalised
     here: diffusers converts a dict only when its first key lacks ``lora_A``, so a mixed file
-    would otherwise silently lose its attention LoRA.
+    would otherwise silently lose its attention LoRA. ``unet_config`` lets diffusers convert
+    kohya files that use the original (SGM) block names, as SDXL ones do.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(_missing_lora_hint(path))
@@ -45,7 +47,8 @@ def read_lora_file(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], 
     try:
         state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
             osp.dirname(osp.abspath(path)), weight_name=osp.basename(path),
-            use_safetensors=True, local_files_only=True, return_lora_metadata=True)
+            use_safetensors=True, local_files_only=True, return_lora_metadata=True,
+            unet_config=unet_config)
     except Exception as err:  # SafetensorError, OSError, ValueError: add the file and fix
         raise ValueError(
             f"LoRA file '{path}' cannot be read ({type(err).__name__}: "
@@ -140,7 +143,7 @@ def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float])
     """Load each ``name -> path`` as an adapter, check that every tensor of the file reached
     its module, and set the adapters' scales."""
     for name, path in adapters.items():
-        state_dict, alphas, metadata = read_lora_file(path)
+        state_dict, alphas, metadata = read_lora_file(path, unet.config)
         check_lora_fits(unet, state_dict, path)
         try:
             unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
@@ -187,7 +190,7 @@ def adapters_per_sample(unet, names: Sequence[str]):
 
 
 def _missing_lora_hint(path: str) -> str:
-    return (f"GATEBackbone: LoRA file '{path}' does not exist. Train one for your dataset with "
+    return (f"LoRA file '{path}' does not exist. Train one for your dataset with "
             '`python tools/train_lora.py configs/lora/<dataset>.py` (it saves '
             'lora_step<N>.safetensors every K steps: use a moderate and a slightly overfit '
             'one), or use a config without LoRA variants (configs/gate_upernet_ade20k_prompt.py, '

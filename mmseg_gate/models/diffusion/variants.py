@@ -37,16 +37,16 @@ def parse_variants(variants: Optional[Sequence[dict]], default_prompt: str,
     for i, cfg in enumerate(variants):
         unknown = set(cfg) - {'prompt', 'controlnets', 'lora', 'lora_scale'}
         if unknown:
-            raise KeyError(f'GATEBackbone: variant {i} has unknown keys {sorted(unknown)}; '
+            raise KeyError(f'Variant {i} has unknown keys {sorted(unknown)}; '
                            'use prompt, controlnets, lora, lora_scale.')
         controlnets: Dict[str, float] = dict(cfg.get('controlnets') or {})
         for name in controlnets:
             if name not in controlnet_names:
-                raise KeyError(f"GATEBackbone: variant {i} uses ControlNet '{name}', which is "
+                raise KeyError(f"Variant {i} uses ControlNet '{name}', which is "
                                f'not in `controlnets` ({sorted(controlnet_names)}).')
         lora = cfg.get('lora')
         if lora is not None and lora not in lora_names:
-            raise KeyError(f"GATEBackbone: variant {i} uses LoRA '{lora}', which is not in "
+            raise KeyError(f"Variant {i} uses LoRA '{lora}', which is not in "
                            f'`loras` ({sorted(lora_names)}).')
         parsed.append(Variant(prompt=cfg.get('prompt') or default_prompt,
                               controlnets=tuple(sorted(controlnets.items())), lora=lora,

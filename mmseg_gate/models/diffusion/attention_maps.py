@@ -1,0 +1,111 @@
+"""Aggregated cross-attention maps: how much each prompt token attends to each pixel.
+
+The authors' code offers these as ``up_cross`` features: the cross-attention probabilities of
+the UNet's up blocks, averaged over heads, per prompt token, averaged over the attention layers
+of one resolution, resized to the latent's resolution (nearest) and concatenated over the
+resolutions used (by default those at image strides 32 and 16: 2 x 77 channels). Probabilities
+are not exposed by diffusers' fused attention, so the chosen layers get diffusers' classic
+``AttnProcessor`` (same maths, explicit softmax) and their ``get_attention_scores`` records
+its result.
+"""
+from contextlib import contextmanager
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+
+from .unet_taps import stage_names
+
+_PLACES = {'down': 'down_blocks', 'mid': 'mid_block', 'up': 'up_blocks'}
+
+
+def block_scale(unet, stage: str) -> int:
+    """How much smaller than the latent a stage's attention layers work: down block i at
+    2**i, the mid block at the lowest resolution, up block i mirrored."""
+    lowest = len(unet.down_blocks) - 1
+    if stage == 'mid_block':
+        return 2**lowest
+    kind, index = stage.split('.')
+    return 2**int(index) if kind == 'down_blocks' else 2**(lowest - int(index))
+
+
+class CrossAttentionMaps:
+    """Records the cross-attention maps of ``unet`` and aggregates them.
+
+    Args:
+        unet: the UNet whose ``attn2`` layers are read.
+        places: which parts of the UNet: any of 'down', 'mid', 'up'. Default: ('up', ).
+        strides: image strides of the layers used, one output group each, in this order.
+            Default: (32, 16), the authors' choice for 512-pixel SD1.5 inputs.
+        tokens: prompt tokens kept per group (the first chunk: 77). Default: 77.
+        vae_factor: the VAE's downsampling (8).
+    """
+
+    def __init__(self, unet, places: Sequence[str] = ('up', ),
+                 strides: Sequence[int] = (32, 16), tokens: int = 77, vae_factor: int = 8):
+        unknown = set(places) - set(_PLACES)
+        if unknown:
+            raise ValueError(f'attention_maps places {sorted(unknown)} are unknown; use any of '
+                             f'{sorted(_PLACES)}.')
+        self.strides, self.tokens, self.vae_factor = list(strides), tokens, vae_factor
+        prefixes = tuple(_PLACES[p] for p in places)
+        self.layers: Dict[str, int] = {}  # attn2 layer name -> image stride
+        for name, module in unet.named_modules():
+            if not name.endswith('.attn2') or not name.startswith(prefixes):
+                continue
+            stage = 'mid_block' if name.startswith('mid_block') else '.'.join(
+                name.split('.')[:2])
+            stride = block_scale(unet, stage) * vae_factor
+            if stride in self.strides:
+                self.layers[name] = stride
+        missing = [s for s in self.strides if s not in self.layers.values()]
+        if missing:
+            raise ValueError(f'attention_maps: no cross-attention layer in {list(places)} works '
+                             f'at image stride(s) {missing}; this UNet has them at '
+                             f'{sorted(set(block_scale(unet, s) * vae_factor for s in stage_names(unet)))}.')
+        self._records: List[Tuple[str, torch.Tensor]] = []
+        for name in self.layers:
+            self._install(name, unet.get_submodule(name))
+
+    @property
+    def channels(self) -> int:
+        return self.tokens * len(self.strides)
+
+    def _install(self, name: str, attention) -> None:
+        attention.set_processor(AttnProcessor())
+        scores = attention.get_attention_scores
+
+        def recording_scores(query, key, attention_mask=None):
+            probs = scores(query, key, attention_mask)
+            heads = attention.heads
+            self._records.append(
+                (name, probs.view(-1, heads, *probs.shape[1:]).mean(dim=1)))
+            return probs
+
+        attention.get_attention_scores = recording_scores
+
+    @contextmanager
+    def recording(self):
+        self._records.clear()
+        try:
+            yield
+        finally:
+            self._records.clear()
+
+    def aggregate(self, latent_hw: Tuple[int, int]) -> torch.Tensor:
+        """(N, tokens * len(strides), h, w) at the latent's resolution, from the maps
+        recorded in the current :meth:`recording` block."""
+        groups: Dict[int, List[torch.Tensor]] = {s: [] for s in self.strides}
+        height, width = latent_hw
+        for name, probs in self._records:
+            scale = self.layers[name] // self.vae_factor
+            if probs.shape[-1] < self.tokens:
+                raise ValueError(f'attention_maps keeps {self.tokens} tokens but the prompt '
+                                 f'has {probs.shape[-1]}.')
+            maps = probs[..., :self.tokens].transpose(1, 2).reshape(
+                probs.shape[0], self.tokens, height // scale, width // scale)
+            groups[self.layers[name]].append(maps)
+        return torch.cat([F.interpolate(torch.stack(groups[s]).mean(dim=0), size=latent_hw,
+                                        mode='nearest') for s in self.strides], dim=1)
+

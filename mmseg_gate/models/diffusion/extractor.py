@@ -1,0 +1,425 @@
+"""GATE's frozen half as one reusable piece: guided Stable Diffusion features of images.
+
+Every GATE task (segmentation, label-scarce segmentation, correspondence, the content-shift
+guideline) needs the same thing: for each guided *variant* of an image (a prompt, optional
+ControlNets, an optional LoRA), the activations of chosen UNet modules at a chosen noise level.
+:class:`GATEFeatureExtractor` computes them, usable without MMSeg::
+
+    from mmseg_gate import GATEFeatureExtractor
+    extractor = GATEFeatureExtractor(sd_model='checkpoints/sd15', prompt='a photo of a horse')
+    feats = extractor(images)            # images: (N, 3, H, W) in [-1, 1], any size
+    feats[0]['up_blocks.1.upsamplers.0']  # variant 0: (N, 1280, ceil(H / 16), ceil(W / 16))
+
+Work is shared across variants: one VAE encode and one noise sample per image, prompt
+embeddings encoded once at build time (then the text encoders are dropped), one condition and
+one ControlNet pass per (ControlNet, prompt, latent) whatever the number of variants using it,
+variants run as one UNet batch with a LoRA adapter chosen per sample (or on fused UNet copies,
+``lora_mode='fused'``), and each feature pass stops after the last tapped block.
+
+The extractor is deliberately not an ``nn.Module``: a model that owns one (``GATEBackbone``)
+keeps the frozen weights out of its checkpoints, optimizer, DDP and ``init_weights``, and
+``deepcopy`` (EMA) shares them instead of copying.
+"""
+import copy
+import math
+import numbers
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from .attention_maps import CrossAttentionMaps
+from .conditions import ConditionDetector
+from .controlnets import load_controlnet
+from .latents import add_noise, encode_latents
+from .loading import DEFAULT_MODEL, load_stable_diffusion
+from .lora import BASE, adapters_per_sample, load_lora_adapters
+from .prompts import PromptEmbedding, encode_prompt
+from .unet_taps import UNetTaps
+from .variants import Variant, parse_variants
+
+# The paper's segmentation features: the upsampler outputs of up blocks 0, 1 and 2
+# (SD1.5 at 512x512: 1280 ch @ 1/32, 1280 ch @ 1/16, 640 ch @ 1/8).
+DEFAULT_TAPS = ('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                'up_blocks.2.upsamplers.0')
+# The name of the aggregated cross-attention maps among a variant's features.
+ATTENTION_MAPS = 'cross_attention_maps'
+_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+_LORA_MODES = ('adapters', 'fused')
+Features = Dict[str, torch.Tensor]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on accelerators and float32 on the CPU (CPU half is slow)."""
+    if name == 'auto':
+        return torch.float32 if device.type == 'cpu' else torch.float16
+    if name not in _DTYPES:
+        raise ValueError(f"frozen_dtype must be 'auto' or one of {sorted(_DTYPES)}, got "
+                         f'{name!r}.')
+    return _DTYPES[name]
+
+
+def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
+    """The dataset's class names as prompt text ('ade20k' and the like: MMSeg's lists)."""
+    if class_names is None:
+        raise ValueError("append_class_names=True needs `class_names` (a list, or a dataset "
+                         "name such as 'ade20k' or 'cityscapes').")
+    if isinstance(class_names, str):
+        from mmseg.utils import get_classes
+        return ', '.join(get_classes(class_names))
+    return ', '.join(class_names)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right by edge replication (no artificial borders in the features)."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
+
+
+class GATEFeatureExtractor:
+    """Guided diffusion features per variant, for images in [-1, 1].
+
+    Args:
+        sd_model (str): a local diffusers-format Stable Diffusion folder (SD1.x, SD2.x or
+            SDXL) or a hub id. Default: ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+        prompt (str): text the UNet is conditioned on (any length); the default of every
+            variant. Default: ''.
+        class_names (str | Sequence[str], optional): the dataset's classes, or a dataset name
+            known to ``mmseg.utils.get_classes`` ('ade20k', 'cityscapes', ...).
+        append_class_names (bool): append the class names to every prompt (the paper's
+            fine-grained prompts). Default: False.
+        variants (Sequence[dict], optional): GATE's guided variants, each
+            ``dict(prompt=None, controlnets=dict(name=scale), lora=None, lora_scale=1.0)``.
+            Default: one prompt-only variant.
+        controlnets (dict, optional): name -> ``dict(model=folder or hub id,
+            condition=dict(type='canny', low_threshold=100, high_threshold=200))``.
+        loras (dict, optional): name -> LoRA safetensors file (diffusers/peft or kohya).
+        taps (Sequence[str]): UNet submodule names to read: block outputs, or modules with
+            token outputs (``...attn1``, ``...attn2.to_q``, ``...ff``), which come back as maps.
+            Default: the upsamplers of up blocks 0, 1, 2.
+        timestep (int): noise level of the features, of 1000. Default: 50.
+        denoising_from (int, optional): start from noise at this higher timestep and denoise
+            to ``timestep`` (DDIM, one step per timestep, each variant with its own guidance)
+            before reading the features: the authors' label-scarce and correspondence recipe
+            (60). Default: None (noise added at ``timestep`` directly).
+        attention_maps (dict, optional): also return the aggregated cross-attention maps as
+            feature ``'cross_attention_maps'``: ``dict(places=('up', ), strides=(32, 16),
+            tokens=77)`` (see :class:`CrossAttentionMaps`). Default: None.
+        frozen_dtype (str): 'auto' (float16 on accelerators, float32 on the CPU), 'float32',
+            'float16' or 'bfloat16'. Default: 'auto'.
+        batch_variants (bool): run the variants of an image as one UNet batch or one after
+            another (less memory, same features). Default: True.
+        lora_mode (str): 'adapters' (LoRAs as adapters on one UNet: least memory, LoRA layers
+            computed in every pass) or 'fused' (one UNet copy per LoRA with the LoRA merged: no
+            LoRA compute, one UNet of memory per LoRA). Default: 'adapters'.
+        noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
+    """
+
+    def __init__(self,
+                 sd_model: str = DEFAULT_MODEL,
+                 prompt: str = '',
+                 class_names: Union[str, Sequence[str], None] = None,
+                 append_class_names: bool = False,
+                 variants: Optional[Sequence[dict]] = None,
+                 controlnets: Optional[Dict[str, dict]] = None,
+                 loras: Optional[Dict[str, str]] = None,
+                 taps: Sequence[str] = DEFAULT_TAPS,
+                 timestep: int = 50,
+                 denoising_from: Optional[int] = None,
+                 attention_maps: Optional[dict] = None,
+                 frozen_dtype: str = 'auto',
+                 batch_variants: bool = True,
+                 lora_mode: str = 'adapters',
+                 noise_seed: int = 0):
+        controlnets, loras = dict(controlnets or {}), dict(loras or {})
+        self.variants: List[Variant] = parse_variants(variants, prompt, list(controlnets),
+                                                      list(loras))
+        if append_class_names:
+            names = class_names_text(class_names)
+            self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
+                             for v in self.variants]
+        resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
+        if lora_mode not in _LORA_MODES:
+            raise ValueError(f'lora_mode must be one of {_LORA_MODES}, got {lora_mode!r}.')
+        parts = load_stable_diffusion(sd_model)
+        self.timestep, self.denoising_from = _check_timesteps(
+            timestep, denoising_from, parts.scheduler.config.num_train_timesteps)
+        self.source, self.is_sdxl = sd_model, parts.is_sdxl
+        self.vae, self.scheduler = parts.vae, parts.scheduler
+        self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
+                            for name, cfg in controlnets.items()}
+        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
+                          for name, cfg in controlnets.items()}
+        self.prompt_embeds: Dict[str, PromptEmbedding] = {
+            p: encode_prompt(parts.text_encoders, parts.tokenizers, p)
+            for p in dict.fromkeys(v.prompt for v in self.variants)}
+        self.lora_mode = lora_mode
+        self.unets = self._prepare_unets(parts.unet, loras)
+        for module in self._modules():
+            module.requires_grad_(False).eval()
+        self.attention = {key: CrossAttentionMaps(unet, **attention_maps)
+                          for key, unet in self.unets.items()} if attention_maps else {}
+        also_run = list(next(iter(self.attention.values())).layers) if self.attention else []
+        self.taps = {key: UNetTaps(unet, taps, also_run) for key, unet in self.unets.items()}
+        self.tap_names = list(taps)
+        vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
+        self.size_multiple = vae_factor * 2**parts.unet.num_upsamplers
+        self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
+                                                                 noise_seed)
+        self.device, self.dtype = torch.device('cpu'), self.vae.dtype
+        self.counts: Counter = Counter()
+        self.feature_info = self._probe()
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> 'GATEFeatureExtractor':
+        """Build from a config dict of the constructor's arguments (e.g. a backbone's)."""
+        return cls(**cfg)
+
+    def __deepcopy__(self, memo):
+        return self  # frozen weights are shared, never copied
+
+    def __repr__(self) -> str:
+        return (f'GATEFeatureExtractor({self.source!r}, {len(self.variants)} variant(s), '
+                f'features {[(f["name"], f["channels"], f["stride"]) for f in self.feature_info]})')
+
+    @property
+    def unet(self):
+        """The base UNet (with the LoRA adapters in 'adapters' mode)."""
+        return self.unets[None]
+
+    @property
+    def stages_run(self) -> List[str]:
+        return self.taps[None].stages_run
+
+    def _prepare_unets(self, unet, loras: Dict[str, str]) -> dict:
+        """{None: the base UNet} plus, in 'fused' mode, {adapter: UNet copy with it merged}."""
+        wanted = {v.adapter: (loras[v.lora], v.lora_scale) for v in self.variants
+                  if v.lora is not None}
+        if self.lora_mode == 'adapters':
+            load_lora_adapters(unet, {a: p for a, (p, _) in wanted.items()},
+                               {a: s for a, (_, s) in wanted.items()})
+            return {None: unet}
+        unets = {None: unet}
+        for adapter, (path, scale) in wanted.items():
+            fused = copy.deepcopy(unet)
+            load_lora_adapters(fused, {adapter: path}, {adapter: scale})
+            fused.fuse_lora(adapter_names=[adapter])
+            fused.unload_lora()
+            unets[adapter] = fused
+        return unets
+
+    def _modules(self):
+        return [self.vae, *self.unets.values(), *self.controlnets.values()]
+
+    def to(self, device: Union[str, torch.device]) -> 'GATEFeatureExtractor':
+        """Move to ``device`` in the dtype chosen for it; a no-op when already there."""
+        device = torch.device(device)
+        dtype = resolve_dtype(self.dtype_name, device)
+        if (device, dtype) != (self.device, self.dtype):
+            for module in self._modules():
+                module.to(device=device, dtype=dtype)
+            self.prompt_embeds = {p: e.to(device=device, dtype=dtype)
+                                  for p, e in self.prompt_embeds.items()}
+            self.device, self.dtype = device, dtype
+        return self
+
+    # -- extraction ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> List[Features]:
+        """Features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any size: a dict
+        tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
+                             f'{tuple(images.shape)}.')
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.noise_seed)
+        height, width = images.shape[-2:]
+        feats = self.extract_padded(pad_to_multiple(images.float(), self.size_multiple),
+                                    generator)
+        strides = {f['name']: f['stride'] for f in self.feature_info}
+        return [{name: f[..., :math.ceil(height / strides[name]),
+                         :math.ceil(width / strides[name])] for name, f in variant.items()}
+                for variant in feats]
+
+    @torch.no_grad()
+    def extract_padded(self, pixels: torch.Tensor,
+                       generator: Optional[torch.Generator]) -> List[Features]:
+        """Features per variant for images in [-1, 1] whose sides are multiples of
+        ``size_multiple``."""
+        self.to(pixels.device)
+        self.counts['vae_encodes'] += pixels.shape[0]
+        latents = encode_latents(self.vae, pixels)
+        used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
+        conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
+        time_ids = self._time_ids(pixels)
+        start = self.timestep if self.denoising_from is None else self.denoising_from
+        noisy = add_noise(self.scheduler, latents, start, generator)
+        per_variant = [noisy] * len(self.variants)  # one tensor: its ControlNet pass is shared
+        if self.denoising_from is not None:
+            per_variant = self._denoise(per_variant, conditions, time_ids)
+        return self._features(per_variant, conditions, time_ids)
+
+    def _groups(self) -> List[Tuple[Optional[str], List[int]]]:
+        """Variants that run as one UNet batch: same UNet, same prompt length."""
+        groups = defaultdict(list)
+        for i, variant in enumerate(self.variants):
+            unet_key = variant.adapter if self.lora_mode == 'fused' else None
+            key = (unet_key, self.prompt_embeds[variant.prompt].hidden.shape[1])
+            groups[key + (() if self.batch_variants else (i, ))].append(i)
+        return [(key[0], indices) for key, indices in groups.items()]
+
+    def _inputs(self, indices: List[int], latents: List[torch.Tensor], timestep: int,
+                conditions: dict, time_ids: Optional[torch.Tensor], cache: dict):
+        """UNet batch inputs for ``indices``: sample, context, ControlNet residuals, SDXL's
+        added conditions."""
+        num = latents[0].shape[0]
+        embeds = [self.prompt_embeds[self.variants[i].prompt] for i in indices]
+        sample = torch.cat([latents[i] for i in indices])
+        context = torch.cat([e.hidden.expand(num, -1, -1) for e in embeds])
+        added = None
+        if self.is_sdxl:
+            added = dict(text_embeds=torch.cat([e.pooled.expand(num, -1) for e in embeds]),
+                         time_ids=time_ids.repeat(len(indices), 1))
+        down, mid = self._residuals(indices, latents, timestep, conditions, time_ids, cache)
+        return sample, context, down, mid, added
+
+    def _residuals(self, indices, latents, timestep, conditions, time_ids, cache):
+        """Each variant's scaled sum of ControlNet residuals (zeros for none), concatenated;
+        each (ControlNet, prompt, latent) is run once and shared by the variants using it."""
+        if not any(self.variants[i].controlnets for i in indices):
+            return None, None
+        sums = []
+        for i in indices:
+            variant, down, mid = self.variants[i], None, None
+            for name, scale in variant.controlnets:
+                key = (name, variant.prompt, id(latents[i]), timestep)
+                if key not in cache:
+                    cache[key] = self._controlnet(name, variant.prompt, latents[i], timestep,
+                                                  conditions[name], time_ids)
+                res_down, res_mid = cache[key]
+                down = [scale * r for r in res_down] if down is None else \
+                    [d + scale * r for d, r in zip(down, res_down)]
+                mid = scale * res_mid if mid is None else mid + scale * res_mid
+            sums.append((down, mid))
+        like = next(s for s in sums if s[0] is not None)
+        sums = [s if s[0] is not None else
+                ([torch.zeros_like(r) for r in like[0]], torch.zeros_like(like[1]))
+                for s in sums]
+        return ([torch.cat(level) for level in zip(*(s[0] for s in sums))],
+                torch.cat([s[1] for s in sums]))
+
+    def _controlnet(self, name, prompt, latents, timestep, condition, time_ids):
+        self.counts['controlnet_passes'] += latents.shape[0]
+        embed, num = self.prompt_embeds[prompt], latents.shape[0]
+        kwargs = {}
+        if self.is_sdxl:
+            kwargs['added_cond_kwargs'] = dict(text_embeds=embed.pooled.expand(num, -1),
+                                               time_ids=time_ids)
+        down, mid = self.controlnets[name](latents, timestep, embed.hidden.expand(num, -1, -1),
+                                           controlnet_cond=condition, conditioning_scale=1.0,
+                                           return_dict=False, **kwargs)
+        return list(down), mid
+
+    def _adapters(self, unet_key: Optional[str], indices: List[int], num: int):
+        """Per-sample LoRA adapters for a batch (adapters mode with any LoRA)."""
+        if self.lora_mode != 'adapters' or not any(v.lora for v in self.variants):
+            return nullcontext()
+        names = [self.variants[i].adapter or BASE for i in indices for _ in range(num)]
+        return adapters_per_sample(self.unets[unet_key], names)
+
+    def _features(self, latents: List[torch.Tensor], conditions: dict,
+                  time_ids: Optional[torch.Tensor]) -> List[Features]:
+        """One truncated, guided UNet pass per group at ``timestep``: the features."""
+        feats: List[Optional[Features]] = [None] * len(self.variants)
+        num, cache = latents[0].shape[0], {}
+        for unet_key, indices in self._groups():
+            sample, context, down, mid, added = self._inputs(indices, latents, self.timestep,
+                                                             conditions, time_ids, cache)
+            self.counts['unet_passes'] += num * len(indices)
+            attention = self.attention.get(unet_key)
+            with self._adapters(unet_key, indices, num), \
+                    (attention.recording() if attention else nullcontext()):
+                out = self.taps[unet_key](sample, self.timestep, context, down, mid, added)
+                if attention:
+                    out[ATTENTION_MAPS] = attention.aggregate(tuple(sample.shape[-2:]))
+            for j, i in enumerate(indices):
+                feats[i] = {name: f[j * num:(j + 1) * num] for name, f in out.items()}
+        return feats
+
+    def _denoise(self, latents: List[torch.Tensor], conditions: dict,
+                 time_ids: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """DDIM from ``denoising_from`` down to ``timestep``, one step per timestep, each
+        variant with its own prompt, ControlNets and LoRA (full UNet passes)."""
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+        num = latents[0].shape[0]
+        for timestep in range(self.denoising_from, self.timestep, -1):
+            stepped, cache = list(latents), {}
+            for unet_key, indices in self._groups():
+                sample, context, down, mid, added = self._inputs(indices, latents, timestep,
+                                                                 conditions, time_ids, cache)
+                self.counts['denoising_passes'] += num * len(indices)
+                with self._adapters(unet_key, indices, num):
+                    pred = self.unets[unet_key](
+                        sample, timestep, context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, added_cond_kwargs=added).sample
+                for j, i in enumerate(indices):
+                    stepped[i] = scheduler.step(pred[j * num:(j + 1) * num], timestep,
+                                                latents[i]).prev_sample.to(self.dtype)
+            latents = stepped
+        return latents
+
+    def _time_ids(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
+        """SDXL's size conditioning: original and target size = the input's, no crop."""
+        if not self.is_sdxl:
+            return None
+        height, width = pixels.shape[-2:]
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype,
+                           device=pixels.device)
+        return ids.expand(pixels.shape[0], -1)
+
+    @torch.no_grad()
+    def _probe(self) -> List[dict]:
+        """name, channels and stride of each feature, from one small pass."""
+        size = self.size_multiple
+        vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
+        latent = torch.zeros(1, self.unet.config.in_channels, size // vae_factor,
+                             size // vae_factor, device=self.device, dtype=self.dtype)
+        variant = self.variants[0]
+        unet_key = variant.adapter if self.lora_mode == 'fused' else None
+        embed = self.prompt_embeds[variant.prompt]
+        added = None
+        if self.is_sdxl:
+            added = dict(text_embeds=embed.pooled, time_ids=self._time_ids(
+                torch.zeros(1, 3, size, size, device=self.device)))
+        attention = self.attention.get(unet_key)
+        with self._adapters(unet_key, [0], 1), \
+                (attention.recording() if attention else nullcontext()):
+            out = self.taps[unet_key](latent, self.timestep, embed.hidden, added_cond_kwargs=added)
+            if attention:
+                out[ATTENTION_MAPS] = attention.aggregate(tuple(latent.shape[-2:]))
+        return [dict(name=name, channels=f.shape[1], stride=size // f.shape[-1])
+                for name, f in out.items()]
+
+
+def _check_timesteps(timestep, denoising_from, num_steps: int) -> Tuple[int, Optional[int]]:
+    for name, value in (('timestep', timestep), ('denoising_from', denoising_from)):
+        if value is None and name == 'denoising_from':
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f'{name} must be an integer in [0, {num_steps}) (a step of the '
+                             f'noise schedule), got {value!r}.')
+        if not 0 <= value < num_steps:
+            raise ValueError(f'{name} must be in [0, {num_steps}), got {value}.')
+    if denoising_from is not None and denoising_from <= timestep:
+        raise ValueError(f'denoising_from ({denoising_from}) must be above timestep '
+                         f'({timestep}): it is where denoising starts.')
+    return int(timestep), None if denoising_from is None else int(denoising_from)

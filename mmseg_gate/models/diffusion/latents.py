@@ -1,0 +1,23 @@
+"""Image -> scaled VAE latent -> noised latent: the two formulas every GATE path uses."""
+from typing import Optional
+
+import torch
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's mode for images in [-1, 1], shifted and scaled as the UNet expects
+    (``(z - shift_factor) * scaling_factor``; SD's shift is 0, SD3/FLUX VAEs have one)."""
+    latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, 'shift_factor', None) or 0.0
+    return (latent - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def add_noise(scheduler, latents: torch.Tensor, timestep: int,
+              generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Forward diffusion of ``latents`` to ``timestep``. The noise is drawn on the CPU in
+    float32, so one seed gives the same noise on every device and dtype."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    timesteps = torch.full((latents.shape[0], ), timestep, dtype=torch.long)
+    return scheduler.add_noise(latents, noise.to(latents), timesteps.to(latents.device))

@@ -1,0 +1,126 @@
+"""The straightforward way to compute GATE's features, as the authors' code runs them.
+
+Every variant is a full model copy -- its LoRA merged into its own UNet, its own ControlNets --
+and runs on its own: its own VAE encode, its own ControlNet passes, the whole UNet up to
+``conv_out`` with hooks on the taps. ``tools/benchmark.py --naive`` measures it against
+``GATEFeatureExtractor``, and a test checks that the shared computation changes nothing. It
+takes the extractor's constructor arguments and builds everything itself; it shares only the
+formulas (latent encoding, noise, prompt encoding, conditions).
+"""
+import math
+from collections import Counter
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ..models.diffusion.conditions import ConditionDetector
+from ..models.diffusion.controlnets import load_controlnet
+from ..models.diffusion.extractor import (DEFAULT_TAPS, class_names_text, pad_to_multiple,
+                                          resolve_dtype)
+from ..models.diffusion.latents import add_noise, encode_latents
+from ..models.diffusion.loading import load_stable_diffusion
+from ..models.diffusion.lora import load_lora_adapters
+from ..models.diffusion.prompts import encode_prompt
+from ..models.diffusion.unet_taps import as_spatial, first_tensor
+from ..models.diffusion.variants import parse_variants
+
+
+class NaiveGATE:
+    """GATE's features the authors' way; the SD1.x/SD2.x segmentation recipe (taps,
+    prompts, ControlNets, LoRAs; no guided denoising, attention maps or SDXL).
+
+    Args:
+        device: where the copies run.
+        **extractor_kwargs: ``GATEFeatureExtractor``'s arguments (``sd_model``, ``prompt``,
+            ``class_names``, ``append_class_names``, ``variants``, ``controlnets``, ``loras``,
+            ``taps``, ``timestep``, ``frozen_dtype``; others are ignored if they do not change
+            the features).
+    """
+
+    def __init__(self, device: torch.device, sd_model: str, prompt: str = '',
+                 class_names=None, append_class_names: bool = False, variants=None,
+                 controlnets: Optional[dict] = None, loras: Optional[dict] = None,
+                 taps=DEFAULT_TAPS, timestep: int = 50, frozen_dtype: str = 'auto',
+                 denoising_from=None, attention_maps=None, **_ignored):
+        if denoising_from is not None or attention_maps:
+            raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
+                             'denoising_from, no attention_maps).')
+        controlnets, loras = dict(controlnets or {}), dict(loras or {})
+        self.variants = parse_variants(variants, prompt, list(controlnets), list(loras))
+        if append_class_names:
+            names = class_names_text(class_names)
+            self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
+                             for v in self.variants]
+        self.dtype = dtype = resolve_dtype(frozen_dtype, device)
+        parts = load_stable_diffusion(sd_model)
+        if parts.is_sdxl:
+            raise ValueError('NaiveGATE covers SD1.x/SD2.x.')
+        self.prompt_embeds = {v.prompt: encode_prompt(parts.text_encoders, parts.tokenizers,
+                                                      v.prompt).to(device, dtype)
+                              for v in self.variants}
+        self.scheduler, self.taps, self.timestep = parts.scheduler, list(taps), timestep
+        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
+                          for name, cfg in controlnets.items()}
+        self.size_multiple = 2**(len(parts.vae.config.block_out_channels) - 1) * \
+            2**parts.unet.num_upsamplers
+        del parts
+        self.copies = []
+        for variant in self.variants:
+            vae = AutoencoderKL.from_pretrained(sd_model, subfolder='vae', use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder='unet',
+                                                        use_safetensors=True)
+            if variant.lora is not None:
+                load_lora_adapters(unet, {variant.adapter: loras[variant.lora]},
+                                   {variant.adapter: variant.lora_scale})
+                unet.fuse_lora(adapter_names=[variant.adapter])
+                unet.unload_lora()
+            nets = {name: load_controlnet(controlnets[name]['model'], unet).to(device, dtype)
+                    for name, _ in variant.controlnets}
+            self.copies.append((vae.to(device, dtype).eval(), unet.to(device, dtype).eval(),
+                                nets))
+        self.counts: Counter = Counter()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor,
+                 generator_seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+        """Features per variant (tap -> map) for images in [-1, 1]; the noise of each
+        variant's copy is drawn from ``generator_seed``, as the extractor draws it once."""
+        height, width = images.shape[-2:]
+        pixels = pad_to_multiple(images.float(), self.size_multiple).to(self.dtype)
+        feats = [self._variant(v, *copy, pixels, generator_seed)
+                 for v, copy in zip(self.variants, self.copies)]
+        strides = {tap: pixels.shape[-1] // f.shape[-1] for tap, f in feats[0].items()}
+        self.feature_info = [dict(name=tap, channels=f.shape[1], stride=strides[tap])
+                             for tap, f in feats[0].items()]
+        return [{tap: f[..., :math.ceil(height / strides[tap]), :math.ceil(width / strides[tap])]
+                 for tap, f in variant.items()} for variant in feats]
+
+    def _variant(self, variant, vae, unet, controlnets, pixels, seed):
+        self.counts['vae_encodes'] += len(pixels)
+        noisy = add_noise(self.scheduler, encode_latents(vae, pixels), self.timestep,
+                          torch.Generator().manual_seed(seed))
+        context = self.prompt_embeds[variant.prompt].hidden.expand(len(noisy), -1, -1)
+        down = mid = None
+        for name, scale in variant.controlnets:
+            self.counts['controlnet_passes'] += len(pixels)
+            condition = self.detectors[name](pixels).to(self.dtype)
+            d, m = controlnets[name](noisy, self.timestep, context, controlnet_cond=condition,
+                                     conditioning_scale=scale, return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        captured, modules = {}, dict(unet.named_modules())
+        handles = [modules[tap].register_forward_hook(
+            lambda _m, _i, out, tap=tap: captured.__setitem__(
+                tap, as_spatial(first_tensor(out), tuple(noisy.shape[-2:]), tap)))
+            for tap in self.taps]
+        self.counts['unet_passes'] += len(pixels)
+        try:
+            unet(noisy, self.timestep, context, down_block_additional_residuals=down,
+                 mid_block_additional_residual=mid)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {tap: captured[tap] for tap in self.taps}
+
