@@ -96,3 +96,30 @@ def make_demo_cfg(tiny, demo_root):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope='session')
+def tiny_sd21(tmp_path_factory) -> str:
+    """SD2.x's layout: OpenCLIP-style encoder, linear projections, v-prediction."""
+    return save_random_stable_diffusion(str(tmp_path_factory.mktemp('tiny-sd21')), 'tiny-sd21')
+
+
+@pytest.fixture(scope='session')
+def tiny_sdxl(tmp_path_factory) -> str:
+    """SDXL's layout: two text encoders, added text/time embedding, three levels."""
+    return save_random_stable_diffusion(str(tmp_path_factory.mktemp('tiny-sdxl')), 'tiny-sdxl')
+
+
+@pytest.fixture(scope='session')
+def sdxl_guidance(tiny_sdxl, tmp_path_factory) -> dict:
+    """A ControlNet and a LoRA (the LoRA recipe's targets) for the tiny SDXL."""
+    from mmseg_gate.testing.architectures import save_random_controlnet, save_random_lora
+    folder = tmp_path_factory.mktemp('sdxl-guidance')
+    return dict(controlnet=save_random_controlnet(str(folder / 'cn'), tiny_sdxl),
+                lora=save_random_lora(str(folder / 'lora.safetensors'), tiny_sdxl,
+                                      targets=lora_recipe_targets()))
+
+
+def lora_recipe_targets() -> list:
+    """The LoRA recipe's target modules (configs/lora/_base_.py: LoCon, 12 module types)."""
+    return list(Config.fromfile(osp.join(ROOT, 'configs', 'lora', '_base_.py')).target_modules)

@@ -19,15 +19,26 @@ def test_configs_found():
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
-def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras):
+def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, tiny_sdxl,
+                       sdxl_guidance):
     cfg = Config.fromfile(path)
     assert cfg.model.backbone.type == 'GATEBackbone'
+    assert cfg.runner_type == 'GATERunner'
     assert cfg.model.data_preprocessor.seg_pad_val == 255
     assert cfg.model.data_preprocessor.mean == [127.5] * 3  # inputs in [-1, 1]
     assert cfg.model.backbone.input_mean == cfg.model.data_preprocessor.mean
-    use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras)
+    if path.endswith('_sdxl.py'):
+        use_tiny_models(cfg, tiny_sdxl, sdxl_guidance['controlnet'],
+                        dict(a=sdxl_guidance['lora'], b=sdxl_guidance['lora']))
+    elif path.endswith('_sd21.py'):  # no tiny SD2.1 ControlNet/LoRA: its prompt variant
+        cfg.model.backbone.update(variants=None, controlnets=None, loras=None)
+        use_tiny_models(cfg, tiny_sd21, None, None)
+    else:
+        use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras)
     model = MODELS.build(cfg.model)
     assert type(model).__name__ == 'EncoderDecoder'
+    assert model.backbone.out_strides == [8, 16, 32]
+    assert model.backbone.out_channels == [64, 64, 64]  # SD1.5/2.1/SDXL: 640, 1280, 1280
     if 'demo' in path:
         model.eval()
         logits = model(torch.randn(1, 3, 64, 96), mode='tensor')

@@ -42,8 +42,7 @@ from mmseg.registry import MODELS
 from mmseg_gate import GATEFeatureExtractor
 from mmseg_gate.models.amalgamation import GATEFusion
 from mmseg_gate.models.diffusion.latents import encode_latents
-from mmseg_gate.testing.architectures import (save_random_controlnet, save_random_lora,
-                                              save_random_stable_diffusion)
+from mmseg_gate.testing.architectures import write_random_models
 from mmseg_gate.testing.naive import NaiveGATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,20 +206,6 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
     return measure(lambda: fusion(naive(images)), naive.counts, device, iters, batch)
 
 
-def write_random_models(cfg: Config, folder: str, arch: str, lora_rank: int,
-                        lora_targets) -> None:
-    """Random weights of ``arch`` for the config's SD model, ControlNets and LoRAs."""
-    backbone = cfg.model.backbone
-    backbone.sd_model = save_random_stable_diffusion(os.path.join(folder, arch), arch)
-    for name, controlnet in (backbone.get('controlnets') or {}).items():
-        controlnet.model = save_random_controlnet(os.path.join(folder, f'controlnet-{name}'),
-                                                  backbone.sd_model)
-    for i, name in enumerate(backbone.get('loras') or {}):
-        backbone.loras[name] = save_random_lora(
-            os.path.join(folder, f'lora-{name}.safetensors'), backbone.sd_model, lora_rank,
-            seed=i, targets=lora_targets)
-
-
 def run_mode(config_path: str, mode: str, args) -> dict:
     """One mode in its own process, so each one's peak memory is its own."""
     command = [sys.executable, __file__, config_path, '--mode', mode, '--shape',
@@ -248,7 +233,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix='gate-bench-') as tmp:
         if args.random_init:
             targets = Config.fromfile(args.lora_config).target_modules
-            write_random_models(cfg, tmp, args.arch, args.lora_rank, targets)
+            write_random_models(cfg.model.backbone, tmp, args.arch, args.lora_rank, targets)
         resolved = os.path.join(tmp, 'config.py')
         cfg.dump(resolved)
         result = run_mode(resolved, 'efficient', args)

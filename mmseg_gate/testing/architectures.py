@@ -204,3 +204,17 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=False,
                                 target_modules=list(targets or LORA_TARGETS)))
     return save_lora_file(unet, path)
+
+
+def write_random_models(backbone_cfg, folder: str, arch: str, lora_rank: int = 4,
+                        lora_targets: Optional[Sequence[str]] = None) -> None:
+    """Random weights of ``arch`` for a backbone config's SD model, ControlNets and LoRAs,
+    written under ``folder``; the config is pointed at them."""
+    backbone_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
+    for name, controlnet in (backbone_cfg.get('controlnets') or {}).items():
+        controlnet.model = save_random_controlnet(osp.join(folder, f'controlnet-{name}'),
+                                                  backbone_cfg.sd_model)
+    for i, name in enumerate(backbone_cfg.get('loras') or {}):
+        backbone_cfg.loras[name] = save_random_lora(
+            osp.join(folder, f'lora-{name}.safetensors'), backbone_cfg.sd_model, lora_rank,
+            seed=i, targets=lora_targets)

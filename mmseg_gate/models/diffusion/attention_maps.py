@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
-from .unet_taps import stage_names
+from .unet_taps import stage_of
 
 _PLACES = {'down': 'down_blocks', 'mid': 'mid_block', 'up': 'up_blocks'}
 
@@ -50,20 +50,16 @@ class CrossAttentionMaps:
                              f'{sorted(_PLACES)}.')
         self.strides, self.tokens, self.vae_factor = list(strides), tokens, vae_factor
         prefixes = tuple(_PLACES[p] for p in places)
-        self.layers: Dict[str, int] = {}  # attn2 layer name -> image stride
-        for name, module in unet.named_modules():
-            if not name.endswith('.attn2') or not name.startswith(prefixes):
-                continue
-            stage = 'mid_block' if name.startswith('mid_block') else '.'.join(
-                name.split('.')[:2])
-            stride = block_scale(unet, stage) * vae_factor
-            if stride in self.strides:
-                self.layers[name] = stride
+        available: Dict[str, int] = {}  # attn2 layer name -> image stride
+        for name, _ in unet.named_modules():
+            if name.endswith('.attn2') and name.startswith(prefixes):
+                available[name] = block_scale(unet, stage_of(name)) * vae_factor
+        self.layers = {n: s for n, s in available.items() if s in self.strides}
         missing = [s for s in self.strides if s not in self.layers.values()]
         if missing:
             raise ValueError(f'attention_maps: no cross-attention layer in {list(places)} works '
-                             f'at image stride(s) {missing}; this UNet has them at '
-                             f'{sorted(set(block_scale(unet, s) * vae_factor for s in stage_names(unet)))}.')
+                             f'at image stride(s) {missing}; there they work at '
+                             f'{sorted(set(available.values()))}.')
         self._records: List[Tuple[str, torch.Tensor]] = []
         for name in self.layers:
             self._install(name, unet.get_submodule(name))

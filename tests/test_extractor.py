@@ -1,0 +1,192 @@
+"""GATEFeatureExtractor: the frozen half on its own, for every GATE task."""
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+
+from mmseg.registry import RUNNERS
+from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate.models.diffusion import ATTENTION_MAPS, DEFAULT_TAPS
+from mmseg_gate.models.diffusion.conditions import ConditionDetector
+from mmseg_gate.models.diffusion.unet_taps import first_tensor
+
+BLOCK = 'up_blocks.2.attentions.0'
+TOKEN_TAPS = [f'{BLOCK}.transformer_blocks.0.attn1', f'{BLOCK}.transformer_blocks.0.attn2.to_q',
+              f'{BLOCK}.transformer_blocks.0.ff']
+
+
+def images(size=(64, 128), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(2, 3, 4, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=size, mode='nearest')
+
+
+def test_plain_script_use(tiny_sd):
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse')
+    feats = extractor(torch.rand(2, 3, 70, 90) * 2 - 1)
+    assert len(feats) == 1 and list(feats[0]) == list(DEFAULT_TAPS)
+    assert [(f['name'], f['channels'], f['stride']) for f in extractor.feature_info] == [
+        (DEFAULT_TAPS[0], 64, 32), (DEFAULT_TAPS[1], 64, 16), (DEFAULT_TAPS[2], 64, 8)]
+    for info in extractor.feature_info:
+        stride = info['stride']
+        assert feats[0][info['name']].shape == (2, 64, math.ceil(70 / stride),
+                                                math.ceil(90 / stride))
+    again = GATEFeatureExtractor.from_config(dict(sd_model=tiny_sd,
+                                                  prompt='a photo of a horse'))
+    x = images()
+    assert all(torch.equal(a, b) for a, b in zip(extractor(x)[0].values(),
+                                                   again(x)[0].values()))
+
+
+def test_token_sequence_taps_come_back_as_maps(tiny_sd):
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo',
+                                     taps=TOKEN_TAPS + [BLOCK])
+    raw = {}
+    handles = [extractor.unet.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, name=name: raw.__setitem__(name, first_tensor(out)))
+        for name in TOKEN_TAPS]
+    feats = extractor(images())[0]  # latent 8x16; up block 2 works at 4x8 (stride 16)
+    for handle in handles:
+        handle.remove()
+    for name in TOKEN_TAPS:
+        tokens = raw[name]
+        assert tokens.shape[1] == 4 * 8
+        expected = tokens.transpose(1, 2).reshape(2, tokens.shape[2], 4, 8)
+        assert torch.equal(feats[name], expected), name
+    strides = {f['name']: f['stride'] for f in extractor.feature_info}
+    assert all(strides[name] == 16 for name in TOKEN_TAPS + [BLOCK])
+
+
+def test_text_token_taps_are_refused(tiny_sd):
+    with pytest.raises(ValueError, match='(?s)attn2.to_k.*text tokens'):
+        GATEFeatureExtractor(sd_model=tiny_sd,
+                             taps=[f'{BLOCK}.transformer_blocks.0.attn2.to_k'])
+
+
+def test_cross_attention_maps(tiny_sd):
+    plain = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse')
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse',
+                                     attention_maps=dict(strides=(32, 16)))
+    info = {f['name']: f for f in extractor.feature_info}
+    assert (info[ATTENTION_MAPS]['channels'], info[ATTENTION_MAPS]['stride']) == (154, 8)
+    feats, reference = extractor(images())[0], plain(images())[0]
+    maps = feats[ATTENTION_MAPS]
+    assert maps.shape == (2, 154, 8, 16)
+    # Per layer, pixel and head, the probabilities over the 77 tokens sum to one.
+    torch.testing.assert_close(maps[:, :77].sum(1), torch.ones(2, 8, 16))
+    torch.testing.assert_close(maps[:, 77:].sum(1), torch.ones(2, 8, 16))
+    for tap in DEFAULT_TAPS:  # explicit-softmax attention: the same features
+        torch.testing.assert_close(feats[tap], reference[tap], rtol=1e-4, atol=1e-5)
+
+
+def test_guided_denoising_equals_a_handwritten_scheduler_loop(tiny_sd, tiny_controlnet,
+                                                              tiny_loras):
+    """From t=53 down to 50 with the variant's prompt, ControlNet and LoRA, then the taps."""
+    prompt = 'a photo of a street'
+    extractor = GATEFeatureExtractor(
+        sd_model=tiny_sd, prompt=prompt, timestep=50, denoising_from=53,
+        controlnets=dict(canny=dict(model=tiny_controlnet)), loras=dict(tiny_loras),
+        variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a')])
+    x = images()
+    ours = extractor(x, torch.Generator().manual_seed(0))[1]
+    assert extractor.counts['denoising_passes'] == 3 * 2 * 2
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder='vae')
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
+    unet.load_lora_adapter(tiny_loras['a'], prefix='unet', adapter_name='a')
+    controlnet = ControlNetModel.from_pretrained(tiny_controlnet)
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder='scheduler')
+    scheduler.set_timesteps(1000)
+    context = extractor.prompt_embeds[prompt].hidden.expand(2, -1, -1)
+    condition = ConditionDetector('canny')(x)
+    with torch.no_grad():
+        latent = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        sample = scheduler.add_noise(latent, noise, torch.tensor([53]))
+
+        def guided(sample, t):
+            down, mid = controlnet(sample, t, context, controlnet_cond=condition,
+                                   return_dict=False)
+            return unet(sample, t, context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+
+        for t in (53, 52, 51):
+            sample = scheduler.step(guided(sample, t), t, sample).prev_sample
+        taps = {}
+        handles = [unet.get_submodule(tap).register_forward_hook(
+            lambda _m, _i, out, tap=tap: taps.__setitem__(tap, out)) for tap in DEFAULT_TAPS]
+        guided(sample, 50)
+    for handle in handles:
+        handle.remove()
+    for tap in DEFAULT_TAPS:
+        torch.testing.assert_close(ours[tap], taps[tap], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('lora_mode', ['fused'])
+def test_fused_loras_give_the_adapters_features(gate_kwargs, lora_mode):
+    adapters = GATEFeatureExtractor(**gate_kwargs)
+    fused = GATEFeatureExtractor(**dict(gate_kwargs, lora_mode=lora_mode))
+    assert len(fused.unets) == 3  # base + one merged copy per LoRA
+    for a, b in zip(adapters(images()), fused(images())):
+        for tap in a:
+            torch.testing.assert_close(a[tap], b[tap], rtol=1e-4, atol=1e-5)
+
+
+def test_sd21_extracts(tiny_sd21):
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd21, prompt='a photo')
+    assert not extractor.is_sdxl
+    assert next(iter(extractor.prompt_embeds.values())).hidden.shape == (1, 77, 48)
+    feats = extractor(images())[0]
+    assert [f.shape[1] for f in feats.values()] == [64, 64, 64]
+
+
+def test_sdxl_extracts_with_controlnet_and_lora(tiny_sdxl, sdxl_guidance):
+    taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
+    extractor = GATEFeatureExtractor(
+        sd_model=tiny_sdxl, prompt='a photo', taps=taps,
+        controlnets=dict(canny=dict(model=sdxl_guidance['controlnet'])),
+        loras=dict(a=sdxl_guidance['lora']),
+        variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))])
+    embed = extractor.prompt_embeds['a photo']
+    assert embed.hidden.shape == (1, 77, 64) and embed.pooled.shape == (1, 32)  # 32 + 32
+    assert [(f['stride']) for f in extractor.feature_info] == [32, 16, 8]
+    plain, lora, control = extractor(images(size=(64, 96)))
+    for feats in (plain, lora, control):
+        assert [tuple(f.shape) for f in feats.values()] == [(2, 64, 2, 3), (2, 64, 4, 6),
+                                                             (2, 64, 8, 12)]
+    assert not torch.allclose(plain['mid_block'], lora['mid_block'])
+    assert not torch.allclose(plain['up_blocks.0.upsamplers.0'],
+                              control['up_blocks.0.upsamplers.0'])
+
+
+@pytest.mark.parametrize('arch', ['sd21', 'sdxl'])
+def test_sd21_and_sdxl_train_in_a_config(arch, make_demo_cfg, tiny_sd21, tiny_sdxl,
+                                         sdxl_guidance, tmp_path):
+    cfg = make_demo_cfg(tmp_path, 2)
+    backbone = cfg.model.backbone
+    backbone.sd_model = tiny_sd21 if arch == 'sd21' else tiny_sdxl
+    if arch == 'sdxl':
+        backbone.taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
+        backbone.controlnets.canny.model = sdxl_guidance['controlnet']
+        backbone.loras = dict(a=sdxl_guidance['lora'], b=sdxl_guidance['lora'])
+    else:
+        backbone.variants = [dict()]
+        backbone.controlnets = backbone.loras = None
+    runner = RUNNERS.build(cfg)
+    runner.train()
+    assert runner.iter == 2 and (tmp_path / 'iter_2.pth').exists()
+
+
+def test_random_loras_have_the_recipe_targets(tmp_path):
+    from mmengine.config import Config
+    from safetensors.torch import load_file
+
+    from mmseg_gate.testing.architectures import write_random_models
+    from conftest import ROOT, lora_recipe_targets
+    cfg = Config.fromfile(f'{ROOT}/configs/gate_upernet_ade20k.py')
+    targets = lora_recipe_targets()
+    assert len(targets) == 12
+    write_random_models(cfg.model.backbone, str(tmp_path), 'tiny', 4, targets)
+    keys = list(load_file(cfg.model.backbone.loras['a']))
+    assert [t for t in targets if not any(f'.{t}.lora_A.' in k for k in keys)] == []
