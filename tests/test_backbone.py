@@ -22,18 +22,19 @@ def test_outputs_high_resolution_first(backbone, size):
         assert out.dtype == torch.float32
 
 
-def test_early_exit_matches_full_unet_forward(backbone):
+def test_early_exit_matches_full_unet_forward(backbone, tiny_sd):
+    from diffusers import UNet2DConditionModel
     extractor = backbone.extractor
     latents = torch.randn(1, 4, 8, 12)
     context = next(iter(extractor.prompt_embeds.values())).hidden
     truncated = extractor.taps[None](latents, 50, context)
 
-    modules = dict(extractor.unet.named_modules())
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
     full = {}
-    handles = [modules[t].register_forward_hook(
+    handles = [unet.get_submodule(t).register_forward_hook(
         lambda _m, _i, out, t=t: full.__setitem__(t, out)) for t in truncated]
     with torch.no_grad():
-        extractor.unet(latents, 50, context)
+        unet(latents, 50, context)
     for handle in handles:
         handle.remove()
     for tap, feat in truncated.items():  # two call paths: tolerance
@@ -41,15 +42,12 @@ def test_early_exit_matches_full_unet_forward(backbone):
 
 
 def test_unet_stops_after_last_tapped_block(backbone):
-    unet = backbone.extractor.unet
-    ran = []
-    handles = [unet.up_blocks[3].register_forward_hook(lambda *a: ran.append('up_blocks.3')),
-               unet.conv_out.register_forward_hook(lambda *a: ran.append('conv_out'))]
+    """Up block 3 and the output head never run, so they are not even kept."""
+    extractor = backbone.extractor
+    assert extractor.stages_run[-1] == 'up_blocks.2'
+    assert extractor.dropped_stages == ['up_blocks.3', 'conv_norm_out', 'conv_act', 'conv_out']
+    assert len(extractor.unet.up_blocks) == 3 and extractor.unet.conv_out is None
     backbone(torch.randn(1, 3, 64, 64))
-    for handle in handles:
-        handle.remove()
-    assert ran == []
-    assert backbone.extractor.stages_run[-1] == 'up_blocks.2'
 
 
 def test_refinement_starts_as_identity(backbone):

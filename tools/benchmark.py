@@ -16,11 +16,12 @@ speed and memory are those of the real models. Prints one JSON line:
 - ``peak_mem_bytes``: CUDA: peak allocated during the timed forwards; CPU: peak resident
   memory of the process during them (weights included);
 - ``vae_encodes`` / ``controlnet_passes`` / ``unet_passes``: per image, counted;
-- with ``--naive`` (configs with LoRAs): ``fused``, the same measures with
+- ``frozen_flops``: the features alone (the extractor, without the trainable fusion);
+- with ``--naive``: ``fused`` (configs with LoRAs), the same measures with
   ``lora_mode='fused'`` (no LoRA compute, a UNet copy per LoRA); ``naive``, the authors' way (a
-  full model copy and full passes per variant), each in a process of its own; and
-  ``flops_ratio`` and ``speedup`` (fused against naive) and ``peak_mem_ratio`` (the config's
-  mode, adapters by default, against naive).
+  full model copy and full passes per variant, then the same fusion), each in a process of its
+  own; ``flops_ratio``, ``frozen_flops_ratio`` and ``speedup`` (fused against naive) and
+  ``peak_mem_ratio`` (the config's mode, adapters by default, against naive).
 """
 import argparse
 import inspect
@@ -33,6 +34,7 @@ import tempfile
 import time
 
 import torch
+from diffusers import UNet2DConditionModel
 from mmengine.config import Config
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -123,21 +125,26 @@ def sync(device: torch.device) -> None:
 
 
 def unet_flops(extractor: GATEFeatureExtractor, latents: torch.Tensor):
-    """FLOPs of one variant's truncated UNet pass and of diffusers' full UNet forward on the
-    same latent (the first variant's prompt, no guidance)."""
+    """FLOPs of one variant's truncated UNet pass (the first variant's prompt, base weights,
+    no guidance) and of diffusers' full forward of the same UNet, freshly loaded (the
+    extractor frees the stages it never runs)."""
     embed = extractor.prompt_embeds[extractor.variants[0].prompt]
-    context = embed.hidden.expand(latents.shape[0], -1, -1)
+    num = latents.shape[0]
+    context = embed.hidden.expand(num, -1, -1)
     added = None
     if extractor.is_sdxl:
-        pixels = torch.zeros(latents.shape[0], 3, *(s * 8 for s in latents.shape[-2:]))
-        added = dict(text_embeds=embed.pooled.expand(latents.shape[0], -1),
+        pixels = torch.zeros(num, 3, *(s * 8 for s in latents.shape[-2:]))
+        added = dict(text_embeds=embed.pooled.expand(num, -1),
                      time_ids=extractor._time_ids(pixels.to(latents.device)))
     t = extractor.timestep
+    full_unet = UNet2DConditionModel.from_pretrained(
+        extractor.source, subfolder='unet', use_safetensors=True).to(latents.device,
+                                                                     latents.dtype)
     with torch.no_grad():
-        truncated = count_flops(lambda: extractor.taps[None](latents, t, context,
-                                                            added_cond_kwargs=added))
-        full = count_flops(lambda: extractor.unet(latents, t, context,
-                                                  added_cond_kwargs=added))
+        with extractor._adapters(None, [0], num):  # base weights: no LoRA
+            truncated = count_flops(lambda: extractor.taps[None](latents, t, context,
+                                                                added_cond_kwargs=added))
+        full = count_flops(lambda: full_unet(latents, t, context, added_cond_kwargs=added))
     return truncated, full
 
 
@@ -154,15 +161,18 @@ def timed(forward, device, iters: int):
     return round(statistics.median(times), 4), memory.peak
 
 
-def measure(forward, counts, device, iters: int, batch: int) -> dict:
-    """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first)."""
+def measure(forward, frozen_half, counts, device, iters: int, batch: int) -> dict:
+    """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first),
+    and the FLOPs of its ``frozen_half`` (the features alone)."""
     with torch.no_grad():
         forward()  # warm-up, also moves the frozen parts to the device
         flops = count_flops(forward)
+        frozen_flops = count_flops(frozen_half)
         counts.clear()
         latency, peak = timed(forward, device, iters)
     per_image = iters * batch
-    return dict(flops=flops, latency_s_median=latency, peak_mem_bytes=peak,
+    return dict(flops=flops, frozen_flops=frozen_flops, latency_s_median=latency,
+                peak_mem_bytes=peak,
                 vae_encodes=counts['vae_encodes'] / per_image,
                 controlnet_passes=counts['controlnet_passes'] / per_image,
                 unet_passes=counts['unet_passes'] / per_image)
@@ -173,7 +183,9 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
     backbone = MODELS.build(cfg.model.backbone).to(device).eval()
     extractor = backbone.extractor
     images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
-    result = measure(lambda: backbone(images), extractor.counts, device, iters, batch)
+    result = measure(lambda: backbone(images),
+                     lambda: extractor(backbone.to_vae_range(images), torch.Generator()),
+                     extractor.counts, device, iters, batch)
     latents = encode_latents(extractor.vae, torch.zeros(
         batch, 3, *(-(-s // extractor.size_multiple) * extractor.size_multiple for s in shape),
         device=device))
@@ -203,7 +215,8 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
                         backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
                                                               dropout_ratio=0.5)),
                         backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
-    return measure(lambda: fusion(naive(images)), naive.counts, device, iters, batch)
+    return measure(lambda: fusion(naive(images)), lambda: naive(images), naive.counts, device,
+                   iters, batch)
 
 
 def run_mode(config_path: str, mode: str, args) -> dict:
@@ -244,9 +257,12 @@ def main():
             if cfg.model.backbone.get('loras'):
                 fused = run_mode(resolved, 'fused', args)
                 result['fused'] = {k: fused[k] for k in (
-                    'flops', 'latency_s_median', 'peak_mem_bytes', 'unet_passes')}
+                    'flops', 'frozen_flops', 'latency_s_median', 'peak_mem_bytes',
+                    'unet_passes')}
             result['naive'] = naive
             result['flops_ratio'] = round(fused['flops'] / naive['flops'], 4)
+            result['frozen_flops_ratio'] = round(fused['frozen_flops'] / naive['frozen_flops'],
+                                                 4)
             result['speedup'] = round(naive['latency_s_median'] / fused['latency_s_median'], 3)
             result['peak_mem_ratio'] = round(result['peak_mem_bytes'] /
                                              naive['peak_mem_bytes'], 4)

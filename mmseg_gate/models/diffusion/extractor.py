@@ -168,6 +168,9 @@ class GATEFeatureExtractor:
         also_run = list(next(iter(self.attention.values())).layers) if self.attention else []
         self.taps = {key: UNetTaps(unet, taps, also_run) for key, unet in self.unets.items()}
         self.tap_names = list(taps)
+        # Without denoising, only feature passes run: free what they never reach.
+        self.dropped_stages = [] if denoising_from is not None else \
+            [t.drop_unused_stages() for t in self.taps.values()][0]
         vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = vae_factor * 2**parts.unet.num_upsamplers
         self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
@@ -190,7 +193,8 @@ class GATEFeatureExtractor:
 
     @property
     def unet(self):
-        """The base UNet (with the LoRA adapters in 'adapters' mode)."""
+        """The base UNet (with the LoRA adapters in 'adapters' mode). Without
+        ``denoising_from`` its stages after the last tap are freed (``dropped_stages``)."""
         return self.unets[None]
 
     @property
@@ -305,9 +309,10 @@ class GATEFeatureExtractor:
                     cache[key] = self._controlnet(name, variant.prompt, latents[i], timestep,
                                                   conditions[name], time_ids)
                 res_down, res_mid = cache[key]
-                down = [scale * r for r in res_down] if down is None else \
-                    [d + scale * r for d, r in zip(down, res_down)]
-                mid = scale * res_mid if mid is None else mid + scale * res_mid
+                if scale != 1.0:
+                    res_down, res_mid = [scale * r for r in res_down], scale * res_mid
+                down = res_down if down is None else [d + r for d, r in zip(down, res_down)]
+                mid = res_mid if mid is None else mid + res_mid
             sums.append((down, mid))
         like = next(s for s in sums if s[0] is not None)
         sums = [s if s[0] is not None else

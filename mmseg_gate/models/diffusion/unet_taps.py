@@ -101,6 +101,24 @@ class UNetTaps:
         self._last_down = max((n for n in stages if n.startswith('down')),
                               key=stages.index)
 
+    def drop_unused_stages(self) -> List[str]:
+        """Free the stages after the last one run, and the output head: feature passes never
+        need them (SD1.5's default taps: up block 3 and ``conv_out``). The UNet can then no
+        longer predict noise. Returns what was dropped."""
+        unet, dropped = self.unet, []
+        keep = {kind: [n for n in self.stages_run if n.startswith(kind)] for kind in STAGE_KINDS}
+        for kind in ('down_blocks', 'up_blocks'):
+            blocks = getattr(unet, kind)
+            dropped += [f'{kind}.{i}' for i in range(len(keep[kind]), len(blocks))]
+            setattr(unet, kind, nn.ModuleList(list(blocks)[:len(keep[kind])]))
+        if unet.mid_block is not None and not keep['mid_block']:
+            unet.mid_block, dropped = None, dropped + ['mid_block']
+        for name in ('conv_norm_out', 'conv_act', 'conv_out'):
+            if getattr(unet, name, None) is not None:
+                setattr(unet, name, None)
+                dropped.append(name)
+        return dropped
+
     @staticmethod
     def _check_supported(unet) -> None:
         config = unet.config
@@ -176,8 +194,8 @@ class UNetTaps:
                     sample = sample + mid_block_residual
             else:
                 res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-                is_final = block is unet.up_blocks[-1]
-                upsample_size = skips[-1].shape[2:] if uneven and not is_final else None
+                # The final up block has no upsampler (and no skips are left for it).
+                upsample_size = skips[-1].shape[2:] if uneven and skips else None
                 sample = self._run_block(block, sample, emb, context,
                                          res_hidden_states_tuple=res,
                                          upsample_size=upsample_size)
