@@ -98,7 +98,7 @@ def test_guided_denoising_equals_a_handwritten_scheduler_loop(tiny_sd, tiny_cont
     controlnet = ControlNetModel.from_pretrained(tiny_controlnet)
     scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder='scheduler')
     scheduler.set_timesteps(1000)
-    context = extractor.prompt_embeds[prompt].hidden.expand(2, -1, -1)
+    context = extractor.embedding(1).hidden.expand(2, -1, -1)
     condition = ConditionDetector('canny')(x)
     with torch.no_grad():
         latent = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
@@ -148,7 +148,7 @@ def test_sdxl_extracts_with_controlnet_and_lora(tiny_sdxl, sdxl_guidance):
         controlnets=dict(canny=dict(model=sdxl_guidance['controlnet'])),
         loras=dict(a=sdxl_guidance['lora']),
         variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))])
-    embed = extractor.prompt_embeds['a photo']
+    embed = extractor.embedding(0)
     assert embed.hidden.shape == (1, 77, 64) and embed.pooled.shape == (1, 32)  # 32 + 32
     assert [(f['stride']) for f in extractor.feature_info] == [32, 16, 8]
     plain, lora, control = extractor(images(size=(64, 96)))

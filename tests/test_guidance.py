@@ -147,7 +147,8 @@ def test_kohya_locon_file_loads_like_diffusers_format(gate_kwargs, tiny_loras, t
 
 def test_class_names_are_appended(gate_kwargs):
     model = GATEBackbone(**dict(gate_kwargs, class_names='ade20k', append_class_names=True))
-    (prompt, embeds), = model.extractor.prompt_embeds.items()
+    (prompt, _), = model.extractor.prompt_embeds
+    embeds = model.extractor.embedding(0)
     assert prompt.startswith('a photo of a street wall, building, sky')
     assert embeds.hidden.shape[1] > 77  # 150 class names need several 77-token chunks
 

@@ -130,7 +130,7 @@ def test_tensors_that_do_not_land_are_counted(tiny_sd, lora_file, monkeypatch):
         return load({k: v for k, v in state_dict.items() if 'attn1' not in k}, **kwargs)
 
     monkeypatch.setattr(unet, 'load_lora_adapter', lossy_load)
-    with pytest.raises(ValueError, match=r'(?s)lora.safetensors.*only \d+ of its \d+ tensors'):
+    with pytest.raises(ValueError, match=r'(?s)lora.safetensors.*only \d+ of its \d+ unet tensors'):
         load_lora_adapters(unet, {'x': lora_file}, {'x': 1.0})
 
 

@@ -135,7 +135,7 @@ def unet_flops(extractor: GATEFeatureExtractor, latents: torch.Tensor):
     """FLOPs of one variant's truncated UNet pass (the first variant's prompt, base weights,
     no guidance) and of diffusers' full forward of the same UNet, freshly loaded (the
     extractor frees the stages it never runs)."""
-    embed = extractor.prompt_embeds[extractor.variants[0].prompt]
+    embed = extractor.embedding(0)
     num = latents.shape[0]
     context = embed.hidden.expand(num, -1, -1)
     added = None

@@ -1,12 +1,13 @@
 # The paper's LoRA recipe: LoCon-style (attention + convolutions), rank 64, alpha 32, UNet
-# lr 1e-4, 30 random training images, about 100 epochs, empty captions. (The paper also
-# trains the text encoder at lr 5e-5; tools/train_lora.py trains the UNet only.)
+# lr 1e-4, text encoder lr 5e-5 (its attention projections), 30 random training images,
+# about 100 epochs, empty captions.
 sd_model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 num_images = 30
 resolution = 512
 rank = 64
 alpha = 32
 unet_lr = 1e-4
+text_encoder_lr = 5e-5  # 0: UNet LoRA only
 steps = 3000  # 100 epochs of 30 images at batch 1
 batch_size = 1
 save_every = 500

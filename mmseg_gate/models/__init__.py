@@ -1,4 +1,5 @@
 from .backbones import GATEBackbone
 from .diffusion import GATEFeatureExtractor
+from .segmentors import GATEEncoderDecoder
 
-__all__ = ['GATEBackbone', 'GATEFeatureExtractor']
+__all__ = ['GATEBackbone', 'GATEFeatureExtractor', 'GATEEncoderDecoder']

@@ -4,6 +4,10 @@ refinement.
 ``VariantAmalgamation`` is the paper's learned amalgamation: per level, a weight assigner gives
 each variant a per-image, per-channel weight, softmaxed across variants.
 
+``amalgamation_sparsity`` and ``amalgamation_diversity`` measure the assigners' weights for
+the regulariser of the authors' label-scarce and correspondence code (see
+``GATEEncoderDecoder``).
+
 ``ZeroInitResBlock`` is the paper's refinement block: a residual conv block that starts as the
 identity, so training begins from the raw diffusion features. Only the last norm's scale is
 zeroed (as in "zero-init residual" ResNets): the authors zero every weight of the block, which
@@ -102,6 +106,7 @@ class VariantAmalgamation(BaseModule):
                 for _ in range(num_assigners))
         self.out_channels = channels * (num_assigners if num_variants > 1 else 1)
         self.last_weights: Optional[torch.Tensor] = None
+        self.weights_for_loss: Optional[torch.Tensor] = None
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         if len(feats) != self.num_variants:
@@ -114,8 +119,11 @@ class VariantAmalgamation(BaseModule):
             w = torch.stack([assigner(f) for f in feats]).softmax(dim=0)  # (V, B, C)
             weights.append(w)
             fused.append((w[..., None, None] * stacked).sum(dim=0))
-        # Kept for inspection (which variant the model relies on, per channel).
-        self.last_weights = torch.stack(weights).detach()  # (A, V, B, C)
+        weights = torch.stack(weights)  # (A, V, B, C)
+        # For inspection (which variant the model relies on, per channel), and, in training,
+        # with gradients for the amalgamation regulariser.
+        self.last_weights = weights.detach()
+        self.weights_for_loss = weights if self.training else None
         return torch.cat(fused, dim=1)
 
 
@@ -160,3 +168,24 @@ class GATEFusion(BaseModule):
                      for variant in per_variant]
             outs.append(self.refiners[level](self.amalgamations[level](feats)))
         return tuple(outs)
+
+
+def amalgamation_sparsity(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over assigners, images and channels of the L2 norm across variants of the
+    softmax weights (A, V, B, C): 1 when every channel takes one variant, 1/sqrt(V) when
+    all are mixed evenly (the authors' sparsity, before they negate it)."""
+    return weights.norm(dim=1).mean()
+
+
+def amalgamation_diversity(weights: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the weightings (V x C per image) of every pair of
+    assigners: 1 when the concatenated fusions are copies of each other. The authors declare
+    a diversity term but never compute it; this is our definition. 0 with one assigner."""
+    num = weights.shape[0]
+    if num < 2:
+        return weights.new_zeros(())
+    flat = weights.permute(2, 0, 1, 3).flatten(2)  # (B, A, V * C)
+    flat = torch.nn.functional.normalize(flat, dim=-1)
+    similarity = flat @ flat.transpose(1, 2)  # (B, A, A)
+    pairs = ~torch.eye(num, dtype=torch.bool, device=weights.device)
+    return similarity[:, pairs].mean()

@@ -7,6 +7,7 @@ and runs on its own: its own VAE encode, its own ControlNet passes, the whole UN
 takes the extractor's constructor arguments and builds everything itself; it shares only the
 formulas (latent encoding, noise, prompt encoding, conditions).
 """
+import copy
 import math
 from collections import Counter
 from dataclasses import replace
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
 from ..models.diffusion.conditions import ConditionDetector
 from ..models.diffusion.controlnets import load_controlnet
@@ -21,7 +23,8 @@ from ..models.diffusion.extractor import (DEFAULT_TAPS, class_names_text, pad_to
                                           resolve_dtype)
 from ..models.diffusion.latents import add_noise, encode_latents
 from ..models.diffusion.loading import load_stable_diffusion
-from ..models.diffusion.lora import load_lora_adapters
+from ..models.diffusion.lora import (TEXT_ENCODERS, load_lora_adapters,
+                                     load_text_encoder_lora, read_lora_file)
 from ..models.diffusion.prompts import encode_prompt
 from ..models.diffusion.unet_taps import as_spatial, first_tensor
 from ..models.diffusion.variants import parse_variants
@@ -57,9 +60,8 @@ class NaiveGATE:
         parts = load_stable_diffusion(sd_model)
         if parts.is_sdxl:
             raise ValueError('NaiveGATE covers SD1.x/SD2.x.')
-        self.prompt_embeds = {v.prompt: encode_prompt(parts.text_encoders, parts.tokenizers,
-                                                      v.prompt).to(device, dtype)
-                              for v in self.variants}
+        self.prompt_embeds = [self._encode(parts, v, loras).to(device, dtype)
+                              for v in self.variants]
         self.scheduler, self.taps, self.timestep = parts.scheduler, list(taps), timestep
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
@@ -89,19 +91,35 @@ class NaiveGATE:
         variant's copy is drawn from ``generator_seed``, as the extractor draws it once."""
         height, width = images.shape[-2:]
         pixels = pad_to_multiple(images.float(), self.size_multiple).to(self.dtype)
-        feats = [self._variant(v, *copy, pixels, generator_seed)
-                 for v, copy in zip(self.variants, self.copies)]
+        feats = [self._variant(v, embed, *models, pixels, generator_seed)
+                 for v, embed, models in zip(self.variants, self.prompt_embeds, self.copies)]
         strides = {tap: pixels.shape[-1] // f.shape[-1] for tap, f in feats[0].items()}
         self.feature_info = [dict(name=tap, channels=f.shape[1], stride=strides[tap])
                              for tap, f in feats[0].items()]
         return [{tap: f[..., :math.ceil(height / strides[tap]), :math.ceil(width / strides[tap])]
                  for tap, f in variant.items()} for variant in feats]
 
-    def _variant(self, variant, vae, unet, controlnets, pixels, seed):
+    @staticmethod
+    def _encode(parts, variant, loras: dict):
+        """The variant's prompt through its own text encoder copy (with the LoRA's
+        text-encoder part, if its file has one)."""
+        encoders = parts.text_encoders
+        if variant.lora is not None:
+            path = loras[variant.lora]
+            lora = read_lora_file(path, parts.unet.config)
+            if lora.text_encoders:
+                encoders = [copy.deepcopy(e) for e in encoders]
+                for prefix, encoder in zip(TEXT_ENCODERS, encoders):
+                    if prefix in lora.text_encoders:
+                        load_text_encoder_lora(encoder, prefix, 'x', lora, path)
+                        set_weights_and_activate_adapters(encoder, ['x'], [variant.lora_scale])
+        return encode_prompt(encoders, parts.tokenizers, variant.prompt)
+
+    def _variant(self, variant, embed, vae, unet, controlnets, pixels, seed):
         self.counts['vae_encodes'] += len(pixels)
         noisy = add_noise(self.scheduler, encode_latents(vae, pixels), self.timestep,
                           torch.Generator().manual_seed(seed))
-        context = self.prompt_embeds[variant.prompt].hidden.expand(len(noisy), -1, -1)
+        context = embed.hidden.expand(len(noisy), -1, -1)
         down = mid = None
         for name, scale in variant.controlnets:
             self.counts['controlnet_passes'] += len(pixels)

@@ -37,7 +37,8 @@ from .conditions import ConditionDetector
 from .controlnets import load_controlnet
 from .latents import add_noise, encode_latents
 from .loading import DEFAULT_MODEL, load_stable_diffusion
-from .lora import BASE, adapters_per_sample, load_lora_adapters
+from .lora import (BASE, TEXT_ENCODERS, LoRAFile, adapters_per_sample, load_lora_adapters,
+                   load_text_encoder_lora)
 from .prompts import PromptEmbedding, encode_prompt
 from .unet_taps import UNetTaps
 from .variants import Variant, parse_variants
@@ -156,11 +157,15 @@ class GATEFeatureExtractor:
                             for name, cfg in controlnets.items()}
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
-        self.prompt_embeds: Dict[str, PromptEmbedding] = {
-            p: encode_prompt(parts.text_encoders, parts.tokenizers, p)
-            for p in dict.fromkeys(v.prompt for v in self.variants)}
         self.lora_mode = lora_mode
-        self.unets = self._prepare_unets(parts.unet, loras)
+        wanted = {v.adapter: (loras[v.lora], v.lora_scale) for v in self.variants
+                  if v.lora is not None}
+        self.unets, lora_files = self._prepare_unets(parts.unet, wanted)
+        # A variant's prompt is encoded with its LoRA's text-encoder part, if the file has one.
+        self.text_adapters = _load_text_loras(parts.text_encoders, lora_files, wanted)
+        self.prompt_embeds: Dict[Tuple[str, Optional[str]], PromptEmbedding] = {
+            key: _encode_with_adapter(parts, *key, self.text_adapters)
+            for key in dict.fromkeys(self.embedding_key(v) for v in self.variants)}
         for module in self._modules():
             module.requires_grad_(False).eval()
         self.attention = {key: CrossAttentionMaps(unet, **attention_maps)
@@ -201,22 +206,33 @@ class GATEFeatureExtractor:
     def stages_run(self) -> List[str]:
         return self.taps[None].stages_run
 
-    def _prepare_unets(self, unet, loras: Dict[str, str]) -> dict:
-        """{None: the base UNet} plus, in 'fused' mode, {adapter: UNet copy with it merged}."""
-        wanted = {v.adapter: (loras[v.lora], v.lora_scale) for v in self.variants
-                  if v.lora is not None}
+    def _prepare_unets(self, unet, wanted: Dict[str, Tuple[str, float]]):
+        """{None: the base UNet} plus, in 'fused' mode, {adapter: UNet copy with it merged};
+        and the LoRA files read."""
         if self.lora_mode == 'adapters':
-            load_lora_adapters(unet, {a: p for a, (p, _) in wanted.items()},
-                               {a: s for a, (_, s) in wanted.items()})
-            return {None: unet}
-        unets = {None: unet}
+            files = load_lora_adapters(unet, {a: p for a, (p, _) in wanted.items()},
+                                       {a: s for a, (_, s) in wanted.items()})
+            return {None: unet}, files
+        unets, files = {None: unet}, {}
         for adapter, (path, scale) in wanted.items():
             fused = copy.deepcopy(unet)
-            load_lora_adapters(fused, {adapter: path}, {adapter: scale})
+            files.update(load_lora_adapters(fused, {adapter: path}, {adapter: scale}))
             fused.fuse_lora(adapter_names=[adapter])
             fused.unload_lora()
             unets[adapter] = fused
-        return unets
+        return unets, files
+
+    def embedding_key(self, variant: Variant) -> Tuple[str, Optional[str]]:
+        """(prompt, text-encoder LoRA adapter or None): what a variant's prompt embedding
+        depends on."""
+        return variant.prompt, variant.adapter if variant.adapter in self.text_adapters \
+            else None
+
+    def embedding(self, variant: Union[int, Variant]) -> PromptEmbedding:
+        """The prompt embedding a variant (or its index) conditions the UNet on."""
+        if isinstance(variant, int):
+            variant = self.variants[variant]
+        return self.prompt_embeds[self.embedding_key(variant)]
 
     def _modules(self):
         return [self.vae, *self.unets.values(), *self.controlnets.values()]
@@ -276,7 +292,7 @@ class GATEFeatureExtractor:
         groups = defaultdict(list)
         for i, variant in enumerate(self.variants):
             unet_key = variant.adapter if self.lora_mode == 'fused' else None
-            key = (unet_key, self.prompt_embeds[variant.prompt].hidden.shape[1])
+            key = (unet_key, self.embedding(variant).hidden.shape[1])
             groups[key + (() if self.batch_variants else (i, ))].append(i)
         return [(key[0], indices) for key, indices in groups.items()]
 
@@ -285,7 +301,7 @@ class GATEFeatureExtractor:
         """UNet batch inputs for ``indices``: sample, context, ControlNet residuals, SDXL's
         added conditions."""
         num = latents[0].shape[0]
-        embeds = [self.prompt_embeds[self.variants[i].prompt] for i in indices]
+        embeds = [self.embedding(i) for i in indices]
         sample = torch.cat([latents[i] for i in indices])
         context = torch.cat([e.hidden.expand(num, -1, -1) for e in embeds])
         added = None
@@ -304,10 +320,10 @@ class GATEFeatureExtractor:
         for i in indices:
             variant, down, mid = self.variants[i], None, None
             for name, scale in variant.controlnets:
-                key = (name, variant.prompt, id(latents[i]), timestep)
+                key = (name, self.embedding_key(variant), id(latents[i]), timestep)
                 if key not in cache:
-                    cache[key] = self._controlnet(name, variant.prompt, latents[i], timestep,
-                                                  conditions[name], time_ids)
+                    cache[key] = self._controlnet(name, self.embedding(variant), latents[i],
+                                                  timestep, conditions[name], time_ids)
                 res_down, res_mid = cache[key]
                 if scale != 1.0:
                     res_down, res_mid = [scale * r for r in res_down], scale * res_mid
@@ -321,9 +337,9 @@ class GATEFeatureExtractor:
         return ([torch.cat(level) for level in zip(*(s[0] for s in sums))],
                 torch.cat([s[1] for s in sums]))
 
-    def _controlnet(self, name, prompt, latents, timestep, condition, time_ids):
+    def _controlnet(self, name, embed, latents, timestep, condition, time_ids):
         self.counts['controlnet_passes'] += latents.shape[0]
-        embed, num = self.prompt_embeds[prompt], latents.shape[0]
+        num = latents.shape[0]
         kwargs = {}
         if self.is_sdxl:
             kwargs['added_cond_kwargs'] = dict(text_embeds=embed.pooled.expand(num, -1),
@@ -400,7 +416,7 @@ class GATEFeatureExtractor:
                              size // vae_factor, device=self.device, dtype=self.dtype)
         variant = self.variants[0]
         unet_key = variant.adapter if self.lora_mode == 'fused' else None
-        embed = self.prompt_embeds[variant.prompt]
+        embed = self.embedding(variant)
         added = None
         if self.is_sdxl:
             added = dict(text_embeds=embed.pooled, time_ids=self._time_ids(
@@ -413,6 +429,35 @@ class GATEFeatureExtractor:
                 out[ATTENTION_MAPS] = attention.aggregate(tuple(latent.shape[-2:]))
         return [dict(name=name, channels=f.shape[1], stride=size // f.shape[-1])
                 for name, f in out.items()]
+
+
+def _load_text_loras(text_encoders: List, files: Dict[str, LoRAFile],
+                     wanted: Dict[str, Tuple[str, float]]) -> Dict[str, float]:
+    """Load the text-encoder parts of the LoRA files as adapters; {adapter: scale} of those
+    that have one."""
+    adapters = {}
+    for adapter, lora in files.items():
+        for prefix, encoder in zip(TEXT_ENCODERS, text_encoders):
+            if prefix in lora.text_encoders:
+                load_text_encoder_lora(encoder, prefix, adapter, lora, wanted[adapter][0])
+                adapters[adapter] = wanted[adapter][1]
+    return adapters
+
+
+@torch.no_grad()
+def _encode_with_adapter(parts, prompt: str, adapter: Optional[str],
+                         scales: Dict[str, float]) -> PromptEmbedding:
+    """``prompt``'s embedding with text-encoder LoRA ``adapter`` active (None: none)."""
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+    for encoder in parts.text_encoders:
+        if not getattr(encoder, 'peft_config', None):
+            continue
+        if adapter is not None and adapter in encoder.peft_config:
+            set_weights_and_activate_adapters(encoder, [adapter], [scales[adapter]])
+            set_adapter_layers(encoder, enabled=True)
+        else:
+            set_adapter_layers(encoder, enabled=False)
+    return encode_prompt(parts.text_encoders, parts.tokenizers, prompt)
 
 
 def _check_timesteps(timestep, denoising_from, num_steps: int) -> Tuple[int, Optional[int]]:

@@ -6,16 +6,15 @@ A batch can mix adapters: peft's LoRA layers take an ``adapter_names`` list (one
 sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every LoRA layer.
 """
 import json
-import logging
 import os.path as osp
 from contextlib import contextmanager
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from diffusers.utils import convert_unet_state_dict_to_peft
-from mmengine.logging import print_log
+from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                             convert_unet_state_dict_to_peft)
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
@@ -23,21 +22,30 @@ from safetensors.torch import save_file
 from ...fileio import atomic_file
 
 BASE = '__base__'
+TEXT_ENCODERS = ('text_encoder', 'text_encoder_2')
 # peft's keys: LoRA factors (and their bias), DoRA magnitudes.
 _PEFT_KEY_ENDINGS = ('.lora_A.weight', '.lora_B.weight', '.lora_B.bias',
                      '.lora_magnitude_vector')
 
-def read_lora_file(path: str, unet_config=None
-                   ) -> Tuple[Dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
-    """The UNet part of a LoRA safetensors file, every key in peft's format
-    (``unet.<module>.lora_A/lora_B.weight``), with kohya alphas or diffusers' adapter metadata
-    (rank, alpha, targets) where the file has them.
+class LoRAFile(NamedTuple):
+    """A LoRA file's tensors in peft's key format, per model: ``unet`` (keys ``unet.*``) and
+    ``text_encoders`` (``'text_encoder'``/``'text_encoder_2'`` -> keys with that prefix), with
+    kohya alphas or diffusers' adapter metadata (rank, alpha, targets) where it has them."""
+    unet: Dict[str, torch.Tensor]
+    text_encoders: Dict[str, Dict[str, torch.Tensor]]
+    alphas: Optional[dict]
+    metadata: Optional[dict]
 
-    diffusers/peft files, kohya files (``lora_unet_*``, LoCon convolutions included) and files
-    mixing diffusers' two key styles (``lora.down/up`` and ``lora_A/B``) are all normalised
-    here: diffusers converts a dict only when its first key lacks ``lora_A``, so a mixed file
-    would otherwise silently lose its attention LoRA. ``unet_config`` lets diffusers convert
-    kohya files that use the original (SGM) block names, as SDXL ones do.
+
+def read_lora_file(path: str, unet_config=None) -> LoRAFile:
+    """Read and check a LoRA safetensors file, every key normalised to peft's format.
+
+    diffusers/peft files, kohya files (``lora_unet_*``/``lora_te*``, LoCon convolutions
+    included) and files mixing diffusers' two key styles (``lora.down/up`` and ``lora_A/B``)
+    are all normalised here: diffusers converts a dict only when its first key lacks
+    ``lora_A``, so a mixed file would otherwise silently lose its attention LoRA.
+    ``unet_config`` lets diffusers convert kohya files that use the original (SGM) block
+    names, as SDXL ones do.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(_missing_lora_hint(path))
@@ -55,27 +63,36 @@ def read_lora_file(path: str, unet_config=None
             f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}). It is empty, '
             'truncated or not a LoRA safetensors file: train it again with '
             'tools/train_lora.py or download it again.') from err
-    unet_keys = {k: v for k, v in state_dict.items() if k.startswith('unet.')}
-    if len(unet_keys) < len(state_dict):
-        print_log(f"LoRA '{path}' also has text-encoder weights; they are not used (prompts "
-                  'are encoded by the base text encoder).', logger='current',
-                  level=logging.WARNING)
-    if not unet_keys:
+    parts: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        parts.setdefault(key.split('.')[0], {})[key] = value
+    unknown_models = set(parts) - {'unet', *TEXT_ENCODERS}
+    if unknown_models:
+        raise ValueError(f"LoRA file '{path}' has weights for {sorted(unknown_models)}; GATE "
+                         f"loads LoRAs of the UNet and text encoders ({['unet', *TEXT_ENCODERS]}).")
+    if 'unet' not in parts:
         raise ValueError(f"LoRA file '{path}' has no UNet weights (keys like 'unet.*' or "
                          "'lora_unet_*').")
-    unet_keys = convert_unet_state_dict_to_peft(unet_keys)
-    unknown = [k for k in unet_keys if not k.endswith(_PEFT_KEY_ENDINGS)]
+    unet = convert_unet_state_dict_to_peft(parts.pop('unet'))
+    text = {name: convert_state_dict_to_peft(convert_state_dict_to_diffusers(keys))
+            for name, keys in parts.items()}
+    for keys in (unet, *text.values()):
+        _check_tensors(keys, path)
+    return LoRAFile(unet, text, alphas, metadata)
+
+
+def _check_tensors(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    unknown = [k for k in state_dict if not k.endswith(_PEFT_KEY_ENDINGS)]
     if unknown:
         raise ValueError(f"LoRA file '{path}' has {len(unknown)} key(s) in a format GATE does "
                          f'not know, e.g. {unknown[:3]}; expected diffusers, peft or kohya '
                          'LoRA keys (lora_A/lora_B, lora.down/lora.up, lora_down/lora_up).')
-    bad = [k for k, v in unet_keys.items() if v.is_floating_point() and not v.isfinite().all()]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise ValueError(f"LoRA file '{path}' holds non-finite (NaN or infinite) values in "
                          f'{len(bad)} tensor(s), e.g. {bad[:3]}: it is corrupt (a diverged '
                          'training run?). Use an earlier checkpoint or train it again.')
-    _check_ranks(unet_keys, path)
-    return unet_keys, alphas, metadata
+    _check_ranks(state_dict, path)
 
 
 def _check_ranks(state_dict: Dict[str, torch.Tensor], path: str) -> None:
@@ -99,16 +116,22 @@ def _check_ranks(state_dict: Dict[str, torch.Tensor], path: str) -> None:
                          'with tools/train_lora.py.')
 
 
-def save_lora_file(unet, path: str, adapter_name: str = 'default') -> str:
-    """Write ``unet``'s adapter as a LoRA safetensors file in one key format (peft's
-    ``unet.<module>.lora_A/lora_B.weight``, which diffusers and GATE load as they are) with
-    its rank/alpha metadata, atomically."""
-    state = {f'unet.{k}': v.detach().contiguous()
-             for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
-    config = {f'unet.{k}': sorted(v) if isinstance(v, set) else v
-              for k, v in unet.peft_config[adapter_name].to_dict().items()}
+def save_lora_file(unet, path: str, adapter_name: str = 'default',
+                   text_encoders: Optional[Dict[str, object]] = None) -> str:
+    """Write ``unet``'s adapter (and those of ``text_encoders``: ``'text_encoder'`` ->
+    model) as one LoRA safetensors file in one key format (peft's
+    ``<model>.<module>.lora_A/lora_B.weight``, which diffusers and GATE load as they are) with
+    each adapter's rank/alpha metadata, atomically."""
+    models = {'unet': unet, **(text_encoders or {})}
+    state, config = {}, {}
+    for prefix, model in models.items():
+        for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+            state[f'{prefix}.{key}'] = value.detach().contiguous()
+        for key, value in model.peft_config[adapter_name].to_dict().items():
+            config[f'{prefix}.{key}'] = sorted(value) if isinstance(value, set) else value
     metadata = {'format': 'pt',
-                LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+                LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True,
+                                                      default=str)}
     with atomic_file(path) as tmp:
         save_file(state, tmp, metadata=metadata)
     return path
@@ -139,36 +162,59 @@ def check_lora_fits(unet, state_dict: Dict[str, torch.Tensor], path: str) -> Non
             'tools/train_lora.py.')
 
 
-def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]) -> None:
-    """Load each ``name -> path`` as an adapter, check that every tensor of the file reached
-    its module, and set the adapters' scales."""
+def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]
+                       ) -> Dict[str, LoRAFile]:
+    """Load the UNet part of each ``name -> path`` as an adapter, check that every tensor
+    reached its module, set the adapters' scales; return the files read (their text-encoder
+    parts are loaded by :func:`load_text_encoder_lora`)."""
+    files = {}
     for name, path in adapters.items():
-        state_dict, alphas, metadata = read_lora_file(path, unet.config)
-        check_lora_fits(unet, state_dict, path)
+        files[name] = lora = read_lora_file(path, unet.config)
+        check_lora_fits(unet, lora.unet, path)
         try:
-            unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name,
-                                   prefix='unet', metadata=None if alphas else metadata)
+            unet.load_lora_adapter(lora.unet, network_alphas=lora.alphas, adapter_name=name,
+                                   prefix='unet',
+                                   metadata=None if lora.alphas else lora.metadata)
         except Exception as err:  # peft/diffusers errors do not name the file
             raise ValueError(f"LoRA '{path}' could not be loaded into the UNet "
                              f'({type(err).__name__}: {err}).') from err
-        check_lora_landed(unet, name, state_dict, path)
+        check_lora_landed(unet, name, lora.unet, 'unet', path)
     if adapters:
         names = list(adapters)
         unet.set_adapters(names, weights=[scales[n] for n in names])
+    return files
 
 
-def check_lora_landed(unet, adapter_name: str, state_dict: Dict[str, torch.Tensor],
-                      path: str) -> None:
+def load_text_encoder_lora(text_encoder, prefix: str, name: str, lora: LoRAFile,
+                           path: str) -> None:
+    """Load the ``prefix`` ('text_encoder' or 'text_encoder_2') part of ``lora`` into
+    ``text_encoder`` as adapter ``name`` and check that every tensor landed."""
+    state_dict = lora.text_encoders[prefix]
+    try:
+        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+            state_dict, network_alphas=lora.alphas, text_encoder=text_encoder, prefix=prefix,
+            adapter_name=name, metadata=None if lora.alphas else lora.metadata)
+    except Exception as err:  # peft/diffusers errors do not name the file
+        raise ValueError(f"LoRA '{path}' could not be loaded into the {prefix} "
+                         f'({type(err).__name__}: {err}).') from err
+    check_lora_landed(text_encoder, name, state_dict, prefix, path)
+
+
+def check_lora_landed(model, adapter_name: str, state_dict: Dict[str, torch.Tensor],
+                      prefix: str, path: str) -> None:
     """Count the file's tensors that now sit, unchanged, in the adapter's layers."""
-    landed = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    def bare(key: str) -> str:  # text encoders' keys may or may not carry 'text_model.'
+        return key[len(prefix) + 1:].removeprefix('text_model.')
+
+    landed = {bare(f'{prefix}.{k}'): v
+              for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     missing = [key for key, value in state_dict.items()
-               if key[len('unet.'):] not in landed
-               or not torch.equal(landed[key[len('unet.'):]].to(value), value)]
+               if bare(key) not in landed or not torch.equal(landed[bare(key)].to(value), value)]
     if missing:
         raise ValueError(
             f"LoRA '{path}': only {len(state_dict) - len(missing)} of its {len(state_dict)} "
-            f'tensors reached a UNet layer; not loaded: {missing[:5]}'
-            f'{" ..." if len(missing) > 5 else ""}. The file does not match this UNet or '
+            f'{prefix} tensors reached a layer; not loaded: {missing[:5]}'
+            f'{" ..." if len(missing) > 5 else ""}. The file does not match this model or '
             'uses a key format GATE does not know.')
 
 

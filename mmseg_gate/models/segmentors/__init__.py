@@ -1,0 +1,3 @@
+from .gate_encoder_decoder import GATEEncoderDecoder
+
+__all__ = ['GATEEncoderDecoder']
