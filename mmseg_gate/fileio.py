@@ -14,10 +14,18 @@ def temporary_name(path: str) -> str:
 
 
 def commit(tmp_path: str, path: str) -> None:
-    """Flush ``tmp_path`` to disk and rename it to ``path`` in one step."""
+    """Flush ``tmp_path`` to disk and rename it to ``path`` in one step, readable as any new
+    file (some writers, e.g. safetensors, create owner-only files)."""
     with open(tmp_path, 'rb+') as f:
         os.fsync(f.fileno())
+    os.chmod(tmp_path, 0o666 & ~_umask())
     os.replace(tmp_path, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager

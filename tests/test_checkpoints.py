@@ -164,3 +164,18 @@ def test_unplain_checkpoint_content_is_refused_at_save():
     check_plain(to_plain({'palette': np.zeros((2, 3)), 'n': np.int64(3)}))
     with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a .*HistoryBuffer"):
         check_plain({'x': HistoryBuffer()})
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates owner-only files; what we write follows the umask, like open()."""
+    import stat
+
+    from safetensors.torch import save_file
+
+    from mmseg_gate.fileio import atomic_file
+    path = str(tmp_path / 'lora.safetensors')
+    with atomic_file(path) as tmp:
+        save_file({'a': torch.zeros(1)}, tmp)
+    plain = tmp_path / 'plain'
+    plain.write_text('x')
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

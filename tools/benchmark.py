@@ -25,7 +25,6 @@ speed and memory are those of the real models. Prints one JSON line:
   ``peak_mem_ratio`` (the config's mode, adapters by default, against naive).
 """
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ import mmseg_gate  # noqa: F401
 from mmseg.registry import MODELS
 from mmseg_gate import GATEFeatureExtractor
 from mmseg_gate.models.amalgamation import GATEFusion
+from mmseg_gate.models.diffusion.extractor import extractor_kwargs
 from mmseg_gate.models.diffusion.latents import encode_latents
 from mmseg_gate.testing.architectures import write_random_models
 from mmseg_gate.testing.naive import NaiveGATE
@@ -205,12 +205,6 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
                 **result, iters=iters, unet_flops_per_variant=truncated,
                 unet_full_flops_per_variant=full, unet_fraction=round(truncated / full, 4),
                 stages_run=extractor.stages_run)
-
-
-def extractor_kwargs(backbone_cfg) -> dict:
-    """The backbone config's arguments that belong to the frozen half."""
-    names = inspect.signature(GATEFeatureExtractor.__init__).parameters
-    return {k: v for k, v in backbone_cfg.items() if k in names}
 
 
 def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:

@@ -37,8 +37,8 @@ from .conditions import ConditionDetector
 from .controlnets import load_controlnet
 from .latents import add_noise, encode_latents
 from .loading import DEFAULT_MODEL, load_stable_diffusion
-from .lora import (BASE, TEXT_ENCODERS, LoRAFile, adapters_per_sample, load_lora_adapters,
-                   load_text_encoder_lora)
+from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
+                   load_text_encoder_loras)
 from .prompts import PromptEmbedding, encode_prompt
 from .unet_taps import UNetTaps
 from .variants import Variant, parse_variants
@@ -73,6 +73,13 @@ def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
         from mmseg.utils import get_classes
         return ', '.join(get_classes(class_names))
     return ', '.join(class_names)
+
+
+def extractor_kwargs(backbone_cfg: dict) -> dict:
+    """A backbone config's arguments that belong to the frozen half."""
+    import inspect
+    names = inspect.signature(GATEFeatureExtractor.__init__).parameters
+    return {k: v for k, v in dict(backbone_cfg).items() if k in names and k != 'self'}
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -162,7 +169,7 @@ class GATEFeatureExtractor:
                   if v.lora is not None}
         self.unets, lora_files = self._prepare_unets(parts.unet, wanted)
         # A variant's prompt is encoded with its LoRA's text-encoder part, if the file has one.
-        self.text_adapters = _load_text_loras(parts.text_encoders, lora_files, wanted)
+        self.text_adapters = load_text_encoder_loras(parts.text_encoders, lora_files, wanted)
         self.prompt_embeds: Dict[Tuple[str, Optional[str]], PromptEmbedding] = {
             key: _encode_with_adapter(parts, *key, self.text_adapters)
             for key in dict.fromkeys(self.embedding_key(v) for v in self.variants)}
@@ -431,32 +438,11 @@ class GATEFeatureExtractor:
                 for name, f in out.items()]
 
 
-def _load_text_loras(text_encoders: List, files: Dict[str, LoRAFile],
-                     wanted: Dict[str, Tuple[str, float]]) -> Dict[str, float]:
-    """Load the text-encoder parts of the LoRA files as adapters; {adapter: scale} of those
-    that have one."""
-    adapters = {}
-    for adapter, lora in files.items():
-        for prefix, encoder in zip(TEXT_ENCODERS, text_encoders):
-            if prefix in lora.text_encoders:
-                load_text_encoder_lora(encoder, prefix, adapter, lora, wanted[adapter][0])
-                adapters[adapter] = wanted[adapter][1]
-    return adapters
-
-
 @torch.no_grad()
 def _encode_with_adapter(parts, prompt: str, adapter: Optional[str],
                          scales: Dict[str, float]) -> PromptEmbedding:
     """``prompt``'s embedding with text-encoder LoRA ``adapter`` active (None: none)."""
-    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
-    for encoder in parts.text_encoders:
-        if not getattr(encoder, 'peft_config', None):
-            continue
-        if adapter is not None and adapter in encoder.peft_config:
-            set_weights_and_activate_adapters(encoder, [adapter], [scales[adapter]])
-            set_adapter_layers(encoder, enabled=True)
-        else:
-            set_adapter_layers(encoder, enabled=False)
+    activate_adapter(parts.text_encoders, adapter, scales)
     return encode_prompt(parts.text_encoders, parts.tokenizers, prompt)
 
 

@@ -29,7 +29,7 @@ _GET_WEIGHTS_HINT = (
 
 @dataclass
 class StableDiffusionParts:
-    """What GATE needs from a Stable Diffusion checkpoint (no VAE decoder). SD1.x/2.x have
+    """What GATE needs from a Stable Diffusion checkpoint (no VAE decoder unless asked). SD1.x/2.x have
     one text encoder and tokenizer, SDXL two (the second with a pooled projection)."""
     vae: AutoencoderKL
     unet: UNet2DConditionModel
@@ -100,8 +100,9 @@ def _is_variant_weights(name: str) -> bool:
 
 
 def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
-                          torch_dtype: Optional[torch.dtype] = None) -> StableDiffusionParts:
-    """Load VAE (decoder dropped), UNet, CLIP text encoder(s), tokenizer(s) and noise
+                          torch_dtype: Optional[torch.dtype] = None,
+                          keep_decoder: bool = False) -> StableDiffusionParts:
+    """Load VAE (decoder dropped unless ``keep_decoder``), UNet, CLIP text encoder(s), tokenizer(s) and noise
     schedule of an SD1.x, SD2.x or SDXL model.
 
     Every weight file must load completely (no key missing, left over or of another shape)
@@ -112,6 +113,7 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
             ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (resolved through the local
             Hugging Face cache; set ``HF_HUB_OFFLINE=1`` to forbid downloads).
         torch_dtype: dtype for the weights; None keeps float32.
+        keep_decoder: keep the VAE decoder (only pictures need it, never features).
     """
     local = is_local_path(pretrained)
     if local:
@@ -134,7 +136,8 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
     except (OSError, ValueError) as err:
         raise _load_error(pretrained, 'tokenizer/ or scheduler/', err,
                           _GET_WEIGHTS_HINT) from err
-    drop_vae_decoder(vae)
+    if not keep_decoder:
+        drop_vae_decoder(vae)
     return StableDiffusionParts(vae, unet, text_encoders, tokenizers, scheduler, pretrained)
 
 

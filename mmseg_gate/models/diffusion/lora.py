@@ -191,13 +191,56 @@ def load_text_encoder_lora(text_encoder, prefix: str, name: str, lora: LoRAFile,
     ``text_encoder`` as adapter ``name`` and check that every tensor landed."""
     state_dict = lora.text_encoders[prefix]
     try:
-        StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-            state_dict, network_alphas=lora.alphas, text_encoder=text_encoder, prefix=prefix,
-            adapter_name=name, metadata=None if lora.alphas else lora.metadata)
+        with _quiet_transformers():  # its load report lists the other adapters as missing
+            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                state_dict, network_alphas=lora.alphas, text_encoder=text_encoder,
+                prefix=prefix, adapter_name=name,
+                metadata=None if lora.alphas else lora.metadata)
     except Exception as err:  # peft/diffusers errors do not name the file
         raise ValueError(f"LoRA '{path}' could not be loaded into the {prefix} "
                          f'({type(err).__name__}: {err}).') from err
     check_lora_landed(text_encoder, name, state_dict, prefix, path)
+
+
+def load_text_encoder_loras(text_encoders: Sequence, files: Dict[str, LoRAFile],
+                            wanted: Dict[str, tuple]) -> Dict[str, float]:
+    """Load the text-encoder parts of LoRA ``files`` ({adapter: file}) as adapters;
+    ``wanted`` is {adapter: (path, scale)}. Returns {adapter: scale} of those with one."""
+    adapters = {}
+    for adapter, lora in files.items():
+        for prefix, encoder in zip(TEXT_ENCODERS, text_encoders):
+            if prefix in lora.text_encoders:
+                load_text_encoder_lora(encoder, prefix, adapter, lora, wanted[adapter][0])
+                adapters[adapter] = wanted[adapter][1]
+    return adapters
+
+
+def activate_adapter(models: Sequence, adapter: Optional[str],
+                     scales: Dict[str, float]) -> None:
+    """Run every model that holds LoRA ``adapter`` with it alone, at its scale; the others
+    (and all of them for ``adapter=None``) with their LoRA layers off."""
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+    for model in models:
+        if not getattr(model, 'peft_config', None):
+            continue
+        if adapter is not None and adapter in model.peft_config:
+            set_weights_and_activate_adapters(model, [adapter], [scales[adapter]])
+            set_adapter_layers(model, enabled=True)
+        else:
+            set_adapter_layers(model, enabled=False)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' load report counts every adapter already in the model as missing from
+    each new file; :func:`check_lora_landed` does the real count."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def check_lora_landed(model, adapter_name: str, state_dict: Dict[str, torch.Tensor],

@@ -1,0 +1,2 @@
+"""The GATE guideline: content shift measured (content_shift), seen (pictures) and
+reconstructed (reconstruction)."""

@@ -1,0 +1,121 @@
+"""The GATE guideline: the content-shift metric, its pictures, reconstructions and the tool."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate.analysis.content_shift import (content_shift, measure_content_shift,
+                                               suppression_score)
+from mmseg_gate.analysis.pictures import LABEL_HEIGHT, feature_grid
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def blur(x, size):
+    return F.avg_pool2d(F.pad(x, [size // 2] * 4, mode='replicate'), size, stride=1)
+
+
+def test_identical_features_have_no_shift():
+    reference = torch.randn(2, 8, 16, 16)
+    anchor = content_shift(reference, reference + torch.randn_like(reference))
+    diff = content_shift(reference, reference.clone())
+    assert torch.equal(diff, torch.zeros(2))
+    assert torch.equal(suppression_score(diff, anchor), torch.ones(2))
+
+
+def test_the_anchors_drift_scores_zero():
+    reference = torch.randn(2, 8, 16, 16)
+    drifted = reference + torch.randn_like(reference)
+    anchor = content_shift(reference, drifted)
+    assert torch.equal(suppression_score(content_shift(reference, drifted), anchor),
+                       torch.zeros(2))
+
+
+def test_blur_increases_the_shift():
+    reference = torch.randn(1, 8, 32, 32)
+    diffs = [content_shift(reference, blur(reference, k)).item() for k in (3, 5, 9)]
+    assert 0 < diffs[0] < diffs[1] < diffs[2]
+
+
+def test_measure_on_the_tiny_model(gate_kwargs):
+    extractor = GATEFeatureExtractor(**gate_kwargs)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    result = measure_content_shift(extractor, images, [0, 50, 400], anchor_timestep=400,
+                                   progress=False)
+    assert extractor.timestep == 50  # restored
+    tap = extractor.feature_info[0]['name']
+    assert result['scores'][tap][0][0] == [1.0, 1.0]  # the reference itself
+    assert result['scores'][tap][400][0] == [0.0, 0.0]  # the anchor itself
+    summary = result['summary'][tap][50]
+    assert set(summary) == {0, 1, 2} and summary[0]['n'] == 2
+    assert all(-10 < s['mean'] <= 1 for s in summary.values())
+
+
+def test_feature_grid_layout():
+    image = torch.rand(3, 64, 96) * 2 - 1
+    per_variant = [{'a': torch.randn(1, 8, 8, 12), 'b': torch.randn(1, 4, 4, 6)}
+                   for _ in range(3)]
+    grid = feature_grid(image, per_variant, ['v0', 'v1', 'v2'], ['a', 'b'], tile=96)
+    assert grid.size == (96 * 4, 2 * (64 + 2 * LABEL_HEIGHT))
+
+
+def test_reconstructions_run_on_the_tiny_model(gate_kwargs):
+    from mmseg_gate.analysis.reconstruction import Reconstructor
+    extractor = GATEFeatureExtractor(**gate_kwargs)
+    reconstructor = Reconstructor(gate_kwargs['sd_model'], extractor.variants,
+                                  gate_kwargs['controlnets'], gate_kwargs['loras'],
+                                  torch.device('cpu'))
+    image = torch.rand(3, 64, 64) * 2 - 1
+    images = reconstructor(image, strength=0.8, steps=3)
+    assert len(images) == 3 and all(im.size == (64, 64) for im in images)
+    pixels = [torch.from_numpy(np.asarray(im)).float() for im in images]
+    # ControlNet and LoRA steer the reconstruction; the same call repeats exactly.
+    assert (pixels[1] - pixels[0]).abs().mean() > 1 and (pixels[2] - pixels[1]).abs().mean() > 1
+    again = reconstructor(image, strength=0.8, steps=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'content_shift.py'), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path):
+    from mmseg.registry import RUNNERS
+    cfg = make_demo_cfg(tmp_path / 'train', 2)
+    RUNNERS.build(cfg).train()
+    config = tmp_path / 'config.py'
+    cfg.dump(str(config))
+    images = [osp.join(demo_root, 'images', 'validation', f'ADE_valid_0000000{i}.jpg')
+              for i in range(2)]
+    out = tmp_path / 'out'
+    result = run_tool(str(config), *images, '--out', str(out), '--size', '64', '--timesteps',
+                      '50', '200', '--anchor-timestep', '400', '--steps', '2',
+                      '--checkpoint', str(tmp_path / 'train' / 'iter_2.pth'), '--no-progress')
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / 'content_shift.json').read_text())
+    assert len(report['variants']) == 3 and report['timesteps'] == [50, 200]
+    assert '| feature | t |' in (out / 'content_shift.md').read_text()
+    for stem in ('ADE_valid_00000000', 'ADE_valid_00000001'):
+        features = Image.open(out / f'features_{stem}.png')
+        taps = len(report['summary'])  # the config's 3 taps + an attention tap
+        assert taps == 4 and features.size == (128 * 4, taps * (128 + 2 * LABEL_HEIGHT))
+        assert Image.open(out / f'reconstruction_{stem}.png').size == (
+            128 * 4, 128 + LABEL_HEIGHT)
+    assert Image.open(out / 'amalgamation_weights.png').size[0] > 100
+
+
+@pytest.mark.parametrize('bad', ['config', 'image'])
+def test_tool_names_what_is_missing(bad, tmp_path):
+    config = osp.join(ROOT, 'configs', 'gate_upernet_demo.py')
+    args = [str(tmp_path / 'nope.py'), config] if bad == 'config' else \
+        [config, str(tmp_path / 'nope.jpg')]
+    result = run_tool(*args)
+    assert result.returncode != 0 and 'nope' in result.stderr
