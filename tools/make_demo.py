@@ -1,5 +1,6 @@
-"""Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout, a tiny
-Stable Diffusion in diffusers format and a ControlNet for it.
+"""Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout (and a
+label-scarce one in DDPM-segmentation's), a tiny Stable Diffusion in diffusers format and a
+ControlNet for it.
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
 
@@ -22,7 +23,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from mmseg_gate.testing.demo_data import write_ade_layout_dataset
+from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
+                                          write_ddpm_seg_layout_dataset)
 from mmseg_gate.testing.architectures import (save_random_controlnet,
                                                        save_random_stable_diffusion,
                                                        unit_variance_scaling)
@@ -92,6 +94,9 @@ def main():
     parser.add_argument('--out', default='data/demo', help='output folder')
     parser.add_argument('--num-train', type=int, default=160)
     parser.add_argument('--num-val', type=int, default=32)
+    parser.add_argument('--num-scarce-train', type=int, default=20,
+                        help='label-scarce demo: training images (the benchmark: 30-40)')
+    parser.add_argument('--num-scarce-test', type=int, default=20)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--vae-steps', type=int, default=300,
                         help='autoencoder training steps of the tiny VAE (0: keep it random)')
@@ -101,6 +106,10 @@ def main():
     write_atomically(
         dataset_root, args.force,
         lambda path: write_ade_layout_dataset(path, args.num_train, args.num_val, args.seed))
+    write_atomically(
+        osp.join(args.out, 'label_scarce'), args.force,
+        lambda path: write_ddpm_seg_layout_dataset(path, args.num_scarce_train,
+                                                   args.num_scarce_test, seed=args.seed))
     write_atomically(osp.join(args.out, 'tiny-sd'), args.force,
                      lambda path: write_tiny_model(path, dataset_root, args.vae_steps, args.seed))
     write_atomically(osp.join(args.out, 'controlnet-canny'), args.force,

@@ -1,5 +1,6 @@
 from .backbones import GATEBackbone
 from .diffusion import GATEFeatureExtractor
+from .heads import PixelClassifierHead
 from .segmentors import GATEEncoderDecoder
 
-__all__ = ['GATEBackbone', 'GATEFeatureExtractor', 'GATEEncoderDecoder']
+__all__ = ['GATEBackbone', 'GATEFeatureExtractor', 'GATEEncoderDecoder', 'PixelClassifierHead']

@@ -16,9 +16,10 @@ DEMO_CLASSES = {1: (120, 120, 120), 2: (180, 120, 90), 3: (90, 160, 235), 4: (20
 IMAGE_SIZE = (96, 128)  # height, width: non-square on purpose
 
 
-def synthetic_scene(rng: np.random.Generator):
-    """One image and its annotation: Voronoi cells of random classes, textured colours."""
-    height, width = IMAGE_SIZE
+def synthetic_scene(rng: np.random.Generator, size=IMAGE_SIZE):
+    """One image and its annotation (ids 1-5): Voronoi cells of random classes, textured
+    colours; ``size`` is (height, width)."""
+    height, width = size
     seeds = rng.uniform((0, 0), (height, width), size=(rng.integers(3, 7), 2))
     classes = rng.choice(list(DEMO_CLASSES), size=len(seeds))
     yy, xx = np.mgrid[:height, :width]
@@ -45,3 +46,17 @@ def write_ade_layout_dataset(root: str, num_train: int, num_val: int, seed: int 
             Image.fromarray(label).save(osp.join(root, 'annotations', split, name + '.png'))
 
 
+
+
+def write_ddpm_seg_layout_dataset(root: str, num_train: int, num_test: int, size: int = 64,
+                                  seed: int = 0) -> None:
+    """Write DDPM-segmentation's layout under root: ``real/{train,test}/<i>.png`` square
+    images with ``<i>.npy`` label arrays (classes 0-4, all scored, as in Horse-21)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', num_train), ('test', num_test)):
+        folder = osp.join(root, 'real', split)
+        os.makedirs(folder)
+        for i in range(count):
+            image, label = synthetic_scene(rng, (size, size))
+            Image.fromarray(image).save(osp.join(folder, f'{i}.png'))
+            np.save(osp.join(folder, f'{i}.npy'), (label - 1).astype(np.uint8))

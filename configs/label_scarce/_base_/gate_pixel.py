@@ -1,0 +1,110 @@
+# DDPM-segmentation's label-scarce protocol on GATE features (the authors'
+# `scarce_segmentation_gate` recipe): SD1.5 at 512x512, guided denoising from t = 60 down to
+# t = 50 with each variant's guidance, the upsampler outputs of up blocks 0-2, the last
+# transformer output of up block 3 and the up blocks' aggregated cross-attention maps
+# (strides 32 and 16, 77 tokens each: the authors' `up_cross`), amalgamated by learned weights
+# with the sparsity regulariser, then an ensemble of 10 pixel MLPs on features resized to
+# 256x256. Labels stay at the benchmark's 256x256; predictions are scored there.
+custom_imports = dict(imports=['mmseg_gate'], allow_failed_imports=False)
+default_scope = 'mmseg'
+runner_type = 'GATERunner'
+
+pixel_mean = [127.5, 127.5, 127.5]
+pixel_std = [127.5, 127.5, 127.5]
+image_size = (512, 512)  # what the diffusion model sees
+norm_cfg = dict(type='BN', requires_grad=True)
+num_classes = 21
+data_preprocessor = dict(type='SegDataPreProcessor', mean=pixel_mean, std=pixel_std,
+                         bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
+                         size_divisor=1)  # images come resized: nothing to pad
+model = dict(
+    type='GATEEncoderDecoder',
+    # The authors' sparsity term (their lambda random-walks from 0 in steps of 1e-5).
+    amalgamation_regularizer=dict(sparsity=1e-3),
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        type='GATEBackbone',
+        sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+        taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+              'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
+        attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
+        timestep=50,
+        denoising_from=60,
+        noise_seed=0,
+        input_mean=pixel_mean,
+        input_std=pixel_std,
+        frozen_dtype='auto',
+        num_refine_blocks=0,  # the benchmark's classifier sees the amalgamated features
+        norm_cfg=norm_cfg),
+    decode_head=dict(
+        type='PixelClassifierHead',
+        # SD1.5: 640 + 320 + 154 (cross-attention maps) + 1280 + 1280 = 3674 per pixel.
+        in_channels=[640, 320, 154, 1280, 1280],  # the backbone's outputs, finest first
+        num_classes=num_classes,
+        feature_size=256,
+        num_classifiers=10,
+        ensemble='vote',
+        ignore_index=255,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0,
+                         avg_non_ignore=True)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+
+dataset_type = 'Horse21Dataset'
+data_root = 'datasets/horse_21'
+# The image is resized for the diffusion model before the label is read: the label keeps
+# the benchmark's 256x256, where the loss and the metric are computed.
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='LoadNpyAnnotations'),
+    dict(type='IgnoreSmallRegions', min_pixels=20),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='LoadNpyAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=2, persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(type=dataset_type, data_root=data_root,
+                 data_prefix=dict(img_path='real/train', seg_map_path='real/train'),
+                 pipeline=train_pipeline))
+test_dataloader = dict(
+    batch_size=1, num_workers=2, persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type=dataset_type, data_root=data_root,
+                 data_prefix=dict(img_path='real/test', seg_map_path='real/test'),
+                 pipeline=test_pipeline))
+test_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+# The benchmark has no validation set: train, then test (tools/label_scarce.py).
+val_dataloader = val_evaluator = val_cfg = None
+
+# About 100 epochs of the training images at batch 2 (the benchmark's MLPs: Adam 1e-3, at
+# most 100 epochs of 64-pixel batches, early stopping on the training loss).
+max_iters = 1500
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='Adam', lr=1e-3))
+param_scheduler = []
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
+test_cfg = dict(type='TestLoop')
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=1),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook', draw=False))
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+vis_backends = [dict(type='LocalVisBackend')]
+# No fixed name: each split's runner gets its own visualizer.
+visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends)
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0)

@@ -1,0 +1,58 @@
+# The label-scarce protocol at toy scale on the CPU: the demo's tiny model and LoRAs
+# (`bash tools/demo.sh`, or `python tools/make_demo.py` and
+# `python tools/train_lora.py configs/lora/demo.py`) on 20 + 20 synthetic images in
+# DDPM-segmentation's layout (5 classes, all scored). Same recipe as the real configs:
+# attention features and cross-attention maps, amalgamation with the sparsity term, an
+# ensemble of pixel MLPs -- but no guided denoising (`denoising_from=None`): its ten full
+# passes per variant would make the CPU run ten times longer (the extractor's tests cover it).
+#   python tools/label_scarce.py configs/label_scarce/gate_pixel_demo.py --splits 3
+_base_ = ['./_base_/gate_pixel.py']
+num_classes = 5
+dataset_type = 'DDPMSegDataset'
+data_root = 'data/demo/label_scarce'
+metainfo = dict(classes=('wall', 'building', 'sky', 'floor', 'tree'))
+image_size = (64, 64)
+model = dict(
+    backbone=dict(
+        sd_model='data/demo/tiny-sd',
+        denoising_from=None,
+        prompt='a highly realistic photo of the real world, high quality',
+        taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+              'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.1'),
+        controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
+                                    condition=dict(type='canny'))),
+        loras=dict(a='data/demo/lora/lora_step100.safetensors'),
+        variants=[
+            dict(),
+            dict(prompt='a photo', controlnets=dict(canny=1.0)),
+            dict(prompt='a photo', lora='a'),
+        ]),
+    decode_head=dict(in_channels=[64, 32, 154, 64, 64], num_classes=num_classes,
+                     feature_size=64, num_classifiers=4))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='LoadNpyAnnotations'),
+    dict(type='IgnoreSmallRegions', min_pixels=20),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_size, keep_ratio=False),
+    dict(type='LoadNpyAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 pipeline=train_pipeline))
+test_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 pipeline=test_pipeline))
+max_iters = 100
+optim_wrapper = dict(optimizer=dict(lr=2e-3))
+train_cfg = dict(max_iters=max_iters)
+default_hooks = dict(logger=dict(interval=25),
+                     checkpoint=dict(interval=max_iters))
+env_cfg = dict(dist_cfg=dict(backend='gloo'))

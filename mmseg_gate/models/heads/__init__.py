@@ -1,0 +1,3 @@
+from .pixel_classifier_head import PixelClassifierHead
+
+__all__ = ['PixelClassifierHead']

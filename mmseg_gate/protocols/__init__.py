@@ -1,0 +1,1 @@
+"""The paper's other evaluation protocols, run on GATE features with MMEngine."""

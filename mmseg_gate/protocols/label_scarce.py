@@ -1,0 +1,114 @@
+"""The label-scarce protocol: train and test on the official split and on random re-splits.
+
+DDPM-segmentation's numbers (and the GATE authors') are the mean over random splits of
+train+test into sets of the official sizes, each trained from scratch and tested. Each split is
+one MMEngine run in its own work folder (``<work_dir>/<split>/``) with the split's image lists
+as ``ann_file``s; its result is written when it finishes, so a rerun skips finished splits and
+resumes an unfinished one from its last checkpoint.
+"""
+import copy
+import glob
+import json
+import os
+import os.path as osp
+from typing import Dict, List
+
+import numpy as np
+from mmengine.config import Config
+
+from ..fileio import atomic_file
+
+
+def list_images(data_root: str, folder: str, img_suffix: str) -> List[str]:
+    """Images under ``data_root/folder`` (recursively, as the benchmark reads them) as paths
+    relative to ``data_root`` without suffix, sorted."""
+    base = osp.join(data_root, folder)
+    files = glob.glob(osp.join(glob.escape(base), '**', '*' + img_suffix), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"No '*{img_suffix}' images in '{base}'. Get the benchmark "
+                                'with `bash datasets/download_datasets.sh` from '
+                                'https://github.com/yandex-research/ddpm-segmentation.')
+    return sorted(osp.relpath(f, data_root)[:-len(img_suffix)] for f in files)
+
+
+def make_splits(train: List[str], test: List[str], num_random: int,
+                seed: int = 0) -> List[Dict]:
+    """The official split, then ``num_random`` random re-splits of train+test with the
+    official sizes (split i shuffles with ``seed + i``)."""
+    splits = [dict(name='official', train=list(train), test=list(test))]
+    pool = list(train) + list(test)
+    for i in range(num_random):
+        order = np.random.default_rng(seed + i).permutation(len(pool))
+        shuffled = [pool[j] for j in order]
+        splits.append(dict(name=f'random{i}', train=sorted(shuffled[:len(train)]),
+                           test=sorted(shuffled[len(train):])))
+    return splits
+
+
+def _write_lines(path: str, lines: List[str]) -> str:
+    with atomic_file(path) as tmp, open(tmp, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return osp.abspath(path)
+
+
+def split_config(cfg: Config, split: Dict, work_dir: str) -> Config:
+    """``cfg`` training on ``split['train']`` and testing on ``split['test']`` in
+    ``work_dir`` (the lists are written there)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.work_dir = work_dir
+    os.makedirs(work_dir, exist_ok=True)
+    for loader, part in ((cfg.train_dataloader, 'train'), (cfg.test_dataloader, 'test')):
+        loader.dataset.ann_file = _write_lines(osp.join(work_dir, f'{part}.txt'), split[part])
+        loader.dataset.data_prefix = dict(img_path='', seg_map_path='')
+    cfg.resume = osp.isfile(osp.join(work_dir, 'last_checkpoint'))
+    return cfg
+
+
+def run_split(cfg: Config) -> Dict[str, float]:
+    """Train, then test; the test metrics."""
+    from mmseg.registry import RUNNERS
+    runner = RUNNERS.build(cfg)
+    runner.train()
+    return {key: float(value) for key, value in runner.test().items()}
+
+
+def summarize(results: Dict[str, Dict[str, float]], metric: str = 'mIoU') -> Dict:
+    random = [r[metric] for name, r in results.items() if name.startswith('random')]
+    summary = dict(metric=metric, official=results.get('official', {}).get(metric))
+    if random:
+        summary.update(random_mean=float(np.mean(random)), random_std=float(np.std(random)),
+                       random_n=len(random))
+    return summary
+
+
+def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
+                 metric: str = 'mIoU') -> Dict:
+    """Every split of :func:`make_splits`, resumable; writes and returns
+    ``<work_dir>/label_scarce.json``."""
+    dataset = cfg.train_dataloader.dataset
+    suffix = dataset.get('img_suffix', '.png')
+    train = list_images(dataset.data_root, dataset.data_prefix['img_path'], suffix)
+    test_set = cfg.test_dataloader.dataset
+    test = list_images(test_set.data_root, test_set.data_prefix['img_path'], suffix)
+    splits = make_splits(train, test, num_random, seed)
+    results = {}
+    for index, split in enumerate(splits, 1):
+        folder = osp.join(work_dir, split['name'])
+        done = osp.join(folder, 'result.json')
+        if osp.isfile(done):
+            with open(done) as f:
+                results[split['name']] = json.load(f)
+            print(f"[label_scarce] split {index}/{len(splits)} ({split['name']}): done "
+                  f"before, {metric} {results[split['name']].get(metric)}")
+            continue
+        print(f"[label_scarce] split {index}/{len(splits)} ({split['name']}): "
+              f"{len(split['train'])} training, {len(split['test'])} test images")
+        results[split['name']] = run_split(split_config(cfg, split, folder))
+        with atomic_file(done) as tmp, open(tmp, 'w') as f:
+            json.dump(results[split['name']], f, indent=1)
+    report = dict(splits=results, summary=summarize(results, metric), seed=seed,
+                  split_lists={s['name']: dict(train=s['train'], test=s['test'])
+                               for s in splits})
+    with atomic_file(osp.join(work_dir, 'label_scarce.json')) as tmp, open(tmp, 'w') as f:
+        json.dump(report, f, indent=1)
+    return report

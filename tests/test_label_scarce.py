@@ -1,0 +1,186 @@
+"""Label-scarce segmentation: the benchmark's layout and rules, the pixel-classifier head,
+the split protocol and the tool end to end on the tiny model."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.structures import PixelData
+
+import mmseg_gate  # noqa: F401
+from mmseg.registry import DATASETS, MODELS
+from mmseg.structures import SegDataSample
+from mmseg_gate.datasets.label_scarce import IgnoreSmallRegions, LoadNpyAnnotations
+from mmseg_gate.protocols.label_scarce import list_images, make_splits
+from mmseg_gate.testing.demo_data import write_ddpm_seg_layout_dataset
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CLASSES = ('wall', 'building', 'sky', 'floor', 'tree')
+
+
+@pytest.fixture(scope='module')
+def scarce_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('scarce') / 'horse_21')
+    write_ddpm_seg_layout_dataset(root, num_train=6, num_test=4, size=32)
+    return root
+
+
+def build_dataset(root, folder='real/train', **kwargs):
+    cfg = dict(type='DDPMSegDataset', data_root=root, metainfo=dict(classes=CLASSES),
+               data_prefix=dict(img_path=folder, seg_map_path=folder),
+               pipeline=[dict(type='LoadNpyAnnotations')])
+    cfg.update(kwargs)
+    return DATASETS.build(cfg)
+
+
+def test_dataset_reads_the_benchmark_layout(scarce_root):
+    dataset = build_dataset(scarce_root)
+    assert len(dataset) == 6 and dataset.metainfo['classes'] == CLASSES
+    sample = dataset[0]
+    expected = np.load(osp.join(scarce_root, 'real', 'train', '0.npy'))
+    assert sample['img_path'].endswith(osp.join('real', 'train', '0.png'))
+    assert np.array_equal(sample['gt_seg_map'], expected) and expected.max() <= 4
+
+
+def test_dataset_errors_name_the_problem(scarce_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match='download_datasets'):
+        build_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match='metainfo'):
+        DATASETS.build(dict(type='DDPMSegDataset', data_root=scarce_root,
+                            data_prefix=dict(img_path='real/train',
+                                             seg_map_path='real/train')))
+    broken = tmp_path / 'broken'
+    write_ddpm_seg_layout_dataset(str(broken), num_train=3, num_test=1, size=32)
+    (broken / 'real' / 'train' / '1.npy').unlink()
+    with pytest.raises(FileNotFoundError, match=r"1\.npy"):
+        build_dataset(str(broken))
+
+
+def test_label_files_never_unpickle(tmp_path):
+    path = str(tmp_path / 'label.npy')
+    np.save(path, np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    results = dict(seg_map_path=path, reduce_zero_label=False, seg_fields=[])
+    with pytest.raises(ValueError, match='not a plain numpy array'):
+        LoadNpyAnnotations()(results)
+    np.save(path, np.full((4, 4), 300, dtype=np.int32))
+    with pytest.raises(ValueError, match='0-255'):
+        LoadNpyAnnotations()(results)
+
+
+def test_bedroom_ignores_its_background(tmp_path):
+    path = str(tmp_path / 'label.npy')
+    np.save(path, np.array([[0, 1], [28, 255]], dtype=np.uint8))
+    results = LoadNpyAnnotations()(dict(seg_map_path=path, reduce_zero_label=True,
+                                        seg_fields=[]))
+    assert results['gt_seg_map'].tolist() == [[255, 0], [27, 255]]
+    dataset_cls = DATASETS.get('Bedroom28Dataset')
+    assert len(dataset_cls.METAINFO['classes']) == 28
+    assert len(DATASETS.get('Horse21Dataset').METAINFO['classes']) == 21
+
+
+def test_small_regions_are_ignored_in_training():
+    label = np.zeros((10, 10), dtype=np.uint8)
+    label[0, :19 // 2] = 1  # 9 pixels of class 1
+    label[5:7, :10] = 2  # 20 pixels of class 2
+    label[9, 9] = 255
+    out = IgnoreSmallRegions(min_pixels=20)(dict(gt_seg_map=label.copy()))['gt_seg_map']
+    assert (out[label == 1] == 255).all() and (out[label == 2] == 2).all()
+    assert (out[label == 0] == 0).all() and out[9, 9] == 255
+
+
+def make_head(**kwargs):
+    cfg = dict(type='PixelClassifierHead', in_channels=[6, 4], num_classes=5, feature_size=8,
+               num_classifiers=3, loss_decode=dict(type='CrossEntropyLoss'))
+    cfg.update(kwargs)
+    head = MODELS.build(cfg)
+    head.init_weights()
+    return head
+
+
+def test_head_members_are_independent_mlps():
+    head = make_head().eval()
+    for bn in (head.members[2], head.members[5]):  # non-trivial statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    inputs = [torch.randn(2, 6, 8, 8), torch.randn(2, 4, 4, 4)]
+    logits = head.member_logits(inputs)
+    assert logits.shape == (2, 3, 5, 8, 8)
+    x = torch.cat([inputs[0], F.interpolate(inputs[1], size=(8, 8), mode='bilinear')], 1)
+    conv1, bn1, conv2, bn2, conv3 = (head.members[i] for i in (0, 2, 3, 5, 6))
+    for k in range(3):
+        def part(module, size):
+            return slice(k * size, (k + 1) * size)
+        h = F.conv2d(x, conv1.weight[part(conv1, 128)], conv1.bias[part(conv1, 128)]).relu()
+        h = F.batch_norm(h, bn1.running_mean[part(bn1, 128)], bn1.running_var[part(bn1, 128)],
+                         bn1.weight[part(bn1, 128)], bn1.bias[part(bn1, 128)])
+        h = F.conv2d(h, conv2.weight[part(conv2, 32)], conv2.bias[part(conv2, 32)]).relu()
+        h = F.batch_norm(h, bn2.running_mean[part(bn2, 32)], bn2.running_var[part(bn2, 32)],
+                         bn2.weight[part(bn2, 32)], bn2.bias[part(bn2, 32)])
+        out = F.conv2d(h, conv3.weight[part(conv3, 5)], conv3.bias[part(conv3, 5)])
+        torch.testing.assert_close(logits[:, k], out, rtol=1e-4, atol=1e-5)
+
+
+def test_head_vote_and_mean():
+    head = make_head().eval()
+    logits = torch.zeros(1, 3, 5, 1, 2)
+    logits[0, :, :, 0, 0] = torch.tensor([[0, 9, 0, 0, 0], [0, 9, 0, 0, 0], [0, 0, 9, 0, 0]])
+    logits[0, :, :, 0, 1] = torch.tensor([[0, 0, 0, 9, 0], [0, 0, 0, 0, 9], [0, 0, 0, 5, 0]])
+    head.member_logits = lambda inputs: logits
+    votes = head(None)
+    assert votes[0, :, 0, 0].tolist() == pytest.approx([0, 2 / 3, 1 / 3, 0, 0])
+    assert votes[0, :, 0, 1].argmax() == 3
+    head.ensemble = 'mean'
+    torch.testing.assert_close(head(None), logits.softmax(2).mean(1))
+
+
+def test_head_trains_each_member():
+    head = make_head().train()
+    inputs = [torch.randn(2, 6, 8, 8), torch.randn(2, 4, 4, 4)]
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 16, 16)))
+        samples.append(sample)
+    losses = head.loss(inputs, samples, None)
+    losses['loss_ce'].backward()
+    last = head.members[6].weight.grad.view(3, 5, -1)
+    assert set(losses) == {'loss_ce', 'acc_seg'}
+    assert all(last[k].abs().sum() > 0 for k in range(3))
+
+
+def test_splits_keep_sizes_and_are_reproducible():
+    train, test = [f'real/train/{i}' for i in range(6)], [f'real/test/{i}' for i in range(4)]
+    splits = make_splits(train, test, 3, seed=0)
+    assert splits[0] == dict(name='official', train=train, test=test)
+    for split in splits[1:]:
+        assert len(split['train']) == 6 and len(split['test']) == 4
+        assert sorted(split['train'] + split['test']) == sorted(train + test)
+    assert len({tuple(s['train']) for s in splits}) == 4
+    assert make_splits(train, test, 3, seed=0) == splits
+
+
+def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
+    work = tmp_path / 'work'
+    options = [f"model.backbone.sd_model={tiny['sd_model']}",
+               f"model.backbone.controlnets.canny.model={tiny['controlnet']}",
+               f"model.backbone.loras.a={tiny['loras']['a']}",
+               f'train_dataloader.dataset.data_root={scarce_root}',
+               f'test_dataloader.dataset.data_root={scarce_root}',
+               'train_cfg.max_iters=3', 'default_hooks.logger.interval=1']
+    command = [sys.executable, osp.join(ROOT, 'tools', 'label_scarce.py'),
+               osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'), '--splits',
+               '1', '--work-dir', str(work), '--cfg-options', *options]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((work / 'label_scarce.json').read_text())
+    assert set(report['splits']) == {'official', 'random0'}
+    assert 0 <= report['summary']['official'] <= 100 and report['summary']['random_n'] == 1
+    assert len(report['split_lists']['random0']['train']) == 6
+    assert list_images(scarce_root, 'real/test', '.png') == \
+        report['split_lists']['official']['test']
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count('done before') == 2
