@@ -1,5 +1,5 @@
 """Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout (and a
-label-scarce one in DDPM-segmentation's), a tiny Stable Diffusion in diffusers format and a
+label-scarce one in DDPM-segmentation's, correspondence pairs in SPair-71k's), a tiny Stable Diffusion in diffusers format and a
 ControlNet for it.
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
@@ -24,7 +24,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
-                                          write_ddpm_seg_layout_dataset)
+                                          write_ddpm_seg_layout_dataset,
+                                          write_spair_layout_dataset)
 from mmseg_gate.testing.architectures import (save_random_controlnet,
                                                        save_random_stable_diffusion,
                                                        unit_variance_scaling)
@@ -110,6 +111,10 @@ def main():
         osp.join(args.out, 'label_scarce'), args.force,
         lambda path: write_ddpm_seg_layout_dataset(path, args.num_scarce_train,
                                                    args.num_scarce_test, seed=args.seed))
+    write_atomically(
+        osp.join(args.out, 'spair'), args.force,
+        lambda path: write_spair_layout_dataset(path, dict(trn=40, val=10, test=20),
+                                                seed=args.seed))
     write_atomically(osp.join(args.out, 'tiny-sd'), args.force,
                      lambda path: write_tiny_model(path, dataset_root, args.vae_steps, args.seed))
     write_atomically(osp.join(args.out, 'controlnet-canny'), args.force,

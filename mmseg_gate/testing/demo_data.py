@@ -4,8 +4,10 @@ Scenes are Voronoi partitions whose cells belong to five ADE20K classes (wall, b
 floor, tree); each class has its own colour and texture, so a head on frozen features can learn
 them, and the real ``ADE20KDataset`` pipeline (``reduce_zero_label``) reads them unchanged.
 """
+import json
 import os
 import os.path as osp
+from typing import Dict
 
 import numpy as np
 from PIL import Image
@@ -60,3 +62,57 @@ def write_ddpm_seg_layout_dataset(root: str, num_train: int, num_test: int, size
             image, label = synthetic_scene(rng, (size, size))
             Image.fromarray(image).save(osp.join(folder, f'{i}.png'))
             np.save(osp.join(folder, f'{i}.npy'), (label - 1).astype(np.uint8))
+
+
+def write_spair_layout_dataset(root: str, pairs_per_split: Dict[str, int], size: int = 64,
+                               num_keypoints: int = 8, seed: int = 0) -> None:
+    """Write SPair-71k's layout under root with synthetic pairs of known correspondence: the
+    target is the source scene shifted, scaled and possibly mirrored, its keypoints (random
+    points of the source) moved with it. Two categories, 'cat' and 'dog'."""
+    rng = np.random.default_rng(seed)
+    for split, count in pairs_per_split.items():
+        os.makedirs(osp.join(root, 'PairAnnotation', split))
+        names = []
+        for i in range(count):
+            category = ('cat', 'dog')[i % 2]
+            folder = osp.join(root, 'JPEGImages', category)
+            os.makedirs(folder, exist_ok=True)
+            big, _ = synthetic_scene(rng, (2 * size, 2 * size))
+            scale = rng.uniform(0.8, 1.2)
+            crop = int(round(size * scale))
+            top, left = rng.integers(0, 2 * size - max(size, crop) + 1, size=2)
+            dy, dx = rng.integers(-size // 8, size // 8 + 1, size=2)
+            top2 = int(np.clip(top + dy, 0, 2 * size - crop))
+            left2 = int(np.clip(left + dx, 0, 2 * size - crop))
+            source = big[top:top + size, left:left + size]
+            target = np.asarray(Image.fromarray(big[top2:top2 + crop, left2:left2 + crop])
+                                .resize((size, size), Image.BILINEAR))
+            mirror = bool(rng.integers(0, 2))
+            if mirror:
+                target = target[:, ::-1]
+            src_kps, trg_kps = [], []
+            while len(src_kps) < num_keypoints:
+                x, y = rng.uniform(2, size - 3, size=2)
+                tx, ty = (x + left - left2) / scale, (y + top - top2) / scale
+                if 1 <= tx <= size - 2 and 1 <= ty <= size - 2:
+                    src_kps.append([round(x, 2), round(y, 2)])
+                    trg_kps.append([round(size - 1 - tx if mirror else tx, 2), round(ty, 2)])
+            src, trg = f'{split}{i:04d}s', f'{split}{i:04d}t'
+            Image.fromarray(source).save(osp.join(folder, src + '.jpg'), quality=95)
+            Image.fromarray(np.ascontiguousarray(target)).save(osp.join(folder, trg + '.jpg'),
+                                                               quality=95)
+            name = f'{i:06d}-{src}-{trg}:{category}'
+            names.append(name)
+            xs, ys = [p[0] for p in trg_kps], [p[1] for p in trg_kps]
+            annotation = dict(
+                pair_id=i, src_imname=src + '.jpg', trg_imname=trg + '.jpg', category=category,
+                src_imsize=[size, size, 3], trg_imsize=[size, size, 3], src_kps=src_kps,
+                trg_kps=trg_kps, kps_ids=[str(k) for k in range(num_keypoints)],
+                src_bndbox=[0, 0, size - 1, size - 1],
+                trg_bndbox=[int(min(xs)), int(min(ys)), int(max(xs)) + 1, int(max(ys)) + 1],
+                mirror=int(mirror))
+            with open(osp.join(root, 'PairAnnotation', split, name + '.json'), 'w') as f:
+                json.dump(annotation, f)
+        os.makedirs(osp.join(root, 'Layout', 'large'), exist_ok=True)
+        with open(osp.join(root, 'Layout', 'large', f'{split}.txt'), 'w') as f:
+            f.write('\n'.join(names) + '\n')
