@@ -85,7 +85,7 @@ def test_matching_finds_a_moved_pattern():
     expected = torch.stack([64 - 2 * src_kps[:, 0] - 1, src_kps[:, 1]], dim=1)
     # each keypoint lands on the mirrored feature cell: within a cell (8 px wide, 4 high)
     assert ((pred - expected).abs() <= torch.tensor([4.5, 2.5])).all()
-    grid = to_grid(torch.tensor([[0., 0.], [31., 31.]]), (32, 32), (8, 8))
+    grid = to_grid(torch.tensor([[0, 0], [31, 31]]), (32, 32), (8, 8))  # integer keypoints
     assert torch.allclose(grid, torch.tensor([[-0.375, -0.375], [7.375, 7.375]]))
 
 
@@ -122,3 +122,24 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     (work / 'best.safetensors').write_bytes(b'not a checkpoint')
     broken = run('test')
     assert broken.returncode != 0 and 'best.safetensors' in broken.stderr
+
+
+def test_the_real_config_builds(tiny):
+    """The shipped recipe's extractor builds once pointed at the tiny model."""
+    from mmengine.config import Config
+
+    from mmseg_gate import GATEFeatureExtractor
+    from mmseg_gate.protocols.correspondence import CorrespondenceAggregator
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence', 'gate_spair.py'))
+    assert cfg.data.image_size == 512 and cfg.extractor.timestep == 50
+    assert (cfg.train.lr, cfg.train.temperature, cfg.aggregator.projection_dim) == (
+        5e-4, 0.07, 384)
+    extractor_cfg = dict(cfg.extractor)
+    extractor_cfg.update(sd_model=tiny['sd_model'], loras=dict(tiny['loras']),
+                         controlnets=dict(canny=dict(model=tiny['controlnet'])),
+                         taps=extractor_cfg['taps'][:3] + ('up_blocks.3.attentions.1', ))
+    extractor = GATEFeatureExtractor(**extractor_cfg)
+    aggregator = CorrespondenceAggregator(extractor.feature_info, len(extractor.variants),
+                                          **cfg.aggregator)
+    feats = extractor(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert aggregator(feats).shape == (2, 384, 8, 8)

@@ -134,7 +134,9 @@ def raw_features(feats: Features, names: Sequence[str] = None) -> torch.Tensor:
 
 def to_grid(kps: torch.Tensor, image_size: Tuple[int, int], grid: Tuple[int, int]
             ) -> torch.Tensor:
-    """[x, y] in pixels of a (W, H) image -> [x, y] on an (h, w) grid (pixel centres)."""
+    """[x, y] in pixels of a (W, H) image -> [x, y] on an (h, w) grid (pixel centres).
+    SPair's keypoints are integers: computed in float."""
+    kps = kps.float()
     scale = kps.new_tensor([grid[1] / image_size[0], grid[0] / image_size[1]])
     return (kps + 0.5) * scale - 0.5
 
