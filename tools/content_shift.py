@@ -27,6 +27,7 @@ import os.path as osp
 
 import torch
 from mmengine.config import Config, DictAction
+from tqdm import tqdm
 
 import mmseg_gate  # noqa: F401  (registers the plugin)
 from mmseg_gate import GATEFeatureExtractor
@@ -113,7 +114,8 @@ def main():
                 f'{len(args.images)} image(s):\n\n' + markdown_table(result, labels))
     names = [f['name'] for f in extractor.feature_info]
     stems = [osp.splitext(osp.basename(p))[0] for p in args.images]
-    for stem, image in zip(stems, images):
+    for stem, image in tqdm(list(zip(stems, images)), desc='feature pictures', unit='image',
+                            disable=args.no_progress):
         feats = extractor(image[None], torch.Generator().manual_seed(args.seed))
         save_png(feature_grid(image.cpu(), [{n: f[n].cpu() for n in names} for f in feats],
                               labels, names), osp.join(out, f'features_{stem}.png'))
@@ -125,7 +127,8 @@ def main():
                                       dict(backbone.get('controlnets') or {}),
                                       dict(backbone.get('loras') or {}), device,
                                       extractor.dtype)
-        for stem, image in zip(stems, images):
+        for stem, image in tqdm(list(zip(stems, images)), desc='reconstructions',
+                                unit='image', disable=args.no_progress):
             recons = reconstructor(image.cpu(), args.strength, args.steps,
                                    args.guidance_scale, args.seed)
             save_png(labelled_grid([[to_pil(image.cpu()), *recons]], ['input', *labels]),
