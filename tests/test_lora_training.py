@@ -53,6 +53,27 @@ def test_text_encoder_lora_end_to_end(tiny_sd, lora_images, tmp_path):
     assert torch.equal(plain, base)
 
 
+def test_text_encoder_lora_needs_no_transformers_peft_integration(tiny_sd, lora_images,
+                                                                 tmp_path, monkeypatch):
+    """Training, saving, loading and activating text-encoder LoRAs use peft's own functions:
+    transformers' integration (which refuses peft 0.21 from transformers 5.24 on) is off."""
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers' PEFT integration was used")
+
+    for method in ('add_adapter', 'load_adapter', 'set_adapter', 'enable_adapters',
+                   'disable_adapters', 'delete_adapter', 'active_adapters'):
+        monkeypatch.setattr(PreTrainedModel, method, refuse)
+    cfg = recipe(tiny_sd, lora_images, tmp_path / 'lora', steps=4, save_every=4)
+    LoRATrainer(cfg, torch.device('cpu')).train(progress=False)
+    path = str(tmp_path / 'lora' / 'lora_step4.safetensors')
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
+                                     variants=[dict(), dict(lora='a')])
+    assert extractor.text_adapters == {extractor.variants[1].adapter: 1.0}
+    assert not torch.allclose(extractor.embedding(0).hidden, extractor.embedding(1).hidden)
+
+
 def test_unet_only_files_keep_working(tiny_sd, tiny_loras):
     extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo', loras=tiny_loras,
                                      variants=[dict(), dict(lora='a')])
@@ -85,6 +106,9 @@ def test_half_precision_and_checkpointing(tiny_sd, lora_images, tmp_path):
     assert all(p.dtype == torch.float32 for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert trainer.unet.is_gradient_checkpointing
+    # The text encoder's LoRA learns through its checkpointed layers (B starts at zero).
+    text_b = [p for n, p in trainer.text_encoders[0].named_parameters() if 'lora_B' in n]
+    assert text_b and any(p.abs().sum() > 0 for p in text_b)
 
 
 def test_tool_with_resume_and_bad_settings(tiny_sd, lora_images, tmp_path):

@@ -1,50 +1,58 @@
 #!/usr/bin/env bash
-# Installs everything mmseg_gate needs into the project-local virtual environment .venv.
+# Installs mmseg_gate into the project-local virtual environment .venv at exactly the versions
+# of requirements/lock.txt (every package, used as pip constraints), so that every machine gets
+# the verified set whatever the package index offers today.
+#   GATE_VENV   another virtualenv folder (default .venv)
+#   GATE_LOCK   another constraints file (tools/refresh_lock.sh resolves with requirements/pins.txt)
 # Idempotent: a second run checks each step and returns in seconds.
-# Versions: ../shared/DESIGN.md section 4 (verified together on a 2-core CPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GATE_VENV:-.venv}
+LOCK=${GATE_LOCK:-requirements/lock.txt}
 PY=${GATE_PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+[ -f "$LOCK" ] || { echo "[install] constraints file '$LOCK' does not exist" >&2; exit 1; }
+locked() { sed -n "s/^$1==\([^ ;#]*\).*/\1/p" "$LOCK" | head -n 1; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[install] creating $VENV with $PY"
   "$PY" -m venv "$VENV"
 fi
-pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
-have() { "$VENV/bin/python" - "$@" <<'PYEOF' 2>/dev/null
-import sys
+pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$LOCK" "$@"; }
+# have NAME...: each is installed at its locked version (any version if the file has none).
+have() { "$VENV/bin/python" - "$LOCK" "$@" <<'PYEOF' 2>/dev/null
+import re, sys
 from importlib.metadata import version
-for spec in sys.argv[1:]:
-    name, want = spec.split("==")
-    if version(name) != want:
+pins = dict(re.findall(r'^([A-Za-z0-9_.-]+)==(\S+)', open(sys.argv[1]).read(), re.M))
+for name in sys.argv[2:]:
+    if version(name) != pins.get(name, version(name)):
         sys.exit(1)
 PYEOF
 }
 
-# Build tools first: mmcv's build and mmengine's `mmseg::` config lookup need pkg_resources,
-# which setuptools 81+ dropped.
-have setuptools==80.9.0 || pip_ "setuptools==80.9.0" wheel ninja
+# Build tools first: mmcv's build and mmengine's `mmseg::` config lookup need pkg_resources.
+have setuptools wheel ninja || pip_ setuptools wheel ninja
 
-# PyPI's torch (not the local +cpu file, beside which torchvision does not import).
-# torch 2.14 needs C++20 headers, which mmcv 2.1.0's build cannot compile.
-if ! have torch==2.13.0 torchvision==0.28.0 || "$VENV/bin/python" -c "import torch,sys; sys.exit('+cpu' not in torch.__version__)"; then
-  echo "[install] torch 2.13.0 + torchvision 0.28.0 (several GB, about a minute)"
-  pip_ "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
+# PyPI's torch, never the local +cpu file (torchvision does not import beside it).
+TORCH=$(locked torch)
+if ! have torch torchvision || "$VENV/bin/python" -c "import torch,sys; sys.exit('+cpu' not in torch.__version__)"; then
+  echo "[install] torch $TORCH + torchvision (several GB, about a minute)"
+  pip_ "torch==$TORCH,!=$TORCH+cpu" torchvision
 fi
 
-# mmcv 2.1.0 with its compiled ops (mmseg imports mmcv.ops). A source build: about 12 minutes
-# on 2 cores the first time; pip caches the wheel, so later installs take seconds.
-if ! "$VENV/bin/python" -c "import mmcv.ops" >/dev/null 2>&1; then
-  echo "[install] mmcv 2.1.0 from source (first time about 12 minutes on 2 cores)"
-  MAX_JOBS=${MAX_JOBS:-2} pip_ --no-build-isolation "mmcv==2.1.0"
+# mmcv with its compiled ops (mmseg imports mmcv.ops). A source build: about 12 minutes on 2
+# cores the first time; pip caches the wheel, so later installs take seconds.
+if ! have mmcv || ! "$VENV/bin/python" -c "import mmcv.ops" >/dev/null 2>&1; then
+  echo "[install] mmcv $(locked mmcv) from source (first time about 12 minutes on 2 cores)"
+  MAX_JOBS=${MAX_JOBS:-2} pip_ --no-build-isolation mmcv
 fi
 
-# The package itself with its pinned dependencies, plus the test tools.
+# The package and the test tools, every dependency at its locked version.
+MARK="$VENV/.gate_installed"
 if ! "$VENV/bin/python" -c "import mmseg_gate, pytest" >/dev/null 2>&1 \
-   || [ setup.py -nt "$VENV/.gate_installed" ]; then
-  echo "[install] mmseg_gate and its dependencies"
+   || [ setup.py -nt "$MARK" ] || [ "$LOCK" -nt "$MARK" ] \
+   || [ "$(cat "$MARK" 2>/dev/null)" != "$LOCK" ]; then
+  echo "[install] mmseg_gate and its dependencies ($LOCK)"
   pip_ --no-build-isolation -e ".[tests]"
-  touch "$VENV/.gate_installed"
+  echo "$LOCK" > "$MARK"
 fi

@@ -7,6 +7,7 @@ sample, ``'__base__'`` for none); :func:`adapters_per_sample` hands it to every 
 """
 import json
 import os.path as osp
+import warnings
 from contextlib import contextmanager
 from typing import Dict, NamedTuple, Optional, Sequence
 
@@ -185,21 +186,49 @@ def load_lora_adapters(unet, adapters: Dict[str, str], scales: Dict[str, float]
     return files
 
 
+def add_lora(model, config, adapter_name: str = 'default') -> None:
+    """Inject LoRA layers into any module with peft's own function. Text encoders go through
+    here rather than transformers' PEFT integration (``PreTrainedModel.add_adapter``), which
+    checks peft versions of its own (transformers 5.24 refuses peft 0.21)."""
+    from peft import inject_adapter_in_model
+    with warnings.catch_warnings():  # the expected note when a model gets a second adapter
+        warnings.filterwarnings('ignore', message='Already found a `peft_config` attribute')
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+
+
+def text_encoder_lora_config(state_dict: Dict[str, torch.Tensor], lora: LoRAFile,
+                             prefix: str):
+    """The ``LoraConfig`` of the ``prefix`` part of ``lora`` (``state_dict``: its tensors
+    without the prefix): from the file's adapter metadata where it has some, else from the
+    tensors' ranks and the kohya alphas, as diffusers derives it."""
+    from diffusers.utils import get_peft_kwargs
+    from peft import LoraConfig
+    kwargs = {k[len(prefix) + 1:]: v for k, v in (lora.metadata or {}).items()
+              if k.startswith(f'{prefix}.')} if not lora.alphas else {}
+    if not kwargs:
+        ranks = {k: v.shape[1] for k, v in state_dict.items() if k.endswith('.lora_B.weight')}
+        alphas = {k[len(prefix) + 1:]: v for k, v in (lora.alphas or {}).items()
+                  if k.split('.')[0] == prefix}
+        kwargs = get_peft_kwargs(ranks, alphas or None, state_dict, is_unet=False)
+    return LoraConfig(**kwargs)
+
+
 def load_text_encoder_lora(text_encoder, prefix: str, name: str, lora: LoRAFile,
                            path: str) -> None:
     """Load the ``prefix`` ('text_encoder' or 'text_encoder_2') part of ``lora`` into
-    ``text_encoder`` as adapter ``name`` and check that every tensor landed."""
-    state_dict = lora.text_encoders[prefix]
+    ``text_encoder`` as adapter ``name`` with peft's own functions, and check that every
+    tensor landed."""
+    from peft import set_peft_model_state_dict
+    state_dict = {k[len(prefix) + 1:]: v for k, v in lora.text_encoders[prefix].items()}
+    if not hasattr(text_encoder, 'text_model'):  # newer CLIP classes are flat
+        state_dict = {k.removeprefix('text_model.'): v for k, v in state_dict.items()}
     try:
-        with _quiet_transformers():  # its load report lists the other adapters as missing
-            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                state_dict, network_alphas=lora.alphas, text_encoder=text_encoder,
-                prefix=prefix, adapter_name=name,
-                metadata=None if lora.alphas else lora.metadata)
-    except Exception as err:  # peft/diffusers errors do not name the file
+        add_lora(text_encoder, text_encoder_lora_config(state_dict, lora, prefix), name)
+        set_peft_model_state_dict(text_encoder, state_dict, adapter_name=name)
+    except Exception as err:  # peft errors do not name the file
         raise ValueError(f"LoRA '{path}' could not be loaded into the {prefix} "
                          f'({type(err).__name__}: {err}).') from err
-    check_lora_landed(text_encoder, name, state_dict, prefix, path)
+    check_lora_landed(text_encoder, name, lora.text_encoders[prefix], prefix, path)
 
 
 def load_text_encoder_loras(text_encoders: Sequence, files: Dict[str, LoRAFile],
@@ -228,19 +257,6 @@ def activate_adapter(models: Sequence, adapter: Optional[str],
             set_adapter_layers(model, enabled=True)
         else:
             set_adapter_layers(model, enabled=False)
-
-
-@contextmanager
-def _quiet_transformers():
-    """transformers' load report counts every adapter already in the model as missing from
-    each new file; :func:`check_lora_landed` does the real count."""
-    from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def check_lora_landed(model, adapter_name: str, state_dict: Dict[str, torch.Tensor],

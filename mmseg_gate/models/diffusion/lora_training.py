@@ -18,20 +18,19 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from ...datasets.images import list_images, read_square
 from ...engine.checkpoint import read_checkpoint
+from ...engine.devices import default_device, resolve_dtype
 from ...fileio import atomic_file, remove_stale_temporaries
 from .latents import encode_latents
 from .loading import load_stable_diffusion
-from .lora import save_lora_file
+from .lora import add_lora, save_lora_file
 from .prompts import chunk_token_ids
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 # CLIP's attention projections: what text-encoder LoRAs (diffusers' recipe) adapt.
 TEXT_ENCODER_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
 STATE_FILE = 'last_state.pth'
-_PRECISIONS = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 def check_recipe(cfg) -> None:
@@ -54,22 +53,9 @@ def pick_images(image_dir: str, num_images: int, seed: int) -> List[str]:
     if not osp.isdir(image_dir):
         raise FileNotFoundError(f"image_dir '{image_dir}' does not exist; point it at the "
                                 "dataset's training images.")
-    files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{image_dir}'.")
+    files = list_images(image_dir)
     random.Random(seed).shuffle(files)
     return [osp.join(image_dir, f) for f in files[:num_images]]
-
-
-def load_square(path: str, resolution: int) -> torch.Tensor:
-    """Shorter side resized to ``resolution``, centre crop, in [-1, 1]."""
-    image = Image.open(path).convert('RGB')
-    scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)),
-                          max(resolution, round(image.height * scale))), Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def captions_for(cfg, paths: List[str]) -> List[str]:
@@ -83,16 +69,6 @@ def captions_for(cfg, paths: List[str]) -> List[str]:
     return [table.get(osp.basename(p), cfg.get('caption', '')) for p in paths]
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on CUDA, float32 elsewhere."""
-    if name == 'auto':
-        return torch.float16 if device.type == 'cuda' else torch.float32
-    if name not in _PRECISIONS:
-        raise ValueError(f"mixed_precision must be 'auto' or one of {sorted(_PRECISIONS)}, got "
-                         f'{name!r}.')
-    return _PRECISIONS[name]
-
-
 class LoRATrainer:
     """Trains the LoRA of a recipe config.
 
@@ -102,7 +78,7 @@ class LoRATrainer:
             ``target_modules``, ``unet_lr``, ``text_encoder_lr`` (0: UNet only), ``steps``,
             ``batch_size``, ``save_every``, ``log_every``, ``caption``/``captions``, ``seed``.
         device: default CUDA when available.
-        mixed_precision: 'auto' (fp16 on CUDA), 'no', 'fp16' or 'bf16': the frozen weights'
+        mixed_precision: 'auto' (fp16 on accelerators), 'no', 'fp16' or 'bf16': the frozen weights'
             dtype and autocast; the LoRA weights stay float32.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
     """
@@ -111,8 +87,8 @@ class LoRATrainer:
                  mixed_precision: str = 'auto', gradient_checkpointing: bool = False):
         check_recipe(cfg)
         self.cfg = cfg
-        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        self.dtype = resolve_precision(mixed_precision, self.device)
+        self.device = torch.device(device or default_device())
+        self.dtype = resolve_dtype(mixed_precision, self.device, 'mixed_precision')
         self.gradient_checkpointing = gradient_checkpointing
 
     def _prepare(self):
@@ -124,8 +100,9 @@ class LoRATrainer:
         self.paths = pick_images(cfg.image_dir, cfg.num_images, cfg.seed)
         vae = parts.vae.to(device).eval()
         with torch.no_grad():  # once per image, in float32 (SDXL's VAE overflows in fp16)
-            self.latents = torch.cat([encode_latents(vae, load_square(p, cfg.resolution)[None]
-                                                     .to(device)) for p in self.paths])
+            self.latents = torch.cat([
+                encode_latents(vae, read_square(p, cfg.resolution)[0][None].to(device))
+                for p in self.paths])
         del vae
         self.unet, self.scheduler = parts.unet.to(device, self.dtype), parts.scheduler
         self.text_encoders = [t.to(device, self.dtype) for t in parts.text_encoders]
@@ -144,7 +121,7 @@ class LoRATrainer:
         groups = [dict(params=None, lr=cfg.unet_lr)]
         if self.train_text:
             for encoder in self.text_encoders:
-                encoder.add_adapter(LoraConfig(
+                add_lora(encoder, LoraConfig(
                     r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights='gaussian',
                     target_modules=list(cfg.get('text_encoder_target_modules',
                                                 TEXT_ENCODER_TARGETS))))
@@ -154,7 +131,9 @@ class LoRATrainer:
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in self.text_encoders if self.train_text else []:
-                encoder.gradient_checkpointing_enable()
+                # Non-reentrant: the LoRA gets gradients although the inputs need none.
+                encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs=dict(use_reentrant=False))
         groups[0]['params'] = [p for p in self.unet.parameters() if p.requires_grad]
         if self.train_text:
             groups.append(dict(params=[p for e in self.text_encoders for p in e.parameters()
