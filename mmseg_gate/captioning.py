@@ -11,27 +11,39 @@ folders or the Hugging Face cache, safetensors only.
 import csv
 import os
 import os.path as osp
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+from .datasets.images import list_images, read_image
+from .models.diffusion.loading import is_local_path
 
 
-def list_images(image_dir: str) -> List[str]:
-    if not osp.isdir(image_dir):
-        raise FileNotFoundError(f"Image folder '{image_dir}' does not exist.")
-    names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not names:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{image_dir}'.")
-    return names
+def check_model_source(model: str, what: str) -> None:
+    """A folder must exist and hold safetensors weights (pickle files run code when
+    loaded); a hub id (``owner/name``) is left to the Hugging Face cache."""
+    if osp.isdir(model):
+        if not any(f.endswith('.safetensors') for f in os.listdir(model)):
+            raise ValueError(f"{what} folder '{model}' has no .safetensors weights; only "
+                             'those are loaded (pickle files run code when loaded).')
+    elif is_local_path(model):
+        raise FileNotFoundError(f"{what} folder '{model}' does not exist. Give a folder with "
+                                "the model's files, or a hub id (owner/name) that is in the "
+                                'Hugging Face cache.')
 
 
-def _require_safetensors(folder: str, what: str) -> None:
-    if osp.isdir(folder) and not any(f.endswith('.safetensors') for f in os.listdir(folder)):
-        raise ValueError(f"{what} folder '{folder}' has no .safetensors weights; only those are "
-                         'loaded (pickle files run code when loaded).')
+@contextmanager
+def naming_the_model(model: str, what: str):
+    """transformers' errors for an id that is neither a folder nor cached do not say so."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"{what} '{model}' is neither a local folder nor a model in the Hugging "
+                      f'Face cache ({str(err).strip().splitlines()[0]}). Download it first, '
+                      'e.g. `hf download <owner/name> --local-dir checkpoints/<name>`, and '
+                      'give that folder.') from err
 
 
 class SentenceCaptioner:
@@ -47,9 +59,10 @@ class SentenceCaptioner:
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32,
                  max_new_tokens: int = 30, prompt: Optional[str] = None):
         from transformers import AutoProcessor
-        _require_safetensors(model, 'Captioning model')
-        self.processor = AutoProcessor.from_pretrained(model)
-        self.model = _load_image_to_text(model, dtype).to(device).eval()
+        check_model_source(model, 'Captioning model')
+        with naming_the_model(model, 'Captioning model'):
+            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = _load_image_to_text(model, dtype).to(device).eval()
         self.device, self.dtype = device, dtype
         self.max_new_tokens, self.prompt = max_new_tokens, prompt
 
@@ -93,12 +106,17 @@ class Tagger:
         import timm
         from timm.data import create_transform, resolve_data_config
         tags_file = osp.join(model, 'selected_tags.csv')
+        if not osp.isdir(model):
+            raise FileNotFoundError(
+                f"Tagger folder '{model}' does not exist. Download a WD14 tagger in timm "
+                'format, e.g. `hf download SmilingWolf/wd-vit-tagger-v3 --local-dir '
+                'checkpoints/wd-vit-tagger-v3`.')
         if not osp.isfile(tags_file):
             raise FileNotFoundError(
                 f"Tagger folder '{model}' has no selected_tags.csv. Download a WD14 tagger "
                 'in timm format, e.g. `hf download SmilingWolf/wd-vit-tagger-v3 --local-dir '
                 'checkpoints/wd-vit-tagger-v3`.')
-        _require_safetensors(model, 'Tagger')
+        check_model_source(model, 'Tagger')
         with open(tags_file, newline='', encoding='utf-8') as f:
             rows = list(csv.DictReader(f))
         self.names = [r['name'].replace('_', ' ') for r in rows]
@@ -113,7 +131,7 @@ class Tagger:
 
     @torch.no_grad()
     def __call__(self, images: List[Image.Image]) -> List[str]:
-        batch = torch.stack([self.transform(_on_white(im)) for im in images]).to(self.device)
+        batch = torch.stack([self.transform(im) for im in images]).to(self.device)
         probs = self.model(batch).sigmoid().float().cpu()
         captions = []
         for row in probs:
@@ -122,15 +140,6 @@ class Tagger:
                     and p.item() >= self.thresholds[self.categories[i].item()]]
             captions.append(', '.join(name for _, name in sorted(keep, reverse=True)))
         return captions
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    """Taggers are trained on RGB images with transparency flattened onto white."""
-    if image.mode in ('RGBA', 'LA') or 'transparency' in image.info:
-        background = Image.new('RGB', image.size, (255, 255, 255))
-        background.paste(image.convert('RGBA'), mask=image.convert('RGBA').split()[-1])
-        return background
-    return image.convert('RGB')
 
 
 class ClipScorer:
@@ -142,10 +151,11 @@ class ClipScorer:
 
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
         from transformers import CLIPModel, CLIPProcessor
-        _require_safetensors(model, 'CLIP')
-        self.processor = CLIPProcessor.from_pretrained(model)
-        self.model = CLIPModel.from_pretrained(model, dtype=dtype,
-                                               use_safetensors=True).to(device).eval()
+        check_model_source(model, 'CLIP model')
+        with naming_the_model(model, 'CLIP model'):
+            self.processor = CLIPProcessor.from_pretrained(model)
+            self.model = CLIPModel.from_pretrained(model, dtype=dtype,
+                                                   use_safetensors=True).to(device).eval()
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()
@@ -170,7 +180,7 @@ def caption_folder(image_dir: str, captioner: Callable[[List[Image.Image]], List
     with tqdm(total=len(names), desc='captioning', unit='image', disable=not progress) as bar:
         for start in range(0, len(names), batch_size):
             chunk = names[start:start + batch_size]
-            images = [Image.open(osp.join(image_dir, n)).convert('RGB') for n in chunk]
+            images = [read_image(osp.join(image_dir, n)) for n in chunk]
             captions = captioner(images)
             scores = scorer(images, captions).tolist() if scorer else [None] * len(chunk)
             for name, caption, score in zip(chunk, captions, scores):

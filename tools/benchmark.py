@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mmseg_gate  # noqa: F401
 from mmseg.registry import MODELS
 from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate.engine.devices import default_device
 from mmseg_gate.models.amalgamation import GATEFusion
 from mmseg_gate.models.diffusion.extractor import extractor_kwargs
 from mmseg_gate.models.diffusion.latents import encode_latents
@@ -55,7 +56,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Benchmark a GATE backbone')
     parser.add_argument('config')
     parser.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'))
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=default_device())
     parser.add_argument('--iters', type=int, default=3)
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--random-init', action='store_true',

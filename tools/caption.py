@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from mmseg_gate.engine.devices import default_device, resolve_dtype
 from mmseg_gate.captioning import ClipScorer, SentenceCaptioner, Tagger, caption_folder
 from mmseg_gate.fileio import atomic_file
 
@@ -30,7 +31,7 @@ def parse_args():
     parser.add_argument('--prompt', help='text the sentence captioner continues')
     parser.add_argument('--max-new-tokens', type=int, default=30)
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=default_device())
     parser.add_argument('--clip-model', help='CLIP model for the score filter')
     parser.add_argument('--min-clip-score', type=float, default=0.0,
                         help='leave out captions scoring below this (0-100)')
@@ -40,7 +41,7 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    dtype = resolve_dtype('auto', device)
     model = args.model or DEFAULT_MODELS[args.style]
     if args.style == 'sentence':
         captioner = SentenceCaptioner(model, device, dtype, args.max_new_tokens, args.prompt)

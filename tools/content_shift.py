@@ -34,9 +34,10 @@ from mmseg_gate import GATEFeatureExtractor
 from mmseg_gate.analysis.content_shift import (markdown_table, measure_content_shift,
                                                variant_label)
 from mmseg_gate.analysis.pictures import amalgamation_bars, feature_grid, save_png
+from mmseg_gate.datasets.images import read_square
+from mmseg_gate.engine.devices import default_device
 from mmseg_gate.fileio import atomic_file
 from mmseg_gate.models.diffusion.extractor import extractor_kwargs
-from mmseg_gate.models.diffusion.lora_training import load_square
 
 
 def parse_args():
@@ -61,7 +62,7 @@ def parse_args():
     parser.add_argument('--strength', type=float, default=0.8)
     parser.add_argument('--steps', type=int, default=50)
     parser.add_argument('--guidance-scale', type=float, default=7.5)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=default_device())
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no-progress', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -79,6 +80,16 @@ def default_taps(extractor_cfg: dict) -> list:
     return taps
 
 
+def pick_variants(variants, indices, config: str) -> list:
+    """The config's variants at ``indices`` (a config without ``variants`` has one)."""
+    available = list(variants) if variants else [dict()]
+    wrong = [i for i in indices if not 0 <= i < len(available)]
+    if wrong:
+        raise SystemExit(f"--variants {' '.join(map(str, wrong))}: config '{config}' has "
+                         f'{len(available)} variant(s), numbered 0-{len(available) - 1}.')
+    return [available[i] for i in indices]
+
+
 def main():
     args = parse_args()
     if not osp.isfile(args.config):
@@ -90,17 +101,32 @@ def main():
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     kwargs = extractor_kwargs(cfg.model.backbone)
-    if args.variants is not None and kwargs.get('variants'):
-        kwargs['variants'] = [kwargs['variants'][i] for i in args.variants]
+    if args.variants is not None:
+        kwargs['variants'] = pick_variants(kwargs.get('variants'), args.variants, args.config)
+    num_variants = len(kwargs.get('variants') or [dict()])
+    if not 0 <= args.baseline < num_variants:
+        raise SystemExit(f'--baseline {args.baseline}: there are {num_variants} variant(s) to '
+                         f'compare, numbered 0-{num_variants - 1}.')
     kwargs['taps'] = args.taps or default_taps(kwargs)
+    try:
+        images = torch.stack([read_square(p, args.size)[0] for p in args.images])
+    except ValueError as err:  # not an image, truncated
+        raise SystemExit(str(err)) from err
     out = args.out or osp.join('work_dirs', 'content_shift',
                                osp.splitext(osp.basename(args.config))[0])
     os.makedirs(out, exist_ok=True)
     device = torch.device(args.device)
     extractor = GATEFeatureExtractor(**kwargs).to(device)
+    images = images.to(device)
     labels = [variant_label(v, i) for i, v in enumerate(extractor.variants)]
-    images = torch.stack([load_square(p, args.size) for p in args.images]).to(device)
     timesteps = args.timesteps or [extractor.timestep]
+    try:
+        for flag, values in (('--timesteps', timesteps), ('--anchor-timestep',
+                                                          [args.anchor_timestep])):
+            for t in values:
+                extractor.noise_plan(t)
+    except ValueError as err:
+        raise SystemExit(f'{flag} {t}: {err}') from err
     result = measure_content_shift(extractor, images, timesteps, args.anchor_timestep,
                                    args.baseline, args.seed, not args.no_progress)
     report = dict(config=args.config, images=args.images, variants=labels,

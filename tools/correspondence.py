@@ -23,6 +23,7 @@ import mmseg_gate  # noqa: F401
 from mmseg_gate import GATEFeatureExtractor
 from mmseg_gate.analysis.pictures import save_png
 from mmseg_gate.datasets.spair import load_pairs
+from mmseg_gate.engine.devices import default_device
 from mmseg_gate.fileio import atomic_file
 from mmseg_gate.protocols.correspondence import (CorrespondenceAggregator, FeatureCache,
                                                  aggregated, draw_matches, evaluate,
@@ -37,7 +38,7 @@ def parse_args():
     parser.add_argument('--checkpoint', help="test: the aggregator (default: the work dir's "
                         'best.safetensors)')
     parser.add_argument('--work-dir')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=default_device())
     parser.add_argument('--no-progress', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()

@@ -18,26 +18,24 @@ import os.path as osp
 import shutil
 import tempfile
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 
+from mmseg_gate.datasets.images import list_images, read_image, to_model_range
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
                                           write_ddpm_seg_layout_dataset,
                                           write_spair_layout_dataset)
 from mmseg_gate.testing.architectures import (save_random_controlnet,
-                                                       save_random_stable_diffusion,
-                                                       unit_variance_scaling)
+                                              save_random_stable_diffusion,
+                                              unit_variance_scaling)
 
 _TMP_PREFIX = '.make_demo-tmp-'
 
 
 def load_images(folder: str) -> torch.Tensor:
     """All images of ``folder`` as one (N, 3, H, W) tensor in [-1, 1]."""
-    arrays = [np.asarray(Image.open(osp.join(folder, name)).convert('RGB'))
-              for name in sorted(os.listdir(folder))]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.stack([to_model_range(read_image(osp.join(folder, name)))
+                        for name in list_images(folder)])
 
 
 def train_vae(folder: str, images: torch.Tensor, steps: int, seed: int, crop: int = 64,

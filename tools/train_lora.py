@@ -18,16 +18,17 @@ import argparse
 import torch
 from mmengine.config import Config, DictAction
 
+from mmseg_gate.engine.devices import default_device
 from mmseg_gate.models.diffusion.lora_training import LoRATrainer
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description='Train a LoRA adapter for GATE')
     parser.add_argument('config', help='LoRA training config (see configs/lora/)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=default_device())
     parser.add_argument('--mixed-precision', default='auto',
                         choices=['auto', 'no', 'fp16', 'bf16'],
-                        help='dtype of the frozen weights and autocast (auto: fp16 on CUDA); '
+                        help='dtype of the frozen weights and autocast (auto: fp16 on accelerators); '
                         'LoRA weights stay float32')
     parser.add_argument('--gradient-checkpointing', action='store_true',
                         help='recompute activations in the backward pass (less memory)')

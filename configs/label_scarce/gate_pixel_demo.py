@@ -30,14 +30,14 @@ model = dict(
     decode_head=dict(in_channels=[64, 32, 154, 64, 64], num_classes=num_classes,
                      feature_size=64, num_classifiers=4))
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnyImage'),
     dict(type='Resize', scale=image_size, keep_ratio=False),
     dict(type='LoadNpyAnnotations'),
     dict(type='IgnoreSmallRegions', min_pixels=20),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnyImage'),
     dict(type='Resize', scale=image_size, keep_ratio=False),
     dict(type='LoadNpyAnnotations'),
     dict(type='PackSegInputs'),

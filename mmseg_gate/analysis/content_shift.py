@@ -54,43 +54,45 @@ def measure_content_shift(extractor, images: torch.Tensor, timesteps: Sequence[i
                           progress: bool = True) -> Dict:
     """Suppression scores of every variant of ``extractor`` at every tap and timestep.
 
-    The reference is the ``baseline`` variant's feature at t = 0, the anchor the same variant
-    at ``anchor_timestep``; every (variant, timestep) is measured against them, one image at
-    a time, with the same noise seed for all.
+    The reference is the ``baseline`` variant's feature of the clean latent (t = 0), the
+    anchor the same variant at ``anchor_timestep``; every (variant, timestep) is measured
+    against them, one image at a time, with the same noise seed for all. Each timestep means
+    what it means in a call of the extractor (``extractor.noise_plan``): a timestep the
+    config reaches by guided denoising is measured that way.
 
     Returns ``dict(scores=..., diffs=..., summary=...)``: per tap, timestep and variant the
     per-image scores and diffs, and their mean, std, min and max.
     """
     from tqdm import tqdm
-    saved = extractor.timestep
-    names = [f['name'] for f in extractor.feature_info]
     steps = list(timesteps)
+    for t in (anchor_timestep, *steps):
+        extractor.noise_plan(t)  # every timestep valid before any work
+    if not 0 <= baseline < len(extractor.variants):
+        raise ValueError(f'baseline must index one of the {len(extractor.variants)} variants '
+                         f'(0-{len(extractor.variants) - 1}), got {baseline}.')
+    names = [f['name'] for f in extractor.feature_info]
     result = {kind: {name: {t: {v: [] for v in range(len(extractor.variants))}
                             for t in steps} for name in names}
               for kind in ('scores', 'diffs')}
     anchor_diffs: Dict[str, List[float]] = {name: [] for name in names}
-    try:
-        with tqdm(total=len(images) * (len(steps) + 2), desc='content shift', unit='pass',
-                  disable=not progress) as bar:
-            for image in images:
-                image = image[None]
-                by_t = {}
-                for t in dict.fromkeys([0, anchor_timestep, *steps]):
-                    extractor.timestep = t
-                    by_t[t] = extractor(image, torch.Generator().manual_seed(seed))
-                    bar.update(1)
-                reference = by_t[0][baseline]
-                for name in names:
-                    anchor = content_shift(reference[name], by_t[anchor_timestep][baseline][name])
-                    anchor_diffs[name].append(anchor.item())
-                    for t in steps:
-                        for v, feats in enumerate(by_t[t]):
-                            diff = content_shift(reference[name], feats[name])
-                            result['diffs'][name][t][v].append(diff.item())
-                            result['scores'][name][t][v].append(
-                                suppression_score(diff, anchor).item())
-    finally:
-        extractor.timestep = saved
+    passes = list(dict.fromkeys([0, anchor_timestep, *steps]))
+    with tqdm(total=len(images) * len(passes), desc='content shift', unit='pass',
+              disable=not progress) as bar:
+        for image in images:
+            by_t = {}
+            for t in passes:
+                by_t[t] = extractor(image[None], torch.Generator().manual_seed(seed), t)
+                bar.update(1)
+            reference = by_t[0][baseline]
+            for name in names:
+                anchor = content_shift(reference[name], by_t[anchor_timestep][baseline][name])
+                anchor_diffs[name].append(anchor.item())
+                for t in steps:
+                    for v, feats in enumerate(by_t[t]):
+                        diff = content_shift(reference[name], feats[name])
+                        result['diffs'][name][t][v].append(diff.item())
+                        result['scores'][name][t][v].append(
+                            suppression_score(diff, anchor).item())
     result['summary'] = {name: {t: {v: summarize(s) for v, s in by_variant.items()}
                                 for t, by_variant in by_t.items()}
                          for name, by_t in result['scores'].items()}

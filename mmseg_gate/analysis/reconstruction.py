@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..models.diffusion.conditions import ConditionDetector
 from ..models.diffusion.controlnets import load_controlnet
+from ..models.diffusion.latents import latent_scheduler
 from ..models.diffusion.loading import load_stable_diffusion
 from ..models.diffusion.lora import (activate_adapter, load_lora_adapters,
                                      load_text_encoder_loras)
@@ -28,8 +29,7 @@ def img2img_pipeline(parts):
     scheduler on the model's own noise schedule."""
     from diffusers import (DDIMScheduler, StableDiffusionImg2ImgPipeline,
                            StableDiffusionXLImg2ImgPipeline)
-    # Latents are not bounded to [-1, 1]: never clip them (the DDPM default does).
-    scheduler = DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False)
+    scheduler = latent_scheduler(DDIMScheduler, parts.scheduler.config)
     if parts.is_sdxl:
         return StableDiffusionXLImg2ImgPipeline(
             vae=parts.vae, text_encoder=parts.text_encoders[0],

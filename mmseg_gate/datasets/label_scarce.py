@@ -20,6 +20,8 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.registry import DATASETS, TRANSFORMS
 
+from .images import image_size
+
 BEDROOM28_CLASSES = (
     'bed', 'bed***footboard', 'bed***headboard', 'bed***side rail', 'carpet', 'ceiling',
     'chandelier / ceiling fan blade', 'curtain', 'cushion', 'floor',
@@ -81,7 +83,30 @@ class DDPMSegDataset(BaseSegDataset):
             raise FileNotFoundError(
                 f'{len(missing)} of the {len(data_list)} images of {folder or self.ann_file} '
                 f'lack a file, e.g. {missing[:3]}: the dataset is incomplete. {_GET_DATA}')
+        for data in data_list:
+            if 'seg_map_path' in data:
+                self.check_label(data['seg_map_path'], data['img_path'])
         return data_list
+
+    def check_label(self, label_path: str, image_path: str) -> None:
+        """Before any training: the label's class ids exist and its size is its image's."""
+        num = len(self.METAINFO['classes'] or self.metainfo['classes'])
+        end = num + 1 if self.reduce_zero_label else num  # 0 is the background then
+        label = read_label_array(label_path)
+        wrong = np.unique(label[(label >= end) & (label != 255)])
+        if wrong.size:
+            raise ValueError(
+                f"Label file '{label_path}' holds class id(s) {wrong[:5].tolist()}, but "
+                f'{type(self).__name__} has {num} classes (ids 0-{end - 1}'
+                f"{', 0 the ignored background' if self.reduce_zero_label else ''}; 255 is "
+                'ignored). The label belongs to another dataset, or give the classes with '
+                '`metainfo=dict(classes=(...))`.')
+        width, height = image_size(image_path)
+        if label.shape != (height, width):
+            raise ValueError(
+                f"Label file '{label_path}' is {label.shape[0]}x{label.shape[1]} (HxW) but its "
+                f"image '{image_path}' is {height}x{width}: each label must have its image's "
+                'size. The files do not belong together; re-download the dataset.')
 
 
 @DATASETS.register_module()

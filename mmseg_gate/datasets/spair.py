@@ -36,6 +36,31 @@ def pair_names(root: str, split: str) -> List[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def read_annotation(path: str) -> Dict:
+    """One pair annotation, checked: JSON with every field, matched keypoints that lie in
+    their images."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            pair = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Pair annotation '{path}' is not valid JSON ({err}); re-download "
+                         f'the dataset. {_GET_SPAIR}') from err
+    missing = [key for key in _FIELDS if key not in pair] if isinstance(pair, dict) \
+        else list(_FIELDS)
+    if missing or len(pair['src_kps']) != len(pair['trg_kps']) or not pair['src_kps']:
+        raise ValueError(f"Pair annotation '{path}' lacks {missing or 'matched keypoints'}; "
+                         're-download the dataset.')
+    for side in ('src', 'trg'):
+        width, height = pair[f'{side}_imsize'][:2]
+        outside = [kp for kp in pair[f'{side}_kps']
+                   if len(kp) != 2 or not (0 <= kp[0] <= width and 0 <= kp[1] <= height)]
+        if outside:
+            raise ValueError(f"Pair annotation '{path}': {side} keypoint(s) {outside[:3]} lie "
+                             f'outside the {width}x{height} image (keypoints are [x, y] '
+                             'pixels); fix or re-download the annotation.')
+    return pair
+
+
 def load_pairs(root: str, split: str, categories: Optional[Sequence[str]] = None,
                per_category: Optional[int] = None) -> List[Dict]:
     """The split's pairs (optionally some categories, the first ``per_category`` of each),
@@ -51,12 +76,7 @@ def load_pairs(root: str, split: str, categories: Optional[Sequence[str]] = None
         if not osp.isfile(path):
             raise FileNotFoundError(f"Pair annotation '{path}' listed in Layout/large/"
                                     f'{split}.txt does not exist. {_GET_SPAIR}')
-        with open(path) as f:
-            pair = json.load(f)
-        missing = [key for key in _FIELDS if key not in pair]
-        if missing or len(pair['src_kps']) != len(pair['trg_kps']) or not pair['src_kps']:
-            raise ValueError(f"Pair annotation '{path}' lacks {missing or 'matched keypoints'}"
-                             '; re-download the dataset.')
+        pair = read_annotation(path)
         for side in ('src', 'trg'):
             image = osp.join(root, 'JPEGImages', pair['category'], pair[f'{side}_imname'])
             if not osp.isfile(image):

@@ -14,7 +14,7 @@ pairs (DHF's and the GATE authors' figure) and as a mean over pairs (DIFT's), pe
 overall.
 """
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,17 +23,10 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from PIL import Image
 
+from ..datasets.images import read_image, read_square
 from ..models.amalgamation import VariantAmalgamation, amalgamation_sparsity
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: tap -> (1, C, h, w)
-
-
-def load_image(path: str, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """(3, size, size) in [-1, 1] (a plain square resize, as the authors do) and the
-    original (W, H)."""
-    image = Image.open(path).convert('RGB')
-    array = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1, image.size
 
 
 class FeatureCache:
@@ -48,11 +41,10 @@ class FeatureCache:
         if path in self.store:
             self.store.move_to_end(path)
             return self.store[path]
-        image, _ = load_image(path, self.image_size)
-        device = self.extractor.device
-        with torch.no_grad():
-            feats = self.extractor(image[None].to(device),
-                                   torch.Generator(device).manual_seed(self.seed))
+        image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
+        with torch.no_grad():  # the noise is drawn on the CPU: the same on every device
+            feats = self.extractor(image[None].to(self.extractor.device),
+                                   torch.Generator().manual_seed(self.seed))
         self.store[path] = feats
         if len(self.store) > self.capacity:
             self.store.popitem(last=False)
@@ -250,13 +242,32 @@ def load_aggregator(aggregator: nn.Module, path: str) -> None:
                          'config.') from err
 
 
+def earlier_best(work_dir: str) -> Optional[Dict]:
+    """The validation score of the ``best.safetensors`` an earlier run left in ``work_dir``
+    (None if there is none), so that a rerun never replaces a better model with a worse one."""
+    import json
+    import os.path as osp
+    log = osp.join(work_dir, 'training.json')
+    if not (osp.isfile(log) and osp.isfile(osp.join(work_dir, 'best.safetensors'))):
+        return None
+    try:
+        with open(log, encoding='utf-8') as f:
+            best = json.load(f)['best']
+        float(best['pck_bbox']), int(best['step'])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"'{log}' is not the training log of tools/correspondence.py ({err}); "
+                         'remove it, or the whole work dir, to train from scratch.') from err
+    return dict(best, earlier_run=True)
+
+
 def train_aggregator(aggregator: CorrespondenceAggregator, cache: FeatureCache,
                      train_pairs: List[dict], val_pairs: List[dict], work_dir: str,
                      steps: int = 10000, lr: float = 5e-4, weight_decay: float = 0.01,
                      temperature: float = 0.07, sparsity: float = 0.0, val_every: int = 500,
                      alpha: float = 0.1, seed: int = 0, progress: bool = True) -> Dict:
     """Train on keypoint pairs (one pair per step, AdamW), validate every ``val_every``
-    steps and keep the best by validation PCK@alpha per bbox (``best.safetensors``)."""
+    steps and keep the best by validation PCK@alpha per bbox (``best.safetensors``). A
+    ``best.safetensors`` an earlier run left is replaced only by a better model."""
     import json
     import os.path as osp
 
@@ -266,7 +277,11 @@ def train_aggregator(aggregator: CorrespondenceAggregator, cache: FeatureCache,
     device = next(aggregator.parameters()).device
     optimizer = torch.optim.AdamW(aggregator.parameters(), lr=lr, weight_decay=weight_decay)
     order = np.random.default_rng(seed).permutation(len(train_pairs))
-    best, history = None, []
+    best, history = earlier_best(work_dir), []
+    if best is not None:
+        print(f"[correspondence] {work_dir} holds best.safetensors of an earlier run (val "
+              f"PCK bbox {best['pck_bbox']:.2f} at step {best['step']}): kept unless this run "
+              'beats it')
     bar = tqdm(range(1, steps + 1), desc='training', unit='step', disable=not progress)
     for step in bar:
         pair = train_pairs[order[(step - 1) % len(order)]]
@@ -325,7 +340,7 @@ def draw_matches(pairs: List[dict], predictions: List[torch.Tensor], alpha: floa
     from PIL import ImageDraw
     rows = []
     for pair, pred in zip(pairs, predictions):
-        src, trg = (Image.open(pair[f'{s}_path']).convert('RGB') for s in ('src', 'trg'))
+        src, trg = (read_image(pair[f'{s}_path']) for s in ('src', 'trg'))
         ss, ts = height / src.height, height / trg.height
         src = src.resize((max(1, round(src.width * ss)), height))
         trg = trg.resize((max(1, round(trg.width * ts)), height))

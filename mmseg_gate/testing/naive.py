@@ -19,8 +19,8 @@ from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
 from ..models.diffusion.conditions import ConditionDetector
 from ..models.diffusion.controlnets import load_controlnet
-from ..models.diffusion.extractor import (DEFAULT_TAPS, class_names_text, pad_to_multiple,
-                                          resolve_dtype)
+from ..engine.devices import resolve_dtype
+from ..models.diffusion.extractor import DEFAULT_TAPS, class_names_text, pad_to_multiple
 from ..models.diffusion.latents import add_noise, encode_latents
 from ..models.diffusion.loading import load_stable_diffusion
 from ..models.diffusion.lora import (TEXT_ENCODERS, load_lora_adapters,

@@ -54,16 +54,18 @@ model = dict(
 dataset_type = 'Horse21Dataset'
 data_root = 'datasets/horse_21'
 # The image is resized for the diffusion model before the label is read: the label keeps
-# the benchmark's 256x256, where the loss and the metric are computed.
+# the benchmark's 256x256, where the loss and the metric are computed. `LoadAnyImage` is
+# MMCV's LoadImageFromFile on the project's reader (16-bit, palette, RGBA right; a broken
+# file named).
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnyImage'),
     dict(type='Resize', scale=image_size, keep_ratio=False),
     dict(type='LoadNpyAnnotations'),
     dict(type='IgnoreSmallRegions', min_pixels=20),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnyImage'),
     dict(type='Resize', scale=image_size, keep_ratio=False),
     dict(type='LoadNpyAnnotations'),
     dict(type='PackSegInputs'),

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from ...engine.devices import resolve_dtype
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
-from .latents import add_noise, encode_latents
+from .latents import add_noise, encode_latents, latent_scheduler
 from .loading import DEFAULT_MODEL, load_stable_diffusion
 from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                    load_text_encoder_loras)
@@ -49,19 +50,8 @@ DEFAULT_TAPS = ('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
                 'up_blocks.2.upsamplers.0')
 # The name of the aggregated cross-attention maps among a variant's features.
 ATTENTION_MAPS = 'cross_attention_maps'
-_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _LORA_MODES = ('adapters', 'fused')
 Features = Dict[str, torch.Tensor]
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is float16 on accelerators and float32 on the CPU (CPU half is slow)."""
-    if name == 'auto':
-        return torch.float32 if device.type == 'cpu' else torch.float16
-    if name not in _DTYPES:
-        raise ValueError(f"frozen_dtype must be 'auto' or one of {sorted(_DTYPES)}, got "
-                         f'{name!r}.')
-    return _DTYPES[name]
 
 
 def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
@@ -259,10 +249,13 @@ class GATEFeatureExtractor:
     # -- extraction ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
+    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 timestep: Optional[int] = None) -> List[Features]:
         """Features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any size: a dict
-        tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order."""
+        tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order.
+
+        ``timestep`` (default: the configured one) is validated at every call; see
+        :meth:`noise_plan` for what it means."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
                              f'{tuple(images.shape)}.')
@@ -270,29 +263,46 @@ class GATEFeatureExtractor:
             generator = torch.Generator().manual_seed(self.noise_seed)
         height, width = images.shape[-2:]
         feats = self.extract_padded(pad_to_multiple(images.float(), self.size_multiple),
-                                    generator)
+                                    generator, timestep)
         strides = {f['name']: f['stride'] for f in self.feature_info}
         return [{name: f[..., :math.ceil(height / strides[name]),
                          :math.ceil(width / strides[name])] for name, f in variant.items()}
                 for variant in feats]
 
+    def noise_plan(self, timestep: Optional[int] = None) -> Tuple[int, Optional[int]]:
+        """(feature timestep, timestep the noise is added at) of a call.
+
+        ``None`` is the configured recipe. t = 0 is the clean latent (no noise, the UNet
+        conditioned on t = 0). With ``denoising_from``, a timestep below it is reached by
+        guided denoising from there, as the recipe does; any other timestep gets its noise
+        added directly. The start is None for the clean latent."""
+        num_steps = self.scheduler.config.num_train_timesteps
+        timestep = self.timestep if timestep is None else \
+            _check_timesteps(timestep, None, num_steps)[0]
+        if timestep == 0:
+            return 0, None
+        if self.denoising_from is not None and timestep < self.denoising_from:
+            return timestep, self.denoising_from
+        return timestep, timestep
+
     @torch.no_grad()
-    def extract_padded(self, pixels: torch.Tensor,
-                       generator: Optional[torch.Generator]) -> List[Features]:
+    def extract_padded(self, pixels: torch.Tensor, generator: Optional[torch.Generator],
+                       timestep: Optional[int] = None) -> List[Features]:
         """Features per variant for images in [-1, 1] whose sides are multiples of
-        ``size_multiple``."""
+        ``size_multiple``, at ``timestep`` (:meth:`noise_plan`)."""
+        timestep, start = self.noise_plan(timestep)
         self.to(pixels.device)
         self.counts['vae_encodes'] += pixels.shape[0]
         latents = encode_latents(self.vae, pixels)
         used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
         conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
         time_ids = self._time_ids(pixels)
-        start = self.timestep if self.denoising_from is None else self.denoising_from
-        noisy = add_noise(self.scheduler, latents, start, generator)
-        per_variant = [noisy] * len(self.variants)  # one tensor: its ControlNet pass is shared
-        if self.denoising_from is not None:
-            per_variant = self._denoise(per_variant, conditions, time_ids)
-        return self._features(per_variant, conditions, time_ids)
+        if start is not None:
+            latents = add_noise(self.scheduler, latents, start, generator)
+        per_variant = [latents] * len(self.variants)  # one tensor: its ControlNet pass is shared
+        if start is not None and start > timestep:
+            per_variant = self._denoise(per_variant, conditions, time_ids, start, timestep)
+        return self._features(per_variant, conditions, time_ids, timestep)
 
     def _groups(self) -> List[Tuple[Optional[str], List[int]]]:
         """Variants that run as one UNet batch: same UNet, same prompt length."""
@@ -364,18 +374,18 @@ class GATEFeatureExtractor:
         return adapters_per_sample(self.unets[unet_key], names)
 
     def _features(self, latents: List[torch.Tensor], conditions: dict,
-                  time_ids: Optional[torch.Tensor]) -> List[Features]:
+                  time_ids: Optional[torch.Tensor], timestep: int) -> List[Features]:
         """One truncated, guided UNet pass per group at ``timestep``: the features."""
         feats: List[Optional[Features]] = [None] * len(self.variants)
         num, cache = latents[0].shape[0], {}
         for unet_key, indices in self._groups():
-            sample, context, down, mid, added = self._inputs(indices, latents, self.timestep,
+            sample, context, down, mid, added = self._inputs(indices, latents, timestep,
                                                              conditions, time_ids, cache)
             self.counts['unet_passes'] += num * len(indices)
             attention = self.attention.get(unet_key)
             with self._adapters(unet_key, indices, num), \
                     (attention.recording() if attention else nullcontext()):
-                out = self.taps[unet_key](sample, self.timestep, context, down, mid, added)
+                out = self.taps[unet_key](sample, timestep, context, down, mid, added)
                 if attention:
                     out[ATTENTION_MAPS] = attention.aggregate(tuple(sample.shape[-2:]))
             for j, i in enumerate(indices):
@@ -383,13 +393,14 @@ class GATEFeatureExtractor:
         return feats
 
     def _denoise(self, latents: List[torch.Tensor], conditions: dict,
-                 time_ids: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """DDIM from ``denoising_from`` down to ``timestep``, one step per timestep, each
-        variant with its own prompt, ControlNets and LoRA (full UNet passes)."""
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+                 time_ids: Optional[torch.Tensor], start: int, end: int
+                 ) -> List[torch.Tensor]:
+        """DDIM from ``start`` down to ``end``, one step per timestep, each variant with its
+        own prompt, ControlNets and LoRA (full UNet passes)."""
+        scheduler = latent_scheduler(DDIMScheduler, self.scheduler.config)
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)
         num = latents[0].shape[0]
-        for timestep in range(self.denoising_from, self.timestep, -1):
+        for timestep in range(start, end, -1):
             stepped, cache = list(latents), {}
             for unet_key, indices in self._groups():
                 sample, context, down, mid, added = self._inputs(indices, latents, timestep,
@@ -458,4 +469,7 @@ def _check_timesteps(timestep, denoising_from, num_steps: int) -> Tuple[int, Opt
     if denoising_from is not None and denoising_from <= timestep:
         raise ValueError(f'denoising_from ({denoising_from}) must be above timestep '
                          f'({timestep}): it is where denoising starts.')
+    if denoising_from is not None and timestep == 0:
+        raise ValueError('denoising_from needs a timestep above 0: t = 0 is the clean latent, '
+                         'which no denoising reaches.')
     return int(timestep), None if denoising_from is None else int(denoising_from)

@@ -1,4 +1,5 @@
-"""Image -> scaled VAE latent -> noised latent: the two formulas every GATE path uses."""
+"""Image -> scaled VAE latent -> noised latent: the formulas every GATE path uses, and the
+schedulers that step latents."""
 from typing import Optional
 
 import torch
@@ -21,3 +22,11 @@ def add_noise(scheduler, latents: torch.Tensor, timestep: int,
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     timesteps = torch.full((latents.shape[0], ), timestep, dtype=torch.long)
     return scheduler.add_noise(latents, noise.to(latents), timesteps.to(latents.device))
+
+
+def latent_scheduler(scheduler_class, config):
+    """``scheduler_class`` on ``config``'s noise schedule that never clips or thresholds the
+    predicted sample. Both are pixel-space options, and DDPM/DDIM default to
+    ``clip_sample=True``: a config without the key (tiny test models, some community
+    checkpoints) would clamp latents, which are not bounded to [-1, 1], at every step."""
+    return scheduler_class.from_config(config, clip_sample=False, thresholding=False)

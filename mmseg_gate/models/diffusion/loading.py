@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .latents import latent_scheduler
+
 DEFAULT_MODEL = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _WEIGHT_COMPONENTS = ('vae', 'unet', 'text_encoder')
 _COMPONENTS = _WEIGHT_COMPONENTS + ('tokenizer', 'scheduler')
@@ -132,7 +134,8 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
                                                                            'tokenizer'))
                       for name in names]
         # Only the noise schedule is needed; any SD scheduler config defines it.
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder='scheduler')
+        scheduler = latent_scheduler(DDPMScheduler, DDPMScheduler.load_config(
+            pretrained, subfolder='scheduler'))
     except (OSError, ValueError) as err:
         raise _load_error(pretrained, 'tokenizer/ or scheduler/', err,
                           _GET_WEIGHTS_HINT) from err
