@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate.models.diffusion import DEFAULT_TAPS
 from mmseg_gate.analysis.content_shift import (content_shift, measure_content_shift,
                                                suppression_score)
 from mmseg_gate.analysis.pictures import LABEL_HEIGHT, feature_grid
@@ -56,6 +57,63 @@ def test_measure_on_the_tiny_model(gate_kwargs):
     summary = result['summary'][tap][50]
     assert set(summary) == {0, 1, 2} and summary[0]['n'] == 2
     assert all(-10 < s['mean'] <= 1 for s in summary.values())
+
+
+def test_reference_and_anchor_with_denoising_config(tiny_sd):
+    """With ``denoising_from`` (the label-scarce recipes): the t=0 reference is the clean
+    latent's feature, the anchor a plain t=400 extraction; the config's own timestep is
+    still the denoised recipe. References are computed with diffusers directly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    prompt = 'a photo of a street'
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt=prompt, timestep=50,
+                                     denoising_from=53)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert extractor.noise_plan(0) == (0, None) and extractor.noise_plan(400) == (400, 400)
+    assert extractor.noise_plan() == extractor.noise_plan(50) == (50, 53)
+    assert extractor.noise_plan(30) == (30, 53)
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder='vae')
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
+    taps = {}
+    for name in DEFAULT_TAPS:
+        unet.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: taps.__setitem__(name, out))
+    with torch.no_grad():
+        clean = vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
+        unet(clean, 0, extractor.embedding(0).hidden)
+    reference = dict(taps)
+    ours = extractor(image, torch.Generator().manual_seed(0), timestep=0)[0]
+    for name in DEFAULT_TAPS:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5)
+
+    plain = GATEFeatureExtractor(sd_model=tiny_sd, prompt=prompt, timestep=400)
+    anchor = plain(image, torch.Generator().manual_seed(0))[0]
+    measured = extractor(image, torch.Generator().manual_seed(0), timestep=400)[0]
+    for name in DEFAULT_TAPS:
+        torch.testing.assert_close(measured[name], anchor[name], rtol=1e-4, atol=1e-5)
+
+    result = measure_content_shift(extractor, image, [50], anchor_timestep=400,
+                                   progress=False)
+    for name in DEFAULT_TAPS:
+        expected = content_shift(reference[name], anchor[name]).item()
+        assert result['anchor_diffs'][name] == [pytest.approx(expected, rel=1e-4)]
+    denoised = extractor(image, torch.Generator().manual_seed(0))[0]
+    assert extractor.counts['denoising_passes'] == 2 * 3  # the recipe, twice: by hand, measured
+    name = DEFAULT_TAPS[0]
+    expected = content_shift(reference[name], denoised[name])
+    assert result['diffs'][name][50][0] == [pytest.approx(expected.item(), rel=1e-4)]
+
+
+def test_bad_timesteps_fail_before_any_work(tiny_sd):
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    for bad in (1000, -1, 2.5):
+        with pytest.raises(ValueError, match='timestep'):
+            extractor(image, timestep=bad)
+        with pytest.raises(ValueError, match='timestep'):
+            measure_content_shift(extractor, image, [bad], anchor_timestep=400,
+                                  progress=False)
+    assert extractor.counts['vae_encodes'] == 0
 
 
 def test_feature_grid_layout():

@@ -102,7 +102,8 @@ def amalgamation_bars(weights: Dict[str, torch.Tensor], variant_labels: Sequence
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     levels = list(weights)
-    means = np.array([weights[name].float().mean(dim=(0, 2, 3)).numpy() for name in levels])
+    means = np.array([weights[name].float().mean(dim=(0, 2, 3)).cpu().numpy()
+                      for name in levels])
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(levels), 3.2), dpi=100)
     width = 0.8 / len(variant_labels)
     x = np.arange(len(levels))

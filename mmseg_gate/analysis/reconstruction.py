@@ -122,7 +122,7 @@ class Reconstructor:
             if variant.controlnets:
                 pipe, control = self._controlnet_pipe(variant, image.cpu())
                 kwargs.update(control)
-            generator = torch.Generator(self.device).manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)  # the same noise on any device
             result = pipe(image=source, strength=strength, num_inference_steps=steps,
                           guidance_scale=guidance_scale, generator=generator,
                           output_type='pil', **kwargs)

@@ -156,10 +156,11 @@ def keypoint_loss(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Ten
 def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
           src_size: Tuple[int, int], trg_size: Tuple[int, int], upsample: int = 4
           ) -> torch.Tensor:
-    """Predicted target keypoints ([x, y] in target pixels) of ``src_kps`` (source pixels)
-    by cosine nearest neighbour; ``source``/``target`` are (C, h, w) feature maps."""
+    """Predicted target keypoints ([x, y] in target pixels, on the CPU) of ``src_kps``
+    (source pixels) by cosine nearest neighbour; ``source``/``target`` are (C, h, w) feature
+    maps on any device."""
     _, h, w = source.shape
-    grid = to_grid(src_kps.float(), src_size, (h, w))
+    grid = to_grid(src_kps.to(source.device).float(), src_size, (h, w))
     normalised = (grid + 0.5) / grid.new_tensor([w, h]) * 2 - 1
     vectors = F.grid_sample(source[None].float(), normalised[None, None], mode='bilinear',
                             align_corners=False)[0, :, 0]  # (C, K)
@@ -168,7 +169,7 @@ def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
     fh, fw = fine.shape[1:]
     similarity = F.normalize(vectors, dim=0).T @ F.normalize(fine.flatten(1), dim=0)
     best = similarity.argmax(dim=1)
-    points = torch.stack([best % fw, best // fw], dim=1).float()
+    points = torch.stack([best % fw, best // fw], dim=1).float().cpu()
     return (points + 0.5) * points.new_tensor([trg_size[0] / fw, trg_size[1] / fh]) - 0.5
 
 
