@@ -1,8 +1,9 @@
 """mmseg_gate: GATE diffusion-feature backbone for MMSegmentation 1.x.
 
-The pins are ranges verified together on CPU (Python 3.11); see README.md. torch and mmcv are
-declared but installed first by ``tools/install.sh``: mmcv 2.1.0 is a source build that must be
-compiled against the torch already in the environment.
+These are compatible ranges for installing into an environment of your own; their upper bounds
+stop at the newest versions tested. ``tools/install.sh`` installs the exact, verified set of
+``requirements/lock.txt`` instead (README: "What gets installed"). torch and mmcv are installed
+first there: mmcv 2.1.0 is a source build compiled against the torch already present.
 """
 from setuptools import find_packages, setup
 
@@ -13,7 +14,8 @@ INSTALL_REQUIRES = [
     'mmengine>=0.10.4,<0.11',
     'mmsegmentation>=1.2.2,<1.3',
     'diffusers>=0.32,<0.43',
-    'transformers>=4.56,<6',
+    # 5.23 (locked) and 5.24 tested; GATE does not use transformers' PEFT integration.
+    'transformers>=4.56,<5.25',
     'peft>=0.14,<0.22',
     'controlnet-aux>=0.0.9,<0.1',
     'safetensors>=0.4',

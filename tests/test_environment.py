@@ -3,6 +3,7 @@ package upgraded by hand, a new release resolved by an unlocked install) shows u
 name, before it shows up as a strange failure elsewhere."""
 import os.path as osp
 import re
+import sysconfig
 from importlib.metadata import distributions
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -28,7 +29,10 @@ def read_lock(path: str = LOCK) -> dict:
 
 
 def installed() -> dict:
-    return {canonical(d.metadata['Name']): d.version for d in distributions()}
+    """What pip installed into this environment's site-packages (not the copies other
+    packages vendor, e.g. setuptools' own, which it puts on sys.path when imported)."""
+    paths = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
+    return {canonical(d.metadata['Name']): d.version for d in distributions(path=paths)}
 
 
 def drift(pins: dict, have: dict) -> list:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 export HF_HUB_OFFLINE=1
-PY=.venv/bin/python
+PY=${GATE_VENV:-.venv}/bin/python
 WORK=${WORK_DIR:-work_dirs/gate_upernet_demo}
 $PY tools/make_demo.py --out data/demo
 [ -f data/demo/lora/lora_step200.safetensors ] || $PY tools/train_lora.py configs/lora/demo.py
