@@ -22,23 +22,42 @@ def test_outputs_high_resolution_first(backbone, size):
         assert out.dtype == torch.float32
 
 
-def test_early_exit_matches_full_unet_forward(backbone, tiny_sd):
+@pytest.mark.parametrize('layout,taps', [
+    ('tiny_sd', None), ('tiny_sd21', None),
+    ('tiny_sdxl', ('up_blocks.0.upsamplers.0', 'up_blocks.1.attentions.0'))])
+def test_early_exit_matches_full_unet_forward(layout, taps, request):
+    """The taps of the stopped pass (stages after the last tap freed) equal those of
+    diffusers' full forward on a freshly loaded UNet, for the SD1.x, SD2.x and SDXL
+    layouts."""
     from diffusers import UNet2DConditionModel
-    extractor = backbone.extractor
-    latents = torch.randn(1, 4, 8, 12)
-    context = next(iter(extractor.prompt_embeds.values())).hidden
-    truncated = extractor.taps[None](latents, 50, context)
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
+    from mmseg_gate import GATEFeatureExtractor
+    from mmseg_gate.models.diffusion.unet_taps import first_tensor
+    folder = request.getfixturevalue(layout)
+    extractor = GATEFeatureExtractor(sd_model=folder, prompt='a photo',
+                                     **(dict(taps=taps) if taps else {}))
+    assert extractor.dropped_stages and 'conv_out' in extractor.dropped_stages
+    latents = torch.randn(1, 4, 8, 16)
+    embed = extractor.embedding(0)
+    added = None
+    if extractor.is_sdxl:
+        added = dict(text_embeds=embed.pooled,
+                     time_ids=torch.tensor([[64., 128., 0., 0., 64., 128.]]))
+    truncated = extractor.taps[None](latents, 50, embed.hidden, added_cond_kwargs=added)
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
     full = {}
     handles = [unet.get_submodule(t).register_forward_hook(
-        lambda _m, _i, out, t=t: full.__setitem__(t, out)) for t in truncated]
+        lambda _m, _i, out, t=t: full.__setitem__(t, first_tensor(out))) for t in truncated]
     with torch.no_grad():
-        unet(latents, 50, context)
+        unet(latents, 50, embed.hidden, added_cond_kwargs=added)
     for handle in handles:
         handle.remove()
     for tap, feat in truncated.items():  # two call paths: tolerance
         torch.testing.assert_close(feat, full[tap], rtol=1e-5, atol=1e-6, msg=tap)
+    with pytest.raises(ValueError, match='multiples'):  # freed stages need whole halvings
+        extractor.taps[None](torch.randn(1, 4, 8, 10), 50, embed.hidden,
+                             added_cond_kwargs=added)
 
 
 def test_unet_stops_after_last_tapped_block(backbone):

@@ -76,8 +76,25 @@ def test_cross_attention_maps(tiny_sd):
     # Per layer, pixel and head, the probabilities over the 77 tokens sum to one.
     torch.testing.assert_close(maps[:, :77].sum(1), torch.ones(2, 8, 16))
     torch.testing.assert_close(maps[:, 77:].sum(1), torch.ones(2, 8, 16))
-    for tap in DEFAULT_TAPS:  # explicit-softmax attention: the same features
+    for tap in DEFAULT_TAPS:  # the attention itself is untouched: the same features
         torch.testing.assert_close(feats[tap], reference[tap], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_maps_replace_nothing_and_leave_no_hooks(tiny_sd):
+    """diffusers' own processors and methods stay in place and every hook goes after the
+    pass, so passes outside recording (denoising, other code) neither pay for nor pile up
+    records."""
+    extractor = GATEFeatureExtractor(sd_model=tiny_sd, attention_maps=dict(strides=(32, 16)))
+    fresh = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
+    default = {n: type(m.processor) for n, m in fresh.named_modules() if hasattr(m, 'processor')}
+    extractor(images())
+    attention = [(n, m) for n, m in extractor.unet.named_modules() if hasattr(m, 'processor')]
+    assert len(attention) > 4
+    for name, module in attention:
+        assert type(module.processor) is default[name], name
+        assert 'get_attention_scores' not in vars(module), name
+    assert all(not m._forward_hooks and not m._forward_pre_hooks
+               for m in extractor.unet.modules())
 
 
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000):

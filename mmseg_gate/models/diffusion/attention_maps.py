@@ -3,17 +3,18 @@
 The authors' code offers these as ``up_cross`` features: the cross-attention probabilities of
 the UNet's up blocks, averaged over heads, per prompt token, averaged over the attention layers
 of one resolution, resized to the latent's resolution (nearest) and concatenated over the
-resolutions used (by default those at image strides 32 and 16: 2 x 77 channels). Probabilities
-are not exposed by diffusers' fused attention, so the chosen layers get diffusers' classic
-``AttnProcessor`` (same maths, explicit softmax) and their ``get_attention_scores`` records
-its result.
+resolutions used (by default those at image strides 32 and 16: 2 x 77 channels).
+Probabilities are not exposed by diffusers' fused attention, and no processor or method of
+diffusers is replaced for them: while :meth:`CrossAttentionMaps.recording` is active, forward
+hooks read each chosen layer's projected queries and keys (``to_q``, ``to_k``: LoRA included)
+and diffusers' own ``Attention.get_attention_scores`` turns them into the probabilities its
+processors use. The hooks go when the block ends; the attention itself runs as before.
 """
 from contextlib import contextmanager
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor
 
 from .unet_taps import stage_of
 
@@ -61,32 +62,41 @@ class CrossAttentionMaps:
                              f'at image stride(s) {missing}; there they work at '
                              f'{sorted(set(available.values()))}.')
         self._records: List[Tuple[str, torch.Tensor]] = []
-        for name in self.layers:
-            self._install(name, unet.get_submodule(name))
+        self._attention = {name: unet.get_submodule(name) for name in self.layers}
 
     @property
     def channels(self) -> int:
         return self.tokens * len(self.strides)
 
-    def _install(self, name: str, attention) -> None:
-        attention.set_processor(AttnProcessor())
-        scores = attention.get_attention_scores
+    def _hooks(self, name: str, attention) -> list:
+        """Forward hooks that record ``attention``'s probabilities, averaged over heads."""
+        projected = {}
 
-        def recording_scores(query, key, attention_mask=None):
-            probs = scores(query, key, attention_mask)
-            heads = attention.heads
+        def keep(kind):
+            return lambda _module, _inputs, output: projected.__setitem__(kind, output)
+
+        def record(_module, _inputs, _output):
+            query = attention.head_to_batch_dim(projected.pop('query'))
+            key = attention.head_to_batch_dim(projected.pop('key'))
+            probs = attention.get_attention_scores(query, key, None)
             self._records.append(
-                (name, probs.view(-1, heads, *probs.shape[1:]).mean(dim=1)))
-            return probs
+                (name, probs.view(-1, attention.heads, *probs.shape[1:]).mean(dim=1)))
 
-        attention.get_attention_scores = recording_scores
+        return [attention.to_q.register_forward_hook(keep('query')),
+                attention.to_k.register_forward_hook(keep('key')),
+                attention.register_forward_hook(record)]
 
     @contextmanager
     def recording(self):
+        """Within the block, every pass through the chosen layers records their maps."""
         self._records.clear()
+        handles = [h for name, attention in self._attention.items()
+                   for h in self._hooks(name, attention)]
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             self._records.clear()
 
     def aggregate(self, latent_hw: Tuple[int, int]) -> torch.Tensor:

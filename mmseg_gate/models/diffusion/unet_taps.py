@@ -4,11 +4,12 @@ A tap is the dotted name of any UNet submodule: a block's output such as
 ``up_blocks.1.upsamplers.0`` (the paper's segmentation features) or
 ``up_blocks.2.attentions.1``, or a module inside a transformer block whose output is a token
 sequence (``...transformer_blocks.0.attn1``, ``...attn2.to_q``, ``...ff``): those come back as
-(N, C, H, W) maps at their block's resolution. The forward below follows diffusers'
-``UNet2DConditionModel.forward`` stage by stage (down blocks, mid block, up blocks; SDXL's
-added text/time embedding included) and returns right after the last stage that holds a tap, so
-``conv_out`` and the remaining up blocks never run (about 25% of SD1.5's FLOPs for the default
-taps).
+(N, C, H, W) maps at their block's resolution. The pass is diffusers' own
+``UNet2DConditionModel.forward`` (SDXL's added conditions, ControlNet residuals and whatever
+else it takes included); forward hooks read the taps, and a hook on the last stage that holds
+one stops the pass right after it, so ``conv_out`` and the remaining up blocks never run (about
+25% of SD1.5's FLOPs for the default taps). Nothing of diffusers is copied or replaced: the
+hooks are removed after every pass.
 """
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,6 +18,10 @@ import torch
 from torch import nn
 
 STAGE_KINDS = ('down_blocks', 'mid_block', 'up_blocks')
+
+
+class StopForward(Exception):
+    """Raised by the hook on the last stage a feature pass needs: the rest never runs."""
 
 
 def stage_names(unet) -> List[str]:
@@ -81,7 +86,6 @@ class UNetTaps:
         if not self.taps:
             raise ValueError("`taps` is empty; name at least one UNet module, e.g. "
                              "'up_blocks.1.upsamplers.0'.")
-        self._check_supported(unet)
         modules = dict(unet.named_modules())
         stages = stage_names(unet)
         for tap in self.taps:
@@ -97,9 +101,7 @@ class UNetTaps:
         self._tapped = {tap: modules[tap] for tap in self.taps}
         last = max(stages.index(stage_of(name)) for name in [*self.taps, *also_run])
         self.stages_run = stages[:last + 1]
-        self._stages = [(name, unet.get_submodule(name)) for name in self.stages_run]
-        self._last_down = max((n for n in stages if n.startswith('down')),
-                              key=stages.index)
+        self.dropped: List[str] = []
 
     def drop_unused_stages(self) -> List[str]:
         """Free the stages after the last one run, and the output head: feature passes never
@@ -117,18 +119,8 @@ class UNetTaps:
             if getattr(unet, name, None) is not None:
                 setattr(unet, name, None)
                 dropped.append(name)
+        self.dropped = dropped
         return dropped
-
-    @staticmethod
-    def _check_supported(unet) -> None:
-        config = unet.config
-        if config.class_embed_type is not None or \
-                config.addition_embed_type not in (None, 'text_time'):
-            raise ValueError(
-                'UNets with class embeddings or added embeddings other than SDXL\'s text/time '
-                'ones (upscalers, Kandinsky) are not supported; use an SD1.x, SD2.x or SDXL '
-                f'UNet (got class_embed_type={config.class_embed_type!r}, '
-                f'addition_embed_type={config.addition_embed_type!r}).')
 
     @contextmanager
     def _capture(self, store: Dict[str, torch.Tensor], latent_hw: Tuple[int, int]):
@@ -151,57 +143,34 @@ class UNetTaps:
                  down_block_residuals: Optional[Sequence[torch.Tensor]] = None,
                  mid_block_residual: Optional[torch.Tensor] = None,
                  added_cond_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
-        """Activations at ``taps`` for one truncated UNet pass.
+        """Activations at ``taps`` for one UNet pass that stops after the last stage needed.
 
-        ``down_block_residuals``/``mid_block_residual`` are ControlNet outputs, added where
-        diffusers adds them; ``added_cond_kwargs`` holds SDXL's ``text_embeds`` and
-        ``time_ids``.
+        ``down_block_residuals``/``mid_block_residual`` are ControlNet outputs,
+        ``added_cond_kwargs`` holds SDXL's ``text_embeds`` and ``time_ids``: all go to
+        diffusers' forward as they are.
         """
+        if self.dropped and any(d % 2**self.unet.num_upsamplers for d in sample.shape[-2:]):
+            raise ValueError(f'With stages freed, latents must be multiples of '
+                             f'{2**self.unet.num_upsamplers} (got {tuple(sample.shape[-2:])}): '
+                             "pad the input first, as GATE's extractor does.")
         store: Dict[str, torch.Tensor] = {}
-        with self._capture(store, tuple(sample.shape[-2:])):
-            self._forward(sample, timestep, encoder_hidden_states, down_block_residuals,
-                          mid_block_residual, added_cond_kwargs or {})
+        with self._capture(store, tuple(sample.shape[-2:])), self._stop_after_last_stage():
+            try:
+                self.unet(sample, timestep, encoder_hidden_states,
+                          down_block_additional_residuals=down_block_residuals,
+                          mid_block_additional_residual=mid_block_residual,
+                          added_cond_kwargs=added_cond_kwargs, return_dict=False)
+            except StopForward:
+                pass
         return {tap: store[tap] for tap in self.taps}
 
-    def _forward(self, sample, timestep, encoder_hidden_states, down_block_residuals,
-                 mid_block_residual, added_cond_kwargs) -> None:
-        unet = self.unet
-        # Sizes that do not halve evenly need each skip's size to upsample to.
-        uneven = any(dim % 2**unet.num_upsamplers for dim in sample.shape[-2:])
-        if unet.config.center_input_sample:
-            sample = 2 * sample - 1.0
-        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep))
-        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
-                                     added_cond_kwargs=added_cond_kwargs)
-        if aug_emb is not None:
-            emb = emb + aug_emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        context = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+    @contextmanager
+    def _stop_after_last_stage(self):
+        def stop(_module, _inputs, _output):
+            raise StopForward
 
-        sample = unet.conv_in(sample)
-        skips = (sample, )
-        for name, block in self._stages:
-            if name.startswith('down_blocks'):
-                sample, res = self._run_block(block, sample, emb, context)
-                skips += res
-                if name == self._last_down and down_block_residuals is not None:
-                    skips = tuple(s + r for s, r in zip(skips, down_block_residuals))
-            elif name == 'mid_block':
-                sample = self._run_block(block, sample, emb, context)
-                if mid_block_residual is not None:
-                    sample = sample + mid_block_residual
-            else:
-                res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-                # The final up block has no upsampler (and no skips are left for it).
-                upsample_size = skips[-1].shape[2:] if uneven and skips else None
-                sample = self._run_block(block, sample, emb, context,
-                                         res_hidden_states_tuple=res,
-                                         upsample_size=upsample_size)
-
-    @staticmethod
-    def _run_block(block: nn.Module, sample, emb, context, **kwargs):
-        if getattr(block, 'has_cross_attention', False):
-            kwargs['encoder_hidden_states'] = context
-        return block(hidden_states=sample, temb=emb, **kwargs)
+        handle = self.unet.get_submodule(self.stages_run[-1]).register_forward_hook(stop)
+        try:
+            yield
+        finally:
+            handle.remove()
