@@ -71,7 +71,8 @@ def test_unet_stops_after_last_tapped_block(backbone):
 
 def test_refinement_starts_as_identity(backbone):
     x = torch.randn(1, 3, 64, 64)
-    raw = backbone.extractor(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
+    raw = backbone.extractor(backbone.to_vae_range(x),
+                             generator=torch.Generator().manual_seed(0))
     outs = backbone(x)
     for out, name in zip(outs, backbone.out_names):
         assert torch.equal(out, raw[0][name].float())
@@ -128,8 +129,9 @@ def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
     import copy
     x = torch.randn(1, 3, 64, 64)
     run_a, run_b = copy.deepcopy(backbone).train(), copy.deepcopy(backbone).train()
-    a1, a2 = run_a.extractor(x, run_a._generator()), run_a.extractor(x, run_a._generator())
-    b1 = run_b.extractor(x, run_b._generator())
+    a1 = run_a.extractor(x, generator=run_a._generator())
+    a2 = run_a.extractor(x, generator=run_a._generator())
+    b1 = run_b.extractor(x, generator=run_b._generator())
     tap = run_a.out_names[0]
     assert not torch.equal(a1[0][tap], a2[0][tap])
     assert torch.equal(a1[0][tap], b1[0][tap])

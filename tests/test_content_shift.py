@@ -82,13 +82,13 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
         clean = vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
         unet(clean, 0, extractor.embedding(0).hidden)
     reference = dict(taps)
-    ours = extractor(image, torch.Generator().manual_seed(0), timestep=0)[0]
+    ours = extractor(image, 0, torch.Generator().manual_seed(0))[0]
     for name in DEFAULT_TAPS:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5)
 
     plain = GATEFeatureExtractor(sd_model=tiny_sd, prompt=prompt, timestep=400)
-    anchor = plain(image, torch.Generator().manual_seed(0))[0]
-    measured = extractor(image, torch.Generator().manual_seed(0), timestep=400)[0]
+    anchor = plain(image, generator=torch.Generator().manual_seed(0))[0]
+    measured = extractor(image, 400, torch.Generator().manual_seed(0))[0]
     for name in DEFAULT_TAPS:
         torch.testing.assert_close(measured[name], anchor[name], rtol=1e-4, atol=1e-5)
 
@@ -97,7 +97,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
     for name in DEFAULT_TAPS:
         expected = content_shift(reference[name], anchor[name]).item()
         assert result['anchor_diffs'][name] == [pytest.approx(expected, rel=1e-4)]
-    denoised = extractor(image, torch.Generator().manual_seed(0))[0]
+    denoised = extractor(image, generator=torch.Generator().manual_seed(0))[0]
     assert extractor.counts['denoising_passes'] == 2 * 3  # the recipe, twice: by hand, measured
     name = DEFAULT_TAPS[0]
     expected = content_shift(reference[name], denoised[name])

@@ -97,6 +97,41 @@ def test_attention_maps_replace_nothing_and_leave_no_hooks(tiny_sd):
                for m in extractor.unet.modules())
 
 
+def test_per_variant_recipes_equal_single_variant_extractors(tiny_sd, tiny_controlnet,
+                                                             tiny_loras):
+    """Each variant's own timestep, denoising and noise seed give what an extractor of that
+    variant alone gives; the work shared is what the recipes have in common."""
+    common = dict(sd_model=tiny_sd, prompt='a photo of a street', loras=dict(tiny_loras),
+                  controlnets=dict(canny=dict(model=tiny_controlnet)))
+    variants = [dict(),                                                   # t=50, call's noise
+                dict(noise_seed=7),                                       # another noise
+                dict(controlnets=dict(canny=1.0), denoising_from=53),     # denoised 53 -> 50
+                dict(lora='a', timestep=120)]                             # another timestep
+    extractor = GATEFeatureExtractor(variants=variants, **common)
+    assert [extractor.noise_plan(variant=i) for i in range(4)] == [
+        (50, 50), (50, 50), (50, 53), (120, 120)]
+    assert extractor.noise_plan(30, variant=2) == (30, 53)
+    assert extractor.noise_plan(0, variant=2) == (0, None)
+    x = images()
+    feats = extractor(x, generator=torch.Generator().manual_seed(3))
+    num = x.shape[0]
+    assert extractor.counts == dict(
+        vae_encodes=num, noise_samples=2 * num,  # the call's noise and seed 7's
+        denoising_passes=3 * num,                # variant 2 only
+        controlnet_passes=4 * num,               # its three steps and its feature pass
+        unet_passes=4 * num)
+    for variant, ours in zip(variants, feats):
+        single = GATEFeatureExtractor(variants=[variant], **common)
+        alone = single(x, generator=torch.Generator().manual_seed(3))[0]
+        for tap in DEFAULT_TAPS:  # another batch composition: tolerance
+            torch.testing.assert_close(ours[tap], alone[tap], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats[0][DEFAULT_TAPS[0]], feats[1][DEFAULT_TAPS[0]])
+    with pytest.raises(ValueError, match='Variant 1: denoising_from'):
+        GATEFeatureExtractor(variants=[dict(), dict(denoising_from=40)], **common)
+    with pytest.raises(TypeError, match='generator='):
+        extractor(x, torch.Generator())
+
+
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000):
     """SD's noise schedule written out (the tiny model's scheduler config has these)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64)**2
@@ -117,7 +152,7 @@ def test_guided_denoising_equals_a_handwritten_ddim_loop(tiny_sd, tiny_controlne
         controlnets=dict(canny=dict(model=tiny_controlnet)), loras=dict(tiny_loras),
         variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a')])
     x = images()
-    ours = extractor(x, torch.Generator().manual_seed(0))[1]
+    ours = extractor(x, generator=torch.Generator().manual_seed(0))[1]
     assert extractor.counts['denoising_passes'] == 3 * 2 * 2
 
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder='vae')

@@ -24,7 +24,8 @@ def images(seed=0, size=(64, 96)):
 
 def variant_feats(backbone, x):
     backbone.eval()
-    feats = backbone.extractor(backbone.to_vae_range(x), torch.Generator().manual_seed(0))
+    feats = backbone.extractor(backbone.to_vae_range(x),
+                               generator=torch.Generator().manual_seed(0))
     return [list(variant.values()) for variant in feats]
 
 

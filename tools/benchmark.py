@@ -194,7 +194,8 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
     extractor = backbone.extractor
     images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
     result = measure(lambda: backbone(images),
-                     lambda: extractor(backbone.to_vae_range(images), torch.Generator()),
+                     lambda: extractor(backbone.to_vae_range(images),
+                                       generator=torch.Generator()),
                      extractor.counts, device, iters, batch, baseline)
     latents = encode_latents(extractor.vae, torch.zeros(
         batch, 3, *(-(-s // extractor.size_multiple) * extractor.size_multiple for s in shape),

@@ -142,7 +142,7 @@ def main():
     stems = [osp.splitext(osp.basename(p))[0] for p in args.images]
     for stem, image in tqdm(list(zip(stems, images)), desc='feature pictures', unit='image',
                             disable=args.no_progress):
-        feats = extractor(image[None], torch.Generator().manual_seed(args.seed))
+        feats = extractor(image[None], generator=torch.Generator().manual_seed(args.seed))
         save_png(feature_grid(image.cpu(), [{n: f[n].cpu() for n in names} for f in feats],
                               labels, names), osp.join(out, f'features_{stem}.png'))
     if not args.no_reconstruct:

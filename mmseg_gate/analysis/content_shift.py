@@ -81,7 +81,7 @@ def measure_content_shift(extractor, images: torch.Tensor, timesteps: Sequence[i
         for image in images:
             by_t = {}
             for t in passes:
-                by_t[t] = extractor(image[None], torch.Generator().manual_seed(seed), t)
+                by_t[t] = extractor(image[None], t, torch.Generator().manual_seed(seed))
                 bar.update(1)
             reference = by_t[0][baseline]
             for name in names:

@@ -44,7 +44,7 @@ class FeatureCache:
         image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
         with torch.no_grad():  # the noise is drawn on the CPU: the same on every device
             feats = self.extractor(image[None].to(self.extractor.device),
-                                   torch.Generator().manual_seed(self.seed))
+                                   generator=torch.Generator().manual_seed(self.seed))
         self.store[path] = feats
         if len(self.store) > self.capacity:
             self.store.popitem(last=False)

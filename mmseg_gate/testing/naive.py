@@ -51,7 +51,11 @@ class NaiveGATE:
             raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
                              'denoising_from, no attention_maps).')
         controlnets, loras = dict(controlnets or {}), dict(loras or {})
-        self.variants = parse_variants(variants, prompt, list(controlnets), list(loras))
+        self.variants = parse_variants(variants, prompt, list(controlnets), list(loras),
+                                       timestep)
+        if any(v.denoising_from is not None for v in self.variants):
+            raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
+                             'denoising_from).')
         if append_class_names:
             names = class_names_text(class_names)
             self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
@@ -62,7 +66,7 @@ class NaiveGATE:
             raise ValueError('NaiveGATE covers SD1.x/SD2.x.')
         self.prompt_embeds = [self._encode(parts, v, loras).to(device, dtype)
                               for v in self.variants]
-        self.scheduler, self.taps, self.timestep = parts.scheduler, list(taps), timestep
+        self.scheduler, self.taps = parts.scheduler, list(taps)
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
         self.size_multiple = 2**(len(parts.vae.config.block_out_channels) - 1) * \
@@ -117,14 +121,15 @@ class NaiveGATE:
 
     def _variant(self, variant, embed, vae, unet, controlnets, pixels, seed):
         self.counts['vae_encodes'] += len(pixels)
-        noisy = add_noise(self.scheduler, encode_latents(vae, pixels), self.timestep,
+        seed = seed if variant.noise_seed is None else variant.noise_seed
+        noisy = add_noise(self.scheduler, encode_latents(vae, pixels), variant.timestep,
                           torch.Generator().manual_seed(seed))
         context = embed.hidden.expand(len(noisy), -1, -1)
         down = mid = None
         for name, scale in variant.controlnets:
             self.counts['controlnet_passes'] += len(pixels)
             condition = self.detectors[name](pixels).to(self.dtype)
-            d, m = controlnets[name](noisy, self.timestep, context, controlnet_cond=condition,
+            d, m = controlnets[name](noisy, variant.timestep, context, controlnet_cond=condition,
                                      conditioning_scale=scale, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
@@ -135,7 +140,7 @@ class NaiveGATE:
             for tap in self.taps]
         self.counts['unet_passes'] += len(pixels)
         try:
-            unet(noisy, self.timestep, context, down_block_additional_residuals=down,
+            unet(noisy, variant.timestep, context, down_block_additional_residuals=down,
                  mid_block_additional_residual=mid)
         finally:
             for handle in handles:

@@ -141,7 +141,7 @@ class GATEBackbone(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
-        return self.fuse(self.extractor(self.to_vae_range(x), self._generator()))
+        return self.fuse(self.extractor(self.to_vae_range(x), generator=self._generator()))
 
     def fuse(self, per_variant: List[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
         """The trainable half, in this module's dtype (float32 unless ``.half()``)."""

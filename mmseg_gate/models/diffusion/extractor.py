@@ -22,7 +22,6 @@ keeps the frozen weights out of its checkpoints, optimizer, DDP and ``init_weigh
 """
 import copy
 import math
-import numbers
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
@@ -36,13 +35,13 @@ from ...engine.devices import resolve_dtype
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
-from .latents import add_noise, encode_latents, latent_scheduler
+from .latents import draw_noise, encode_latents, latent_scheduler, noised
 from .loading import DEFAULT_MODEL, load_stable_diffusion
 from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                    load_text_encoder_loras)
 from .prompts import PromptEmbedding, encode_prompt
 from .unet_taps import UNetTaps
-from .variants import Variant, parse_variants
+from .variants import Variant, check_timesteps, parse_variants
 
 # The paper's segmentation features: the upsampler outputs of up blocks 0, 1 and 2
 # (SD1.5 at 512x512: 1280 ch @ 1/32, 1280 ch @ 1/16, 640 ch @ 1/8).
@@ -93,19 +92,22 @@ class GATEFeatureExtractor:
         append_class_names (bool): append the class names to every prompt (the paper's
             fine-grained prompts). Default: False.
         variants (Sequence[dict], optional): GATE's guided variants, each
-            ``dict(prompt=None, controlnets=dict(name=scale), lora=None, lora_scale=1.0)``.
-            Default: one prompt-only variant.
+            ``dict(prompt=None, controlnets=dict(name=scale), lora=None, lora_scale=1.0)``,
+            each with its own ``timestep``, ``denoising_from`` and ``noise_seed`` if it sets
+            them (see :mod:`.variants`). Default: one prompt-only variant.
         controlnets (dict, optional): name -> ``dict(model=folder or hub id,
             condition=dict(type='canny', low_threshold=100, high_threshold=200))``.
         loras (dict, optional): name -> LoRA safetensors file (diffusers/peft or kohya).
         taps (Sequence[str]): UNet submodule names to read: block outputs, or modules with
             token outputs (``...attn1``, ``...attn2.to_q``, ``...ff``), which come back as maps.
             Default: the upsamplers of up blocks 0, 1, 2.
-        timestep (int): noise level of the features, of 1000. Default: 50.
+        timestep (int): noise level of the features, of 1000 (0: the clean latent); the
+            default of every variant. Default: 50.
         denoising_from (int, optional): start from noise at this higher timestep and denoise
             to ``timestep`` (DDIM, one step per timestep, each variant with its own guidance)
             before reading the features: the authors' label-scarce and correspondence recipe
-            (60). Default: None (noise added at ``timestep`` directly).
+            (60); the default of every variant. Default: None (noise added at ``timestep``
+            directly).
         attention_maps (dict, optional): also return the aggregated cross-attention maps as
             feature ``'cross_attention_maps'``: ``dict(places=('up', ), strides=(32, 16),
             tokens=77)`` (see :class:`CrossAttentionMaps`). Default: None.
@@ -116,7 +118,8 @@ class GATEFeatureExtractor:
         lora_mode (str): 'adapters' (LoRAs as adapters on one UNet: least memory, LoRA layers
             computed in every pass) or 'fused' (one UNet copy per LoRA with the LoRA merged: no
             LoRA compute, one UNet of memory per LoRA). Default: 'adapters'.
-        noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
+        noise_seed (int): seed of the noise when a call passes no generator (variants with a
+            ``noise_seed`` of their own always draw from it). Default: 0.
     """
 
     def __init__(self,
@@ -136,8 +139,9 @@ class GATEFeatureExtractor:
                  lora_mode: str = 'adapters',
                  noise_seed: int = 0):
         controlnets, loras = dict(controlnets or {}), dict(loras or {})
+        self.timestep, self.denoising_from = check_timesteps(timestep, denoising_from, 1000)
         self.variants: List[Variant] = parse_variants(variants, prompt, list(controlnets),
-                                                      list(loras))
+                                                      list(loras), timestep, denoising_from)
         if append_class_names:
             names = class_names_text(class_names)
             self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
@@ -146,8 +150,9 @@ class GATEFeatureExtractor:
         if lora_mode not in _LORA_MODES:
             raise ValueError(f'lora_mode must be one of {_LORA_MODES}, got {lora_mode!r}.')
         parts = load_stable_diffusion(sd_model)
-        self.timestep, self.denoising_from = _check_timesteps(
-            timestep, denoising_from, parts.scheduler.config.num_train_timesteps)
+        self.num_steps = parts.scheduler.config.num_train_timesteps
+        for i, v in enumerate(self.variants):  # against this model's schedule
+            check_timesteps(v.timestep, v.denoising_from, self.num_steps, f'Variant {i}: ')
         self.source, self.is_sdxl = sd_model, parts.is_sdxl
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
@@ -171,7 +176,8 @@ class GATEFeatureExtractor:
         self.taps = {key: UNetTaps(unet, taps, also_run) for key, unet in self.unets.items()}
         self.tap_names = list(taps)
         # Without denoising, only feature passes run: free what they never reach.
-        self.dropped_stages = [] if denoising_from is not None else \
+        denoises = any(v.denoising_from is not None for v in self.variants)
+        self.dropped_stages = [] if denoises else \
             [t.drop_unused_stages() for t in self.taps.values()][0]
         vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = vae_factor * 2**parts.unet.num_upsamplers
@@ -249,69 +255,92 @@ class GATEFeatureExtractor:
     # -- extraction ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
-                 timestep: Optional[int] = None) -> List[Features]:
+    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> List[Features]:
         """Features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any size: a dict
         tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order.
 
-        ``timestep`` (default: the configured one) is validated at every call; see
-        :meth:`noise_plan` for what it means."""
+        ``timestep`` (default: each variant's own) is validated at every call; see
+        :meth:`noise_plan` for what it means. ``generator`` draws the noise of the variants
+        without a ``noise_seed`` of their own (default: one seeded with ``noise_seed``)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
                              f'{tuple(images.shape)}.')
+        if isinstance(timestep, torch.Generator):
+            raise TypeError('The second argument is the timestep; pass the noise generator as '
+                            '`generator=` (extractor(images, timestep=None, generator=...)).')
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise_seed)
         height, width = images.shape[-2:]
         feats = self.extract_padded(pad_to_multiple(images.float(), self.size_multiple),
-                                    generator, timestep)
+                                    timestep, generator)
         strides = {f['name']: f['stride'] for f in self.feature_info}
         return [{name: f[..., :math.ceil(height / strides[name]),
                          :math.ceil(width / strides[name])] for name, f in variant.items()}
                 for variant in feats]
 
-    def noise_plan(self, timestep: Optional[int] = None) -> Tuple[int, Optional[int]]:
-        """(feature timestep, timestep the noise is added at) of a call.
+    def noise_plan(self, timestep: Optional[int] = None, variant: int = 0
+                   ) -> Tuple[int, Optional[int]]:
+        """(feature timestep, timestep the noise is added at) of ``variant`` in a call.
 
-        ``None`` is the configured recipe. t = 0 is the clean latent (no noise, the UNet
-        conditioned on t = 0). With ``denoising_from``, a timestep below it is reached by
+        ``None`` is the variant's recipe. t = 0 is the clean latent (no noise, the UNet
+        conditioned on t = 0). With a ``denoising_from``, a timestep below it is reached by
         guided denoising from there, as the recipe does; any other timestep gets its noise
         added directly. The start is None for the clean latent."""
-        num_steps = self.scheduler.config.num_train_timesteps
-        timestep = self.timestep if timestep is None else \
-            _check_timesteps(timestep, None, num_steps)[0]
+        recipe = self.variants[variant]
+        timestep = recipe.timestep if timestep is None else \
+            check_timesteps(timestep, None, self.num_steps)[0]
         if timestep == 0:
             return 0, None
-        if self.denoising_from is not None and timestep < self.denoising_from:
-            return timestep, self.denoising_from
+        if recipe.denoising_from is not None and timestep < recipe.denoising_from:
+            return timestep, recipe.denoising_from
         return timestep, timestep
 
     @torch.no_grad()
-    def extract_padded(self, pixels: torch.Tensor, generator: Optional[torch.Generator],
-                       timestep: Optional[int] = None) -> List[Features]:
+    def extract_padded(self, pixels: torch.Tensor, timestep: Optional[int],
+                       generator: torch.Generator) -> List[Features]:
         """Features per variant for images in [-1, 1] whose sides are multiples of
-        ``size_multiple``, at ``timestep`` (:meth:`noise_plan`)."""
-        timestep, start = self.noise_plan(timestep)
+        ``size_multiple``, at ``timestep`` (:meth:`noise_plan`).
+
+        Shared wherever recipes agree: one VAE encode; one noise per noise source (the call's
+        generator, or a variant's ``noise_seed``); one noised latent per (noise, start); one
+        ControlNet pass per (ControlNet, prompt, latent, timestep); one UNet batch per
+        (timestep, UNet, prompt length); denoising per (start, timestep)."""
+        plans = [self.noise_plan(timestep, i) for i in range(len(self.variants))]
         self.to(pixels.device)
         self.counts['vae_encodes'] += pixels.shape[0]
-        latents = encode_latents(self.vae, pixels)
+        clean = encode_latents(self.vae, pixels)
         used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
         conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
         time_ids = self._time_ids(pixels)
-        if start is not None:
-            latents = add_noise(self.scheduler, latents, start, generator)
-        per_variant = [latents] * len(self.variants)  # one tensor: its ControlNet pass is shared
-        if start is not None and start > timestep:
-            per_variant = self._denoise(per_variant, conditions, time_ids, start, timestep)
-        return self._features(per_variant, conditions, time_ids, timestep)
+        noises, noisy, latents = {}, {}, []
+        for variant, (_, start) in zip(self.variants, plans):
+            if start is None:
+                latents.append(clean)
+                continue
+            seed = variant.noise_seed
+            if seed not in noises:
+                self.counts['noise_samples'] += pixels.shape[0]
+                noises[seed] = draw_noise(clean.shape, generator if seed is None else
+                                          torch.Generator().manual_seed(seed))
+            if (seed, start) not in noisy:
+                noisy[seed, start] = noised(self.scheduler, clean, start, noises[seed])
+            latents.append(noisy[seed, start])  # one tensor: its ControlNet pass is shared
+        for (end, start), indices in _by_key(plans, lambda p: p if p[1] is not None else None):
+            if start > end:
+                latents = self._denoise(latents, indices, conditions, time_ids, start, end)
+        return self._features(latents, [t for t, _ in plans], conditions, time_ids)
 
-    def _groups(self) -> List[Tuple[Optional[str], List[int]]]:
-        """Variants that run as one UNet batch: same UNet, same prompt length."""
+    def _groups(self, indices: Sequence[int]) -> List[Tuple[Optional[str], List[int]]]:
+        """Variants of ``indices`` that run as one UNet batch: same UNet, same prompt
+        length."""
         groups = defaultdict(list)
-        for i, variant in enumerate(self.variants):
+        for i in indices:
+            variant = self.variants[i]
             unet_key = variant.adapter if self.lora_mode == 'fused' else None
             key = (unet_key, self.embedding(variant).hidden.shape[1])
             groups[key + (() if self.batch_variants else (i, ))].append(i)
-        return [(key[0], indices) for key, indices in groups.items()]
+        return [(key[0], members) for key, members in groups.items()]
 
     def _inputs(self, indices: List[int], latents: List[torch.Tensor], timestep: int,
                 conditions: dict, time_ids: Optional[torch.Tensor], cache: dict):
@@ -373,44 +402,45 @@ class GATEFeatureExtractor:
         names = [self.variants[i].adapter or BASE for i in indices for _ in range(num)]
         return adapters_per_sample(self.unets[unet_key], names)
 
-    def _features(self, latents: List[torch.Tensor], conditions: dict,
-                  time_ids: Optional[torch.Tensor], timestep: int) -> List[Features]:
-        """One truncated, guided UNet pass per group at ``timestep``: the features."""
+    def _features(self, latents: List[torch.Tensor], timesteps: List[int],
+                  conditions: dict, time_ids: Optional[torch.Tensor]) -> List[Features]:
+        """One truncated, guided UNet pass per group of variants at the same timestep."""
         feats: List[Optional[Features]] = [None] * len(self.variants)
         num, cache = latents[0].shape[0], {}
-        for unet_key, indices in self._groups():
-            sample, context, down, mid, added = self._inputs(indices, latents, timestep,
-                                                             conditions, time_ids, cache)
-            self.counts['unet_passes'] += num * len(indices)
-            attention = self.attention.get(unet_key)
-            with self._adapters(unet_key, indices, num), \
-                    (attention.recording() if attention else nullcontext()):
-                out = self.taps[unet_key](sample, timestep, context, down, mid, added)
-                if attention:
-                    out[ATTENTION_MAPS] = attention.aggregate(tuple(sample.shape[-2:]))
-            for j, i in enumerate(indices):
-                feats[i] = {name: f[j * num:(j + 1) * num] for name, f in out.items()}
+        for timestep, same_t in _by_key(timesteps, lambda t: t):
+            for unet_key, indices in self._groups(same_t):
+                sample, context, down, mid, added = self._inputs(indices, latents, timestep,
+                                                                 conditions, time_ids, cache)
+                self.counts['unet_passes'] += num * len(indices)
+                attention = self.attention.get(unet_key)
+                with self._adapters(unet_key, indices, num), \
+                        (attention.recording() if attention else nullcontext()):
+                    out = self.taps[unet_key](sample, timestep, context, down, mid, added)
+                    if attention:
+                        out[ATTENTION_MAPS] = attention.aggregate(tuple(sample.shape[-2:]))
+                for j, i in enumerate(indices):
+                    feats[i] = {name: f[j * num:(j + 1) * num] for name, f in out.items()}
         return feats
 
-    def _denoise(self, latents: List[torch.Tensor], conditions: dict,
+    def _denoise(self, latents: List[torch.Tensor], indices: List[int], conditions: dict,
                  time_ids: Optional[torch.Tensor], start: int, end: int
                  ) -> List[torch.Tensor]:
-        """DDIM from ``start`` down to ``end``, one step per timestep, each variant with its
-        own prompt, ControlNets and LoRA (full UNet passes)."""
+        """DDIM from ``start`` down to ``end`` for the variants ``indices``, one step per
+        timestep, each with its own prompt, ControlNets and LoRA (full UNet passes)."""
         scheduler = latent_scheduler(DDIMScheduler, self.scheduler.config)
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)
         num = latents[0].shape[0]
         for timestep in range(start, end, -1):
             stepped, cache = list(latents), {}
-            for unet_key, indices in self._groups():
-                sample, context, down, mid, added = self._inputs(indices, latents, timestep,
+            for unet_key, group in self._groups(indices):
+                sample, context, down, mid, added = self._inputs(group, latents, timestep,
                                                                  conditions, time_ids, cache)
-                self.counts['denoising_passes'] += num * len(indices)
-                with self._adapters(unet_key, indices, num):
+                self.counts['denoising_passes'] += num * len(group)
+                with self._adapters(unet_key, group, num):
                     pred = self.unets[unet_key](
                         sample, timestep, context, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid, added_cond_kwargs=added).sample
-                for j, i in enumerate(indices):
+                for j, i in enumerate(group):
                     stepped[i] = scheduler.step(pred[j * num:(j + 1) * num], timestep,
                                                 latents[i]).prev_sample.to(self.dtype)
             latents = stepped
@@ -457,19 +487,10 @@ def _encode_with_adapter(parts, prompt: str, adapter: Optional[str],
     return encode_prompt(parts.text_encoders, parts.tokenizers, prompt)
 
 
-def _check_timesteps(timestep, denoising_from, num_steps: int) -> Tuple[int, Optional[int]]:
-    for name, value in (('timestep', timestep), ('denoising_from', denoising_from)):
-        if value is None and name == 'denoising_from':
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f'{name} must be an integer in [0, {num_steps}) (a step of the '
-                             f'noise schedule), got {value!r}.')
-        if not 0 <= value < num_steps:
-            raise ValueError(f'{name} must be in [0, {num_steps}), got {value}.')
-    if denoising_from is not None and denoising_from <= timestep:
-        raise ValueError(f'denoising_from ({denoising_from}) must be above timestep '
-                         f'({timestep}): it is where denoising starts.')
-    if denoising_from is not None and timestep == 0:
-        raise ValueError('denoising_from needs a timestep above 0: t = 0 is the clean latent, '
-                         'which no denoising reaches.')
-    return int(timestep), None if denoising_from is None else int(denoising_from)
+def _by_key(items: Sequence, key) -> List[Tuple[object, List[int]]]:
+    """Indices of ``items`` grouped by ``key(item)`` (None: left out), in first-seen order."""
+    groups = defaultdict(list)
+    for i, item in enumerate(items):
+        if key(item) is not None:
+            groups[key(item)].append(i)
+    return list(groups.items())

@@ -14,14 +14,24 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latent - shift) * vae.config.scaling_factor
 
 
+def draw_noise(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU in float32, so one seed gives the same noise
+    on every device and dtype."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
 @torch.no_grad()
-def add_noise(scheduler, latents: torch.Tensor, timestep: int,
-              generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Forward diffusion of ``latents`` to ``timestep``. The noise is drawn on the CPU in
-    float32, so one seed gives the same noise on every device and dtype."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+def noised(scheduler, latents: torch.Tensor, timestep: int,
+           noise: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion of ``latents`` to ``timestep`` with ``noise``."""
     timesteps = torch.full((latents.shape[0], ), timestep, dtype=torch.long)
     return scheduler.add_noise(latents, noise.to(latents), timesteps.to(latents.device))
+
+
+def add_noise(scheduler, latents: torch.Tensor, timestep: int,
+              generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Forward diffusion of ``latents`` to ``timestep`` with noise drawn from ``generator``."""
+    return noised(scheduler, latents, timestep, draw_noise(latents.shape, generator))
 
 
 def latent_scheduler(scheduler_class, config):

@@ -1,15 +1,25 @@
-"""GATE's guided variants: each is a prompt plus optional ControlNets and an optional LoRA.
+"""GATE's guided variants: each a recipe of guidance (a prompt, optional ControlNets, an
+optional LoRA) and of noise (timestep, guided denoising, noise seed).
 
 A variant in a config::
 
-    dict(prompt=None,                  # None: the backbone's prompt
+    dict(prompt=None,                  # None: the extractor's prompt
          controlnets=dict(canny=1.0),  # ControlNet name -> conditioning scale
-         lora='moderate', lora_scale=1.0)
+         lora='moderate', lora_scale=1.0,
+         timestep=50,                  # absent: the extractor's timestep
+         denoising_from=60,            # absent: the extractor's; None: no denoising
+         noise_seed=1)                 # absent or None: the call's noise
 
-Names refer to the backbone's ``controlnets`` and ``loras`` dicts.
+Names refer to the extractor's ``controlnets`` and ``loras`` dicts. The authors' recipes need
+the noise keys per variant: label-scarce denoises only its ControlNet variant from t = 60;
+correspondence repeats two variants with a second noise seed.
 """
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+_KEYS = ('prompt', 'controlnets', 'lora', 'lora_scale', 'timestep', 'denoising_from',
+         'noise_seed')
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,9 @@ class Variant:
     controlnets: Tuple[Tuple[str, float], ...] = field(default_factory=tuple)
     lora: Optional[str] = None
     lora_scale: float = 1.0
+    timestep: int = 50
+    denoising_from: Optional[int] = None
+    noise_seed: Optional[int] = None
 
     @property
     def adapter(self) -> Optional[str]:
@@ -28,17 +41,41 @@ class Variant:
         return f'{self.lora}@{self.lora_scale:g}'.replace('.', '_')  # no dots in module keys
 
 
+def check_timesteps(timestep, denoising_from, num_steps: int, where: str = ''
+                    ) -> Tuple[int, Optional[int]]:
+    """``timestep`` (and ``denoising_from``, if any) as steps of the noise schedule."""
+    for name, value in (('timestep', timestep), ('denoising_from', denoising_from)):
+        if value is None and name == 'denoising_from':
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f'{where}{name} must be an integer in [0, {num_steps}) (a step of '
+                             f'the noise schedule), got {value!r}.')
+        if not 0 <= value < num_steps:
+            raise ValueError(f'{where}{name} must be in [0, {num_steps}), got {value}.')
+    if denoising_from is not None and denoising_from <= timestep:
+        raise ValueError(f'{where}denoising_from ({denoising_from}) must be above timestep '
+                         f'({timestep}): it is where denoising starts.')
+    if denoising_from is not None and timestep == 0:
+        raise ValueError(f'{where}denoising_from needs a timestep above 0: t = 0 is the clean '
+                         'latent, which no denoising reaches.')
+    return int(timestep), None if denoising_from is None else int(denoising_from)
+
+
 def parse_variants(variants: Optional[Sequence[dict]], default_prompt: str,
-                   controlnet_names: Sequence[str], lora_names: Sequence[str]) -> List[Variant]:
-    """Variants from their config dicts; None means one prompt-only variant."""
+                   controlnet_names: Sequence[str], lora_names: Sequence[str],
+                   timestep: int = 50, denoising_from: Optional[int] = None,
+                   num_steps: int = 1000) -> List[Variant]:
+    """Variants from their config dicts, the extractor-wide ``timestep`` and
+    ``denoising_from`` filling what a variant leaves out; None means one prompt-only
+    variant."""
     if not variants:
-        return [Variant(default_prompt)]
+        variants = [dict()]
     parsed = []
     for i, cfg in enumerate(variants):
-        unknown = set(cfg) - {'prompt', 'controlnets', 'lora', 'lora_scale'}
+        unknown = set(cfg) - set(_KEYS)
         if unknown:
-            raise KeyError(f'Variant {i} has unknown keys {sorted(unknown)}; '
-                           'use prompt, controlnets, lora, lora_scale.')
+            raise KeyError(f'Variant {i} has unknown keys {sorted(unknown)}; use '
+                           f'{", ".join(_KEYS)}.')
         controlnets: Dict[str, float] = dict(cfg.get('controlnets') or {})
         for name in controlnets:
             if name not in controlnet_names:
@@ -48,7 +85,14 @@ def parse_variants(variants: Optional[Sequence[dict]], default_prompt: str,
         if lora is not None and lora not in lora_names:
             raise KeyError(f"Variant {i} uses LoRA '{lora}', which is not in "
                            f'`loras` ({sorted(lora_names)}).')
+        seed = cfg.get('noise_seed')
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f'Variant {i}: noise_seed must be an integer or None, got {seed!r}.')
+        step, start = check_timesteps(cfg.get('timestep', timestep),
+                                      cfg.get('denoising_from', denoising_from), num_steps,
+                                      f'Variant {i}: ' if cfg else '')
         parsed.append(Variant(prompt=cfg.get('prompt') or default_prompt,
                               controlnets=tuple(sorted(controlnets.items())), lora=lora,
-                              lora_scale=float(cfg.get('lora_scale', 1.0))))
+                              lora_scale=float(cfg.get('lora_scale', 1.0)), timestep=step,
+                              denoising_from=start, noise_seed=seed))
     return parsed
