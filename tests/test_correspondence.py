@@ -139,6 +139,11 @@ def test_the_real_config_builds(tiny):
                          controlnets=dict(canny=dict(model=tiny['controlnet'])),
                          taps=extractor_cfg['taps'][:3] + ('up_blocks.3.attentions.1', ))
     extractor = GATEFeatureExtractor(**extractor_cfg)
+    # The authors' six: seed repeats of the prompt and of the denoised ControlNet variant.
+    assert [(v.noise_seed, v.denoising_from, bool(v.controlnets), v.lora) for v in
+            extractor.variants] == [(None, None, False, None), (1, None, False, None),
+                                    (None, None, False, 'a'), (None, None, False, 'b'),
+                                    (None, 60, True, None), (1, 60, True, None)]
     aggregator = CorrespondenceAggregator(extractor.feature_info, len(extractor.variants),
                                           **cfg.aggregator)
     feats = extractor(torch.rand(2, 3, 64, 64) * 2 - 1)

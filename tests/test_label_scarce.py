@@ -195,7 +195,10 @@ def test_real_configs_build(name, classes, dataset, tiny):
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'label_scarce', f'gate_pixel_{name}.py'))
     head, backbone = cfg.model.decode_head, cfg.model.backbone
     assert head.num_classes == classes and sum(head.in_channels) == 3674
-    assert (backbone.timestep, backbone.denoising_from) == (50, 60)
+    assert (backbone.timestep, backbone.get('denoising_from')) == (50, None)
+    # Only the ControlNet variant is denoised from 60, as the authors' commands do.
+    assert [v.get('denoising_from') for v in backbone.variants] == \
+        [60 if 'controlnets' in v else None for v in backbone.variants]
     assert cfg.train_dataloader.dataset.type == cfg.test_dataloader.dataset.type == dataset
     backbone.update(sd_model=tiny['sd_model'],
                     loras={k: tiny['loras']['a'] for k in backbone.loras},

@@ -1,11 +1,8 @@
 # Semantic correspondence on SPair-71k with GATE features (the authors' `correspondence_gate`
 # recipe): SD1.5 at 512x512, t = 50, the upsampler outputs of up blocks 0-2, the last
-# transformer output of up block 3 and the up blocks' cross-attention maps; variants: the
-# fine-grained prompt; two LoRAs with "a photo"; Canny ControlNet with "a photo". Their six
-# variants include each prompt and ControlNet twice with different noise seeds; here all
-# variants of an image share one noise, so the duplicates are left out. Their ControlNet
-# variants are denoised from t = 60; `denoising_from` applies to every variant here, so it is
-# off. Aggregation: GATE's amalgamation per level + Diffusion Hyperfeatures' bottlenecks (384
+# transformer output of up block 3 and the up blocks' cross-attention maps; the authors' six
+# variants (below). Their cross-attention maps come from a separate ControlNet + LoRA run with
+# the category prompt; here every variant brings its own (README, differences). Aggregation: GATE's amalgamation per level + Diffusion Hyperfeatures' bottlenecks (384
 # channels) and level mixing; symmetric keypoint loss at temperature 0.07, AdamW 5e-4, weight
 # decay 0.01, 10,000 steps of one pair, validation every 500 steps.
 #   python tools/correspondence.py train configs/correspondence/gate_spair.py
@@ -20,11 +17,15 @@ extractor = dict(
                                 condition=dict(type='canny'))),
     loras=dict(a='work_dirs/lora/spair/lora_step1500.safetensors',
                b='work_dirs/lora/spair/lora_step3000.safetensors'),
+    # The authors' six: the fine-grained prompt with two noise seeds, "a photo" with each
+    # LoRA, "a photo" with the Canny ControlNet denoised from t = 60, with two noise seeds.
     variants=[
         dict(),
+        dict(noise_seed=1),
         dict(prompt='a photo', lora='a'),
         dict(prompt='a photo', lora='b'),
-        dict(prompt='a photo', controlnets=dict(canny=1.0)),
+        dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60),
+        dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60, noise_seed=1),
     ],
     taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0', 'up_blocks.2.upsamplers.0',
           'up_blocks.3.attentions.2'),

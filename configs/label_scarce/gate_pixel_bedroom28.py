@@ -15,7 +15,7 @@ model = dict(
         loras=dict(a='work_dirs/lora/bedroom28/lora_step1500.safetensors'),
         variants=[
             dict(),
-            dict(prompt='a bedroom', controlnets=dict(canny=1.0)),
+            dict(prompt='a bedroom', controlnets=dict(canny=1.0), denoising_from=60),
             dict(prompt='a bedroom', lora='a'),
         ]),
     decode_head=dict(num_classes=num_classes))

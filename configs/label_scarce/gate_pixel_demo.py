@@ -3,8 +3,8 @@
 # `python tools/train_lora.py configs/lora/demo.py`) on 20 + 20 synthetic images in
 # DDPM-segmentation's layout (5 classes, all scored). Same recipe as the real configs:
 # attention features and cross-attention maps, amalgamation with the sparsity term, an
-# ensemble of pixel MLPs -- but no guided denoising (`denoising_from=None`): its ten full
-# passes per variant would make the CPU run ten times longer (the extractor's tests cover it).
+# ensemble of pixel MLPs -- but no guided denoising of the ControlNet variant: its ten full
+# passes would make the CPU run several times longer (the extractor's tests cover it).
 #   python tools/label_scarce.py configs/label_scarce/gate_pixel_demo.py --splits 3
 _base_ = ['./_base_/gate_pixel.py']
 num_classes = 5
@@ -15,7 +15,6 @@ image_size = (64, 64)
 model = dict(
     backbone=dict(
         sd_model='data/demo/tiny-sd',
-        denoising_from=None,
         prompt='a highly realistic photo of the real world, high quality',
         taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
               'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.1'),

@@ -14,7 +14,7 @@ model = dict(
                    b='work_dirs/lora/horse21/lora_step3000.safetensors'),
         variants=[
             dict(),
-            dict(prompt='a horse', controlnets=dict(canny=1.0)),
+            dict(prompt='a horse', controlnets=dict(canny=1.0), denoising_from=60),
             dict(prompt='a horse', lora='a'),
             dict(prompt='a horse', lora='b'),
         ]),

@@ -1,6 +1,7 @@
 # DDPM-segmentation's label-scarce protocol on GATE features (the authors'
-# `scarce_segmentation_gate` recipe): SD1.5 at 512x512, guided denoising from t = 60 down to
-# t = 50 with each variant's guidance, the upsampler outputs of up blocks 0-2, the last
+# `scarce_segmentation_gate` recipe): SD1.5 at 512x512, t = 50 (the ControlNet variant of
+# each dataset config is denoised from t = 60 with its guidance, as theirs), the upsampler
+# outputs of up blocks 0-2, the last
 # transformer output of up block 3 and the up blocks' aggregated cross-attention maps
 # (strides 32 and 16, 77 tokens each: the authors' `up_cross`), amalgamated by learned weights
 # with the sparsity regulariser, then an ensemble of 10 pixel MLPs on features resized to
@@ -29,7 +30,6 @@ model = dict(
               'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
         attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
         timestep=50,
-        denoising_from=60,
         noise_seed=0,
         input_mean=pixel_mean,
         input_std=pixel_std,
