@@ -10,8 +10,9 @@ data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        prompt='a highly realistic photo of the real world. It can be an indoor scene, '
-        'or an outdoor scene, or a photo of nature. high quality.'),
+        source=dict(
+            prompt='a highly realistic photo of the real world. It can be an indoor scene, '
+            'or an outdoor scene, or a photo of nature. high quality.')),
     decode_head=dict(num_classes=150),
     auxiliary_head=dict(num_classes=150),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))

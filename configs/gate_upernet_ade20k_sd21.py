@@ -5,8 +5,9 @@
 _base_ = ['./gate_upernet_ade20k.py']
 model = dict(
     backbone=dict(
-        sd_model='stabilityai/stable-diffusion-2-1-base',
-        controlnets=dict(canny=dict(model='thibaud/controlnet-sd21-canny-diffusers')),
-        loras=dict(
-            a='work_dirs/lora/ade20k_sd21/lora_step1500.safetensors',
-            b='work_dirs/lora/ade20k_sd21/lora_step3000.safetensors')))
+        source=dict(
+            sd_model='stabilityai/stable-diffusion-2-1-base',
+            controlnets=dict(canny=dict(model='thibaud/controlnet-sd21-canny-diffusers')),
+            loras=dict(
+                a='work_dirs/lora/ade20k_sd21/lora_step1500.safetensors',
+                b='work_dirs/lora/ade20k_sd21/lora_step3000.safetensors'))))

@@ -9,12 +9,13 @@ scale = (4096, 1024)
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
-        sd_model='stabilityai/stable-diffusion-xl-base-1.0',
-        taps=('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0'),
-        controlnets=dict(canny=dict(model='diffusers/controlnet-canny-sdxl-1.0')),
-        loras=dict(
-            a='work_dirs/lora/ade20k_sdxl/lora_step1500.safetensors',
-            b='work_dirs/lora/ade20k_sdxl/lora_step3000.safetensors')),
+        source=dict(
+            sd_model='stabilityai/stable-diffusion-xl-base-1.0',
+            taps=('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0'),
+            controlnets=dict(canny=dict(model='diffusers/controlnet-canny-sdxl-1.0')),
+            loras=dict(
+                a='work_dirs/lora/ade20k_sdxl/lora_step1500.safetensors',
+                b='work_dirs/lora/ade20k_sdxl/lora_step3000.safetensors'))),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(683, 683)))
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -6,17 +6,18 @@
 _base_ = ['./gate_upernet_cityscapes_prompt.py']
 model = dict(
     backbone=dict(
-        class_names='cityscapes',
-        append_class_names=True,
-        controlnets=dict(
-            canny=dict(
-                model='lllyasviel/sd-controlnet-canny',
-                condition=dict(type='canny', low_threshold=100, high_threshold=200))),
-        loras=dict(
-            a='work_dirs/lora/cityscapes/lora_step1500.safetensors',
-            b='work_dirs/lora/cityscapes/lora_step3000.safetensors'),
-        variants=[
-            dict(),
-            dict(controlnets=dict(canny=1.0), lora='a'),
-            dict(controlnets=dict(canny=1.0), lora='b'),
-        ]))
+        source=dict(
+            class_names='cityscapes',
+            append_class_names=True,
+            controlnets=dict(
+                canny=dict(
+                    model='lllyasviel/sd-controlnet-canny',
+                    condition=dict(type='canny', low_threshold=100, high_threshold=200))),
+            loras=dict(
+                a='work_dirs/lora/cityscapes/lora_step1500.safetensors',
+                b='work_dirs/lora/cityscapes/lora_step3000.safetensors'),
+            variants=[
+                dict(),
+                dict(controlnets=dict(canny=1.0), lora='a'),
+                dict(controlnets=dict(canny=1.0), lora='b'),
+            ])))

@@ -11,8 +11,9 @@ data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        prompt='An urban street scene with multiple lanes, various buildings, traffic '
-        'lights, cars in the lanes, and pedestrians, highly realistic.'),
+        source=dict(
+            prompt='An urban street scene with multiple lanes, various buildings, traffic '
+            'lights, cars in the lanes, and pedestrians, highly realistic.')),
     decode_head=dict(num_classes=19),
     auxiliary_head=dict(num_classes=19),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(768, 768)))

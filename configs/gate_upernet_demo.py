@@ -16,20 +16,21 @@ tiny_channels = [64, 64, 64]  # the tiny UNet's up blocks 0-2 (strides 8, 16, 32
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        sd_model='data/demo/tiny-sd',
-        prompt='a highly realistic photo of the real world. It can be an indoor scene, '
-        'or an outdoor scene, or a photo of nature. high quality.',
-        class_names=('wall', 'building', 'sky', 'floor', 'tree'),
-        append_class_names=True,
-        controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
-                                    condition=dict(type='canny'))),
-        loras=dict(a='data/demo/lora/lora_step100.safetensors',
-                   b='data/demo/lora/lora_step200.safetensors'),
-        variants=[
-            dict(),
-            dict(controlnets=dict(canny=1.0), lora='a'),
-            dict(controlnets=dict(canny=1.0), lora='b'),
-        ],
+        source=dict(
+            sd_model='data/demo/tiny-sd',
+            prompt='a highly realistic photo of the real world. It can be an indoor scene, '
+            'or an outdoor scene, or a photo of nature. high quality.',
+            class_names=('wall', 'building', 'sky', 'floor', 'tree'),
+            append_class_names=True,
+            controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
+                                        condition=dict(type='canny'))),
+            loras=dict(a='data/demo/lora/lora_step100.safetensors',
+                       b='data/demo/lora/lora_step200.safetensors'),
+            variants=[
+                dict(),
+                dict(controlnets=dict(canny=1.0), lora='a'),
+                dict(controlnets=dict(canny=1.0), lora='b'),
+            ]),
         norm_cfg=dict(type='BN', requires_grad=True)),
     decode_head=dict(in_channels=tiny_channels, channels=32, num_classes=num_classes,
                      norm_cfg=dict(type='BN', requires_grad=True)),

@@ -1,10 +1,15 @@
 """GATE for MMSegmentation: ``import mmseg_gate`` registers ``GATEBackbone`` in MMSeg's MODELS
-registry, ``GATERunner`` (safe, exact, atomic checkpoints) and the demo dataset (configs:
-``custom_imports=dict(imports=['mmseg_gate'], allow_failed_imports=False)``).
-``GATEFeatureExtractor`` is the frozen half on its own: guided diffusion features for any task.
+registry, ``GATERunner`` (safe, exact, atomic checkpoints) and the datasets (configs:
+``custom_imports=dict(imports=['mmseg_gate'], allow_failed_imports=False)``). The frozen
+half is a feature source (``mmseg_gate.sources``): ``StableDiffusionSource`` (GATE's guided
+Stable Diffusion features, formerly ``GATEFeatureExtractor``, which still names it) or several
+sources side by side (``CompositeSource``), usable without MMSeg.
 """
 from . import datasets, engine  # noqa: F401  (registrations, safe checkpoint loading)
-from .models import GATEBackbone, GATEFeatureExtractor
+from .models import GATEBackbone
+from .sources import (CompositeSource, FeatureSource, GATEFeatureExtractor,
+                      StableDiffusionSource, build_source)
 
 __version__ = '0.2.0'
-__all__ = ['GATEBackbone', 'GATEFeatureExtractor', '__version__']
+__all__ = ['GATEBackbone', 'FeatureSource', 'StableDiffusionSource', 'CompositeSource',
+           'GATEFeatureExtractor', 'build_source', '__version__']

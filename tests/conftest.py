@@ -27,7 +27,7 @@ def tiny_sd(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def _backbone(tiny_sd):
     from mmseg_gate import GATEBackbone
-    return GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street')
+    return GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street'))
 
 
 @pytest.fixture
@@ -81,9 +81,9 @@ def make_demo_cfg(tiny, demo_root):
 
     def make(work_dir, max_iters: int) -> Config:
         cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_demo.py'))
-        cfg.model.backbone.sd_model = tiny['sd_model']
-        cfg.model.backbone.controlnets.canny.model = tiny['controlnet']
-        cfg.model.backbone.loras = dict(tiny['loras'])
+        cfg.model.backbone.source.sd_model = tiny['sd_model']
+        cfg.model.backbone.source.controlnets.canny.model = tiny['controlnet']
+        cfg.model.backbone.source.loras = dict(tiny['loras'])
         cfg.work_dir = str(work_dir)
         for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
             loader.dataset.data_root = demo_root

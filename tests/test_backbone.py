@@ -31,10 +31,10 @@ def test_early_exit_matches_full_unet_forward(layout, taps, request):
     layouts."""
     from diffusers import UNet2DConditionModel
 
-    from mmseg_gate import GATEFeatureExtractor
-    from mmseg_gate.models.diffusion.unet_taps import first_tensor
+    from mmseg_gate import StableDiffusionSource
+    from mmseg_gate.sources.stable_diffusion.unet_taps import first_tensor
     folder = request.getfixturevalue(layout)
-    extractor = GATEFeatureExtractor(sd_model=folder, prompt='a photo',
+    extractor = StableDiffusionSource(sd_model=folder, prompt='a photo',
                                      **(dict(taps=taps) if taps else {}))
     assert extractor.dropped_stages and 'conv_out' in extractor.dropped_stages
     latents = torch.randn(1, 4, 8, 16)
@@ -62,7 +62,7 @@ def test_early_exit_matches_full_unet_forward(layout, taps, request):
 
 def test_unet_stops_after_last_tapped_block(backbone):
     """Up block 3 and the output head never run, so they are not even kept."""
-    extractor = backbone.extractor
+    extractor = backbone.source
     assert extractor.stages_run[-1] == 'up_blocks.2'
     assert extractor.dropped_stages == ['up_blocks.3', 'conv_norm_out', 'conv_act', 'conv_out']
     assert len(extractor.unet.up_blocks) == 3 and extractor.unet.conv_out is None
@@ -71,7 +71,7 @@ def test_unet_stops_after_last_tapped_block(backbone):
 
 def test_refinement_starts_as_identity(backbone):
     x = torch.randn(1, 3, 64, 64)
-    raw = backbone.extractor(backbone.to_vae_range(x),
+    raw = backbone.source(backbone.to_vae_range(x),
                              generator=torch.Generator().manual_seed(0))
     outs = backbone(x)
     for out, name in zip(outs, backbone.out_names):
@@ -80,7 +80,7 @@ def test_refinement_starts_as_identity(backbone):
 
 def test_diffusion_weights_frozen_through_a_training_step(backbone):
     backbone.train()
-    unet = backbone.extractor.unet
+    unet = backbone.source.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     trainable = list(backbone.parameters())
     assert trainable and all(p.requires_grad for p in trainable)
@@ -91,7 +91,7 @@ def test_diffusion_weights_frozen_through_a_training_step(backbone):
         loss.backward()
         optimizer.step()
     assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
-    assert all(p.grad is None for p in backbone.extractor.vae.parameters())
+    assert all(p.grad is None for p in backbone.source.vae.parameters())
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
@@ -99,17 +99,17 @@ def test_diffusion_weights_frozen_through_a_training_step(backbone):
 def test_checkpoint_holds_only_trainable_parts(backbone):
     keys = list(backbone.state_dict())
     assert keys and all(k.startswith('fusion.refiners.') for k in keys)
-    frozen = sum(p.numel() for p in backbone.extractor.unet.parameters())
+    frozen = sum(p.numel() for p in backbone.source.unet.parameters())
     assert sum(p.numel() for p in backbone.parameters()) < frozen
 
 
 def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
     from mmseg_gate import GATEBackbone
-    model = GATEBackbone(sd_model=tiny_sd,
+    model = GATEBackbone(source=dict(sd_model=tiny_sd),
                          init_cfg=dict(type='Kaiming', layer='Conv2d'))
-    before = {k: v.clone() for k, v in model.extractor.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in model.source.unet.state_dict().items()}
     model.init_weights()
-    assert all(torch.equal(before[k], v) for k, v in model.extractor.unet.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.source.unet.state_dict().items())
     # The refinement blocks are still the identity after a Kaiming init of their convs.
     for stack in model.fusion.refiners:
         for block in stack:
@@ -129,9 +129,9 @@ def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
     import copy
     x = torch.randn(1, 3, 64, 64)
     run_a, run_b = copy.deepcopy(backbone).train(), copy.deepcopy(backbone).train()
-    a1 = run_a.extractor(x, generator=run_a._generator())
-    a2 = run_a.extractor(x, generator=run_a._generator())
-    b1 = run_b.extractor(x, generator=run_b._generator())
+    a1 = run_a.source(x, generator=run_a._generator())
+    a2 = run_a.source(x, generator=run_a._generator())
+    b1 = run_b.source(x, generator=run_b._generator())
     tap = run_a.out_names[0]
     assert not torch.equal(a1[0][tap], a2[0][tap])
     assert torch.equal(a1[0][tap], b1[0][tap])
@@ -140,12 +140,12 @@ def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
 def test_deepcopy_shares_frozen_parts(backbone):
     import copy
     clone = copy.deepcopy(backbone)
-    assert clone.extractor is backbone.extractor
+    assert clone.source is backbone.source
     assert clone.fusion.refiners[0] is not backbone.fusion.refiners[0]
 
 
 def test_vae_decoder_not_kept(backbone):
-    assert backbone.extractor.vae.decoder is None
+    assert backbone.source.vae.decoder is None
 
 
 def test_normalisation_is_undone(backbone, tiny_sd):
@@ -153,8 +153,8 @@ def test_normalisation_is_undone(backbone, tiny_sd):
     pixels = torch.rand(1, 3, 64, 64) * 255
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
     from mmseg_gate import GATEBackbone
-    imagenet = GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street', input_mean=mean,
-                            input_std=std).eval()
+    imagenet = GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street'),
+                            input_mean=mean, input_std=std).eval()
     imagenet.load_state_dict(backbone.state_dict())
     a = backbone((pixels - 127.5) / 127.5)
     b = imagenet((pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
@@ -164,12 +164,12 @@ def test_normalisation_is_undone(backbone, tiny_sd):
 def test_low_precision_frozen_parts(tiny_sd, backbone):
     """bfloat16 frozen parts (float16's CPU stand-in) give float32 outputs close to fp32's."""
     from mmseg_gate import GATEBackbone
-    low = GATEBackbone(sd_model=tiny_sd, prompt='a photo of a street',
-                       frozen_dtype='bfloat16').eval()
+    low = GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street',
+                                   frozen_dtype='bfloat16')).eval()
     low.load_state_dict(backbone.state_dict())
     x = torch.randn(1, 3, 64, 64)
     outs, ref = low(x), backbone(x)
-    assert low.extractor.unet.dtype == torch.bfloat16
+    assert low.source.unet.dtype == torch.bfloat16
     for out, expected in zip(outs, ref):
         assert out.dtype == torch.float32
         assert (out - expected).abs().mean() < 0.1 * expected.abs().mean()
@@ -185,14 +185,14 @@ def test_segmentor_in_half_precision(make_demo_cfg, tmp_path, dtype):
         logits = model(torch.randn(1, 3, 64, 96), mode='tensor')
     assert logits.dtype == dtype and logits.shape[:2] == (1, 5)
     assert torch.isfinite(logits).all()
-    assert model.backbone.extractor.unet.dtype == torch.float32  # CPU: frozen_dtype auto
+    assert model.backbone.source.unet.dtype == torch.float32  # CPU: frozen_dtype auto
 
 
 def test_to_device_places_frozen_parts(tiny_sd):
     """``.to(device)``/``.cuda()`` moves the frozen parts right away (in ``frozen_dtype``),
     not on the first forward. ('meta' stands in for an accelerator here.)"""
     from mmseg_gate import GATEBackbone
-    model = GATEBackbone(sd_model=tiny_sd).to('meta')
-    for part in (model.extractor.unet, model.extractor.vae):
+    model = GATEBackbone(source=dict(sd_model=tiny_sd)).to('meta')
+    for part in (model.source.unet, model.source.vae):
         assert part.device.type == 'meta' and part.dtype == torch.float16  # auto: fp16
-    assert all(e.hidden.device.type == 'meta' for e in model.extractor.prompt_embeds.values())
+    assert all(e.hidden.device.type == 'meta' for e in model.source.prompt_embeds.values())

@@ -104,20 +104,20 @@ def test_keypoint_outside_its_image(spair_root):
 
 
 def test_a_rerun_never_replaces_a_better_model(tiny, tmp_path):
-    from mmseg_gate import GATEFeatureExtractor
+    from mmseg_gate import StableDiffusionSource
     from mmseg_gate.protocols.correspondence import (CorrespondenceAggregator, FeatureCache,
                                                      train_aggregator)
     root = tmp_path / 'SPair-71k'
     write_spair_layout_dataset(str(root), dict(trn=2, val=2), size=64)
-    extractor = GATEFeatureExtractor(sd_model=tiny['sd_model'])
-    cache = FeatureCache(extractor, 64)
+    source = StableDiffusionSource(sd_model=tiny['sd_model'])
+    cache = FeatureCache(source, 64)
     pairs = load_pairs(str(root), 'trn'), load_pairs(str(root), 'val')
     work = tmp_path / 'work'
     work.mkdir()
 
     def train(steps):
         torch.manual_seed(0)
-        aggregator = CorrespondenceAggregator(extractor.feature_info, 1, projection_dim=32)
+        aggregator = CorrespondenceAggregator(source.feature_info, projection_dim=32)
         return train_aggregator(aggregator, cache, *pairs, str(work), steps=steps,
                                 val_every=1, progress=False)
 

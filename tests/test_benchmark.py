@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate import StableDiffusionSource
 from mmseg_gate.testing.naive import NaiveGATE
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -16,8 +16,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 def test_naive_path_gives_the_same_features(gate_kwargs):
     """One VAE encode, shared ControlNet passes, mixed-adapter batches and early exit change
     nothing: each variant as its own full model copy (LoRA fused) gives the same features."""
-    extractor = GATEFeatureExtractor(**gate_kwargs)
-    naive = NaiveGATE(torch.device('cpu'), **gate_kwargs)
+    extractor = StableDiffusionSource(**gate_kwargs)
+    naive = NaiveGATE(torch.device('cpu'), gate_kwargs)
     images = torch.rand(2, 3, 64, 96) * 2 - 1
     ours, theirs = extractor(images), naive(images)
     for variant_ours, variant_theirs in zip(ours, theirs):

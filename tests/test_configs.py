@@ -31,7 +31,7 @@ def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, ti
         use_tiny_models(cfg, tiny_sdxl, sdxl_guidance['controlnet'],
                         dict(a=sdxl_guidance['lora'], b=sdxl_guidance['lora']))
     elif path.endswith('_sd21.py'):  # no tiny SD2.1 ControlNet/LoRA: its prompt variant
-        cfg.model.backbone.update(variants=None, controlnets=None, loras=None)
+        cfg.model.backbone.source.update(variants=None, controlnets=None, loras=None)
         use_tiny_models(cfg, tiny_sd21, None, None)
     else:
         use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras)
@@ -47,18 +47,18 @@ def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, ti
 
 def use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras):
     """Point a config's SD model, ControlNets and LoRAs at the tiny test models."""
-    backbone = cfg.model.backbone
-    backbone.sd_model = tiny_sd
-    for controlnet in (backbone.get('controlnets') or {}).values():
+    source = cfg.model.backbone.source
+    source.sd_model = tiny_sd
+    for controlnet in (source.get('controlnets') or {}).values():
         controlnet.model = tiny_controlnet
-    if backbone.get('loras'):
-        backbone.loras = dict(tiny_loras)
+    if source.get('loras'):
+        source.loras = dict(tiny_loras)
 
 
 def test_paper_settings():
     ade = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k.py'))
-    assert ade.model.backbone.timestep == 50
-    assert ade.model.backbone.prompt.startswith('a highly realistic photo of the real world')
+    assert ade.model.backbone.source.timestep == 50
+    assert ade.model.backbone.source.prompt.startswith('a highly realistic photo of the real world')
     assert ade.model.decode_head.in_channels == [640, 1280, 1280]
     assert ade.model.decode_head.pool_scales == (1, 2, 3)
     assert ade.optim_wrapper.optimizer.type == 'AdamW'
@@ -69,9 +69,9 @@ def test_paper_settings():
     city = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_cityscapes.py'))
     assert city.crop_size == (1024, 1024)
     assert city.model.decode_head.num_classes == 19
-    assert city.model.backbone.prompt.startswith('An urban street scene')
+    assert city.model.backbone.source.prompt.startswith('An urban street scene')
     for cfg in (ade, city):  # the paper's three variants
-        backbone = cfg.model.backbone
+        backbone = cfg.model.backbone.source
         assert backbone.variants == [dict(), dict(controlnets=dict(canny=1.0), lora='a'),
                                      dict(controlnets=dict(canny=1.0), lora='b')]
         assert backbone.controlnets.canny.model == 'lllyasviel/sd-controlnet-canny'
@@ -79,7 +79,7 @@ def test_paper_settings():
             type='canny', low_threshold=100, high_threshold=200)
         assert backbone.append_class_names
     prompt_only = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_ade20k_prompt.py'))
-    assert not prompt_only.model.backbone.get('variants')
+    assert not prompt_only.model.backbone.source.get('variants')
 
 
 def test_readme_swap_example_builds(tiny_sd, tmp_path):

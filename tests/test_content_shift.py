@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmseg_gate import GATEFeatureExtractor
-from mmseg_gate.models.diffusion import DEFAULT_TAPS
+from mmseg_gate import StableDiffusionSource
+from mmseg_gate.sources.stable_diffusion import DEFAULT_TAPS
 from mmseg_gate.analysis.content_shift import (content_shift, measure_content_shift,
                                                suppression_score)
 from mmseg_gate.analysis.pictures import LABEL_HEIGHT, feature_grid
@@ -46,12 +46,12 @@ def test_blur_increases_the_shift():
 
 
 def test_measure_on_the_tiny_model(gate_kwargs):
-    extractor = GATEFeatureExtractor(**gate_kwargs)
+    extractor = StableDiffusionSource(**gate_kwargs)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     result = measure_content_shift(extractor, images, [0, 50, 400], anchor_timestep=400,
                                    progress=False)
     assert extractor.timestep == 50  # restored
-    tap = extractor.feature_info[0]['name']
+    tap = extractor.feature_info[0]['module']
     assert result['scores'][tap][0][0] == [1.0, 1.0]  # the reference itself
     assert result['scores'][tap][400][0] == [0.0, 0.0]  # the anchor itself
     summary = result['summary'][tap][50]
@@ -65,7 +65,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
     still the denoised recipe. References are computed with diffusers directly."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     prompt = 'a photo of a street'
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt=prompt, timestep=50,
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt=prompt, timestep=50,
                                      denoising_from=53)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     assert extractor.noise_plan(0) == (0, None) and extractor.noise_plan(400) == (400, 400)
@@ -86,7 +86,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
     for name in DEFAULT_TAPS:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5)
 
-    plain = GATEFeatureExtractor(sd_model=tiny_sd, prompt=prompt, timestep=400)
+    plain = StableDiffusionSource(sd_model=tiny_sd, prompt=prompt, timestep=400)
     anchor = plain(image, generator=torch.Generator().manual_seed(0))[0]
     measured = extractor(image, 400, torch.Generator().manual_seed(0))[0]
     for name in DEFAULT_TAPS:
@@ -105,7 +105,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
 
 
 def test_bad_timesteps_fail_before_any_work(tiny_sd):
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd)
+    extractor = StableDiffusionSource(sd_model=tiny_sd)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     for bad in (1000, -1, 2.5):
         with pytest.raises(ValueError, match='timestep'):
@@ -126,7 +126,7 @@ def test_feature_grid_layout():
 
 def test_reconstructions_run_on_the_tiny_model(gate_kwargs):
     from mmseg_gate.analysis.reconstruction import Reconstructor
-    extractor = GATEFeatureExtractor(**gate_kwargs)
+    extractor = StableDiffusionSource(**gate_kwargs)
     reconstructor = Reconstructor(gate_kwargs['sd_model'], extractor.variants,
                                   gate_kwargs['controlnets'], gate_kwargs['loras'],
                                   torch.device('cpu'))

@@ -91,10 +91,10 @@ def test_matching_finds_a_moved_pattern():
 
 def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     work = tmp_path / 'work'
-    options = [f"extractor.sd_model={tiny['sd_model']}",
-               f"extractor.controlnets.canny.model={tiny['controlnet']}",
-               f"extractor.loras.a={tiny['loras']['a']}",
-               f"extractor.loras.b={tiny['loras']['b']}",
+    options = [f"source.sd_model={tiny['sd_model']}",
+               f"source.controlnets.canny.model={tiny['controlnet']}",
+               f"source.loras.a={tiny['loras']['a']}",
+               f"source.loras.b={tiny['loras']['b']}",
                f'data.root={spair_root}', 'data.image_size=32', 'train.steps=4',
                'train.val_every=2', 'train.sparsity=0.001', 'num_match_pictures=2']
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
@@ -128,23 +128,22 @@ def test_the_real_config_builds(tiny):
     """The shipped recipe's extractor builds once pointed at the tiny model."""
     from mmengine.config import Config
 
-    from mmseg_gate import GATEFeatureExtractor
+    from mmseg_gate import build_source
     from mmseg_gate.protocols.correspondence import CorrespondenceAggregator
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence', 'gate_spair.py'))
-    assert cfg.data.image_size == 512 and cfg.extractor.timestep == 50
+    assert cfg.data.image_size == 512 and cfg.source.timestep == 50
     assert (cfg.train.lr, cfg.train.temperature, cfg.aggregator.projection_dim) == (
         5e-4, 0.07, 384)
-    extractor_cfg = dict(cfg.extractor)
-    extractor_cfg.update(sd_model=tiny['sd_model'], loras=dict(tiny['loras']),
-                         controlnets=dict(canny=dict(model=tiny['controlnet'])),
-                         taps=extractor_cfg['taps'][:3] + ('up_blocks.3.attentions.1', ))
-    extractor = GATEFeatureExtractor(**extractor_cfg)
+    source_cfg = dict(cfg.source)
+    source_cfg.update(sd_model=tiny['sd_model'], loras=dict(tiny['loras']),
+                      controlnets=dict(canny=dict(model=tiny['controlnet'])),
+                      taps=source_cfg['taps'][:3] + ('up_blocks.3.attentions.1', ))
+    source = build_source(source_cfg)
     # The authors' six: seed repeats of the prompt and of the denoised ControlNet variant.
     assert [(v.noise_seed, v.denoising_from, bool(v.controlnets), v.lora) for v in
-            extractor.variants] == [(None, None, False, None), (1, None, False, None),
+            source.variants] == [(None, None, False, None), (1, None, False, None),
                                     (None, None, False, 'a'), (None, None, False, 'b'),
                                     (None, 60, True, None), (1, 60, True, None)]
-    aggregator = CorrespondenceAggregator(extractor.feature_info, len(extractor.variants),
-                                          **cfg.aggregator)
-    feats = extractor(torch.rand(2, 3, 64, 64) * 2 - 1)
+    aggregator = CorrespondenceAggregator(source.feature_info, **cfg.aggregator)
+    feats = source(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert aggregator(feats).shape == (2, 384, 8, 8)

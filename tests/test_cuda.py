@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmseg.registry import MODELS, RUNNERS
-from mmseg_gate import GATEFeatureExtractor
+from mmseg_gate import StableDiffusionSource
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
                                           write_ddpm_seg_layout_dataset,
                                           write_spair_layout_dataset)
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUD
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 def test_half_frozen_parts_match_float32(gate_kwargs, dtype):
     images = torch.rand(2, 3, 64, 96) * 2 - 1
-    reference = GATEFeatureExtractor(**gate_kwargs)(images)
-    low = GATEFeatureExtractor(**dict(gate_kwargs, frozen_dtype=dtype)).to('cuda')
+    reference = StableDiffusionSource(**gate_kwargs)(images)
+    low = StableDiffusionSource(**dict(gate_kwargs, frozen_dtype=dtype)).to('cuda')
     assert low.unet.dtype == getattr(torch, dtype)
     for ours, ref in zip(low(images.cuda()), reference):  # mixed-adapter batch on CUDA
         for tap in ref:
@@ -33,7 +33,7 @@ def test_half_frozen_parts_match_float32(gate_kwargs, dtype):
 
 def test_model_cuda_places_everything(make_demo_cfg, tmp_path):
     model = MODELS.build(make_demo_cfg(tmp_path, 1).model).cuda().eval()
-    extractor = model.backbone.extractor
+    extractor = model.backbone.source
     assert extractor.unet.device.type == 'cuda' and extractor.unet.dtype == torch.float16
     with torch.no_grad():
         logits = model(torch.rand(1, 3, 64, 96, device="cuda") * 2 - 1, mode="tensor")
@@ -51,7 +51,7 @@ def test_training_iterations_on_cuda(make_demo_cfg, tmp_path):
 def test_lora_training_on_cuda(tiny_sd, tmp_path):
     from mmengine.config import Config
 
-    from mmseg_gate.models.diffusion.lora_training import LoRATrainer
+    from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
     write_ade_layout_dataset(str(tmp_path / 'ade'), num_train=4, num_val=0)
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'lora', 'demo.py'))
     cfg.merge_from_dict(dict(sd_model=tiny_sd, image_dir=str(tmp_path / 'ade/images/training'),
@@ -75,10 +75,10 @@ def run_tool(name, *args):
 def test_correspondence_tool_on_cuda(tiny, tmp_path):
     root = tmp_path / 'SPair-71k'
     write_spair_layout_dataset(str(root), dict(trn=4, val=2, test=2), size=64)
-    options = [f"extractor.sd_model={tiny['sd_model']}",
-               f"extractor.controlnets.canny.model={tiny['controlnet']}",
-               f"extractor.loras.a={tiny['loras']['a']}",
-               f"extractor.loras.b={tiny['loras']['b']}",
+    options = [f"source.sd_model={tiny['sd_model']}",
+               f"source.controlnets.canny.model={tiny['controlnet']}",
+               f"source.loras.a={tiny['loras']['a']}",
+               f"source.loras.b={tiny['loras']['b']}",
                f'data.root={root}', 'data.image_size=64', 'train.steps=2', 'train.val_every=2',
                'num_match_pictures=1']
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
@@ -101,9 +101,9 @@ def test_label_scarce_tool_on_cuda(tiny, tmp_path):
     write_ddpm_seg_layout_dataset(str(root), num_train=4, num_test=2, size=32)
     run_tool('label_scarce', osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'),
              '--splits', '1', '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-             f"model.backbone.sd_model={tiny['sd_model']}",
-             f"model.backbone.controlnets.canny.model={tiny['controlnet']}",
-             f"model.backbone.loras.a={tiny['loras']['a']}",
+             f"model.backbone.source.sd_model={tiny['sd_model']}",
+             f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
+             f"model.backbone.source.loras.a={tiny['loras']['a']}",
              f'train_dataloader.dataset.data_root={root}',
              f'test_dataloader.dataset.data_root={root}', 'train_cfg.max_iters=2')
 

@@ -1,4 +1,4 @@
-"""GATEFeatureExtractor: the frozen half on its own, for every GATE task."""
+"""StableDiffusionSource: the frozen half on its own, for every GATE task."""
 import math
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from mmseg.registry import RUNNERS
-from mmseg_gate import GATEFeatureExtractor
-from mmseg_gate.models.diffusion import ATTENTION_MAPS, DEFAULT_TAPS
-from mmseg_gate.models.diffusion.conditions import ConditionDetector
-from mmseg_gate.models.diffusion.unet_taps import first_tensor
+from mmseg_gate import GATEFeatureExtractor, StableDiffusionSource, build_source
+from mmseg_gate.sources.stable_diffusion import ATTENTION_MAPS, DEFAULT_TAPS
+from mmseg_gate.sources.stable_diffusion.conditions import ConditionDetector
+from mmseg_gate.sources.stable_diffusion.unet_taps import first_tensor
 
 BLOCK = 'up_blocks.2.attentions.0'
 TOKEN_TAPS = [f'{BLOCK}.transformer_blocks.0.attn1', f'{BLOCK}.transformer_blocks.0.attn2.to_q',
@@ -23,24 +23,27 @@ def images(size=(64, 128), seed=0):
 
 
 def test_plain_script_use(tiny_sd):
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse')
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse')
     feats = extractor(torch.rand(2, 3, 70, 90) * 2 - 1)
     assert len(feats) == 1 and list(feats[0]) == list(DEFAULT_TAPS)
-    assert [(f['name'], f['channels'], f['stride']) for f in extractor.feature_info] == [
+    assert [(f['module'], f['num_chs'], f['reduction']) for f in extractor.feature_info] == [
         (DEFAULT_TAPS[0], 64, 32), (DEFAULT_TAPS[1], 64, 16), (DEFAULT_TAPS[2], 64, 8)]
     for info in extractor.feature_info:
-        stride = info['stride']
-        assert feats[0][info['name']].shape == (2, 64, math.ceil(70 / stride),
+        stride = info['reduction']
+        assert feats[0][info['module']].shape == (2, 64, math.ceil(70 / stride),
                                                 math.ceil(90 / stride))
-    again = GATEFeatureExtractor.from_config(dict(sd_model=tiny_sd,
-                                                  prompt='a photo of a horse'))
+    # Built from a config (the registry), and under its former name.
+    again = build_source(dict(type='StableDiffusionSource', sd_model=tiny_sd,
+                              prompt='a photo of a horse'))
     x = images()
     assert all(torch.equal(a, b) for a, b in zip(extractor(x)[0].values(),
                                                    again(x)[0].values()))
+    assert GATEFeatureExtractor is StableDiffusionSource
+    assert [f['num_variants'] for f in extractor.feature_info] == [1, 1, 1]
 
 
 def test_token_sequence_taps_come_back_as_maps(tiny_sd):
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo',
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo',
                                      taps=TOKEN_TAPS + [BLOCK])
     raw = {}
     handles = [extractor.unet.get_submodule(name).register_forward_hook(
@@ -54,22 +57,22 @@ def test_token_sequence_taps_come_back_as_maps(tiny_sd):
         assert tokens.shape[1] == 4 * 8
         expected = tokens.transpose(1, 2).reshape(2, tokens.shape[2], 4, 8)
         assert torch.equal(feats[name], expected), name
-    strides = {f['name']: f['stride'] for f in extractor.feature_info}
+    strides = {f['module']: f['reduction'] for f in extractor.feature_info}
     assert all(strides[name] == 16 for name in TOKEN_TAPS + [BLOCK])
 
 
 def test_text_token_taps_are_refused(tiny_sd):
     with pytest.raises(ValueError, match='(?s)attn2.to_k.*text tokens'):
-        GATEFeatureExtractor(sd_model=tiny_sd,
+        StableDiffusionSource(sd_model=tiny_sd,
                              taps=[f'{BLOCK}.transformer_blocks.0.attn2.to_k'])
 
 
 def test_cross_attention_maps(tiny_sd):
-    plain = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse')
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo of a horse',
+    plain = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse')
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse',
                                      attention_maps=dict(strides=(32, 16)))
-    info = {f['name']: f for f in extractor.feature_info}
-    assert (info[ATTENTION_MAPS]['channels'], info[ATTENTION_MAPS]['stride']) == (154, 8)
+    info = {f['module']: f for f in extractor.feature_info}
+    assert (info[ATTENTION_MAPS]['num_chs'], info[ATTENTION_MAPS]['reduction']) == (154, 8)
     feats, reference = extractor(images())[0], plain(images())[0]
     maps = feats[ATTENTION_MAPS]
     assert maps.shape == (2, 154, 8, 16)
@@ -84,7 +87,7 @@ def test_attention_maps_replace_nothing_and_leave_no_hooks(tiny_sd):
     """diffusers' own processors and methods stay in place and every hook goes after the
     pass, so passes outside recording (denoising, other code) neither pay for nor pile up
     records."""
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, attention_maps=dict(strides=(32, 16)))
+    extractor = StableDiffusionSource(sd_model=tiny_sd, attention_maps=dict(strides=(32, 16)))
     fresh = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
     default = {n: type(m.processor) for n, m in fresh.named_modules() if hasattr(m, 'processor')}
     extractor(images())
@@ -107,7 +110,7 @@ def test_per_variant_recipes_equal_single_variant_extractors(tiny_sd, tiny_contr
                 dict(noise_seed=7),                                       # another noise
                 dict(controlnets=dict(canny=1.0), denoising_from=53),     # denoised 53 -> 50
                 dict(lora='a', timestep=120)]                             # another timestep
-    extractor = GATEFeatureExtractor(variants=variants, **common)
+    extractor = StableDiffusionSource(variants=variants, **common)
     assert [extractor.noise_plan(variant=i) for i in range(4)] == [
         (50, 50), (50, 50), (50, 53), (120, 120)]
     assert extractor.noise_plan(30, variant=2) == (30, 53)
@@ -121,13 +124,13 @@ def test_per_variant_recipes_equal_single_variant_extractors(tiny_sd, tiny_contr
         controlnet_passes=4 * num,               # its three steps and its feature pass
         unet_passes=4 * num)
     for variant, ours in zip(variants, feats):
-        single = GATEFeatureExtractor(variants=[variant], **common)
+        single = StableDiffusionSource(variants=[variant], **common)
         alone = single(x, generator=torch.Generator().manual_seed(3))[0]
         for tap in DEFAULT_TAPS:  # another batch composition: tolerance
             torch.testing.assert_close(ours[tap], alone[tap], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(feats[0][DEFAULT_TAPS[0]], feats[1][DEFAULT_TAPS[0]])
     with pytest.raises(ValueError, match='Variant 1: denoising_from'):
-        GATEFeatureExtractor(variants=[dict(), dict(denoising_from=40)], **common)
+        StableDiffusionSource(variants=[dict(), dict(denoising_from=40)], **common)
     with pytest.raises(TypeError, match='generator='):
         extractor(x, torch.Generator())
 
@@ -147,7 +150,7 @@ def test_guided_denoising_equals_a_handwritten_ddim_loop(tiny_sd, tiny_controlne
     config = json.load(open(osp.join(tiny_sd, 'scheduler', 'scheduler_config.json')))
     assert 'clip_sample' not in config and 'thresholding' not in config
     prompt = 'a photo of a street'
-    extractor = GATEFeatureExtractor(
+    extractor = StableDiffusionSource(
         sd_model=tiny_sd, prompt=prompt, timestep=50, denoising_from=53,
         controlnets=dict(canny=dict(model=tiny_controlnet)), loras=dict(tiny_loras),
         variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a')])
@@ -192,8 +195,8 @@ def test_guided_denoising_equals_a_handwritten_ddim_loop(tiny_sd, tiny_controlne
 
 @pytest.mark.parametrize('lora_mode', ['fused'])
 def test_fused_loras_give_the_adapters_features(gate_kwargs, lora_mode):
-    adapters = GATEFeatureExtractor(**gate_kwargs)
-    fused = GATEFeatureExtractor(**dict(gate_kwargs, lora_mode=lora_mode))
+    adapters = StableDiffusionSource(**gate_kwargs)
+    fused = StableDiffusionSource(**dict(gate_kwargs, lora_mode=lora_mode))
     assert len(fused.unets) == 3  # base + one merged copy per LoRA
     for a, b in zip(adapters(images()), fused(images())):
         for tap in a:
@@ -201,7 +204,7 @@ def test_fused_loras_give_the_adapters_features(gate_kwargs, lora_mode):
 
 
 def test_sd21_extracts(tiny_sd21):
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd21, prompt='a photo')
+    extractor = StableDiffusionSource(sd_model=tiny_sd21, prompt='a photo')
     assert not extractor.is_sdxl
     assert next(iter(extractor.prompt_embeds.values())).hidden.shape == (1, 77, 48)
     feats = extractor(images())[0]
@@ -210,14 +213,14 @@ def test_sd21_extracts(tiny_sd21):
 
 def test_sdxl_extracts_with_controlnet_and_lora(tiny_sdxl, sdxl_guidance):
     taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
-    extractor = GATEFeatureExtractor(
+    extractor = StableDiffusionSource(
         sd_model=tiny_sdxl, prompt='a photo', taps=taps,
         controlnets=dict(canny=dict(model=sdxl_guidance['controlnet'])),
         loras=dict(a=sdxl_guidance['lora']),
         variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))])
     embed = extractor.embedding(0)
     assert embed.hidden.shape == (1, 77, 64) and embed.pooled.shape == (1, 32)  # 32 + 32
-    assert [(f['stride']) for f in extractor.feature_info] == [32, 16, 8]
+    assert [(f['reduction']) for f in extractor.feature_info] == [32, 16, 8]
     plain, lora, control = extractor(images(size=(64, 96)))
     for feats in (plain, lora, control):
         assert [tuple(f.shape) for f in feats.values()] == [(2, 64, 2, 3), (2, 64, 4, 6),
@@ -231,7 +234,7 @@ def test_sdxl_extracts_with_controlnet_and_lora(tiny_sdxl, sdxl_guidance):
 def test_sd21_and_sdxl_train_in_a_config(arch, make_demo_cfg, tiny_sd21, tiny_sdxl,
                                          sdxl_guidance, tmp_path):
     cfg = make_demo_cfg(tmp_path, 2)
-    backbone = cfg.model.backbone
+    backbone = cfg.model.backbone.source
     backbone.sd_model = tiny_sd21 if arch == 'sd21' else tiny_sdxl
     if arch == 'sdxl':
         backbone.taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
@@ -254,6 +257,6 @@ def test_random_loras_have_the_recipe_targets(tmp_path):
     cfg = Config.fromfile(f'{ROOT}/configs/gate_upernet_ade20k.py')
     targets = lora_recipe_targets()
     assert len(targets) == 12
-    write_random_models(cfg.model.backbone, str(tmp_path), 'tiny', 4, targets)
-    keys = list(load_file(cfg.model.backbone.loras['a']))
+    write_random_models(cfg.model.backbone.source, str(tmp_path), 'tiny', 4, targets)
+    keys = list(load_file(cfg.model.backbone.source.loras['a']))
     assert [t for t in targets if not any(f'.{t}.lora_A.' in k for k in keys)] == []

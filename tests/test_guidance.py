@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmseg_gate import GATEBackbone
-from mmseg_gate.models.diffusion.conditions import ConditionDetector
+from mmseg_gate.sources.stable_diffusion.conditions import ConditionDetector
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -24,18 +24,18 @@ def images(seed=0, size=(64, 96)):
 
 def variant_feats(backbone, x):
     backbone.eval()
-    feats = backbone.extractor(backbone.to_vae_range(x),
+    feats = backbone.source(backbone.to_vae_range(x),
                                generator=torch.Generator().manual_seed(0))
     return [list(variant.values()) for variant in feats]
 
 
 @pytest.fixture(scope='module')
 def gate(gate_kwargs):
-    return GATEBackbone(**gate_kwargs)
+    return GATEBackbone(source=gate_kwargs)
 
 
 def test_controlnet_scale_zero_is_prompt_only(gate_kwargs):
-    model = GATEBackbone(**dict(gate_kwargs, variants=[
+    model = GATEBackbone(source=dict(gate_kwargs, variants=[
         dict(), dict(controlnets=dict(canny=0.0)), dict(controlnets=dict(canny=1.0))]))
     plain, zero, full = variant_feats(model, images())
     # Rows of one UNet batch: equal up to float rounding (kernels may differ per row).
@@ -45,7 +45,7 @@ def test_controlnet_scale_zero_is_prompt_only(gate_kwargs):
 
 
 def test_lora_scale_zero_is_prompt_only_and_lora_changes_features(gate_kwargs):
-    model = GATEBackbone(**dict(gate_kwargs, variants=[
+    model = GATEBackbone(source=dict(gate_kwargs, variants=[
         dict(), dict(lora='a', lora_scale=0.0), dict(lora='a'), dict(lora='b'),
         dict(lora='a', lora_scale=0.5)]))
     plain, zero, lora_a, lora_b, half_a = variant_feats(model, images())
@@ -63,13 +63,13 @@ def test_guided_variants_equal_single_variant_backbones(gate_kwargs, gate):
     """Each variant, run in the shared batch, gives what a backbone with only it gives."""
     batched = variant_feats(gate, images())
     for i, variant in enumerate(gate_kwargs['variants']):
-        alone = variant_feats(GATEBackbone(**dict(gate_kwargs, variants=[variant])), images())
+        alone = variant_feats(GATEBackbone(source=dict(gate_kwargs, variants=[variant])), images())
         for a, b in zip(batched[i], alone[0]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_one_batch_equals_one_variant_at_a_time(gate_kwargs, gate):
-    sequential = GATEBackbone(**dict(gate_kwargs, batch_variants=False))
+    sequential = GATEBackbone(source=dict(gate_kwargs, batch_variants=False))
     for a_feats, b_feats in zip(variant_feats(gate, images()),
                                 variant_feats(sequential, images())):
         for a, b in zip(a_feats, b_feats):
@@ -77,7 +77,7 @@ def test_one_batch_equals_one_variant_at_a_time(gate_kwargs, gate):
 
 
 def test_shared_work_runs_once_per_image(gate):
-    extractor = gate.extractor
+    extractor = gate.source
     calls = {'vae_encoder': 0, 'controlnet': 0, 'unet_batches': 0}
 
     def counter(name):
@@ -101,7 +101,7 @@ def test_gradients_reach_only_trainable_parts(gate):
     model = gate.train()
     loss = sum(o.square().mean() for o in model(images()))
     loss.backward()
-    extractor = model.extractor
+    extractor = model.source
     frozen = [*extractor.unet.parameters(), *extractor.vae.parameters(),
               *extractor.controlnets['canny'].parameters()]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
@@ -120,7 +120,7 @@ def test_amalgamation_weights_are_softmaxed_per_channel(gate):
 
 
 def test_several_assigners_concatenate(gate_kwargs):
-    model = GATEBackbone(**dict(gate_kwargs, num_assigners=2)).eval()
+    model = GATEBackbone(source=gate_kwargs, num_assigners=2).eval()
     assert model.out_channels == [128, 128, 128]
     assert [o.shape[1] for o in model(images())] == [128, 128, 128]
 
@@ -138,25 +138,25 @@ def test_kohya_locon_file_loads_like_diffusers_format(gate_kwargs, tiny_loras, t
     assert any('resnets' in k and 'conv1' in k for k in kohya)  # LoCon layers included
     path = str(tmp_path / 'kohya.safetensors')
     save_file(kohya, path)
-    ours = variant_feats(GATEBackbone(**dict(gate_kwargs, variants=[
+    ours = variant_feats(GATEBackbone(source=dict(gate_kwargs, variants=[
         dict(lora='a', lora_scale=0.5)])), images())
-    theirs = variant_feats(GATEBackbone(**dict(gate_kwargs, loras=dict(a=path),
+    theirs = variant_feats(GATEBackbone(source=dict(gate_kwargs, loras=dict(a=path),
                                                variants=[dict(lora='a')])), images())
     for a, b in zip(ours[0], theirs[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_class_names_are_appended(gate_kwargs):
-    model = GATEBackbone(**dict(gate_kwargs, class_names='ade20k', append_class_names=True))
-    (prompt, _), = model.extractor.prompt_embeds
-    embeds = model.extractor.embedding(0)
+    model = GATEBackbone(source=dict(gate_kwargs, class_names='ade20k', append_class_names=True))
+    (prompt, _), = model.source.prompt_embeds
+    embeds = model.source.embedding(0)
     assert prompt.startswith('a photo of a street wall, building, sky')
     assert embeds.hidden.shape[1] > 77  # 150 class names need several 77-token chunks
 
 
 def test_missing_lora_file_says_how_to_make_it(gate_kwargs, tmp_path):
     with pytest.raises(FileNotFoundError, match='(?s)tools/train_lora.py.*_prompt.py'):
-        GATEBackbone(**dict(gate_kwargs, loras=dict(a=str(tmp_path / 'x.safetensors'),
+        GATEBackbone(source=dict(gate_kwargs, loras=dict(a=str(tmp_path / 'x.safetensors'),
                                                     b=str(tmp_path / 'y.safetensors'))))
 
 
@@ -164,7 +164,7 @@ def test_lora_of_another_unet_is_rejected(gate_kwargs, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from mmseg_gate.models.diffusion.lora import save_lora_file
+    from mmseg_gate.sources.stable_diffusion.lora import save_lora_file
     other = UNet2DConditionModel(
         block_out_channels=(64, 64, 128, 128), layers_per_block=1, cross_attention_dim=32,
         norm_num_groups=16, sample_size=16,
@@ -173,7 +173,7 @@ def test_lora_of_another_unet_is_rejected(gate_kwargs, tmp_path):
     other.add_adapter(LoraConfig(r=4, target_modules=['to_q', 'conv1']))
     path = save_lora_file(other, str(tmp_path / 'other.safetensors'))
     with pytest.raises(ValueError, match='does not fit this UNet'):
-        GATEBackbone(**dict(gate_kwargs, loras=dict(a=path, b=path)))
+        GATEBackbone(source=dict(gate_kwargs, loras=dict(a=path, b=path)))
 
 
 def test_controlnet_for_another_unet_is_rejected(gate_kwargs, tmp_path):
@@ -184,7 +184,7 @@ def test_controlnet_for_another_unet_is_rejected(gate_kwargs, tmp_path):
                     ).save_pretrained(tmp_path / 'cn')
     bad = dict(canny=dict(model=str(tmp_path / 'cn'), condition=dict(type='canny')))
     with pytest.raises(ValueError, match='cross_attention_dim is 64 but the UNet has 32'):
-        GATEBackbone(**dict(gate_kwargs, controlnets=bad))
+        GATEBackbone(source=dict(gate_kwargs, controlnets=bad))
 
 
 def test_detector_without_weights_fails_clearly():
@@ -224,7 +224,8 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     assert not list(work.glob('*.gate-tmp'))
     saved = load_file(str(work / 'lora_step20.safetensors'))
     assert any('attn1.to_q.lora_A' in k for k in saved)  # attention LoRA kept
-    model = GATEBackbone(**dict(gate_kwargs, loras=dict(a=str(work / 'lora_step40.safetensors'),
-                                                        b=str(work / 'lora_step20.safetensors'))))
+    model = GATEBackbone(source=dict(gate_kwargs,
+                                     loras=dict(a=str(work / 'lora_step40.safetensors'),
+                                                b=str(work / 'lora_step20.safetensors'))))
     plain, lora_a, lora_b = variant_feats(model, images())
     assert not torch.allclose(lora_a[0], lora_b[0])

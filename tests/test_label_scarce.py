@@ -165,9 +165,9 @@ def test_splits_keep_sizes_and_are_reproducible():
 
 def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     work = tmp_path / 'work'
-    options = [f"model.backbone.sd_model={tiny['sd_model']}",
-               f"model.backbone.controlnets.canny.model={tiny['controlnet']}",
-               f"model.backbone.loras.a={tiny['loras']['a']}",
+    options = [f"model.backbone.source.sd_model={tiny['sd_model']}",
+               f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
+               f"model.backbone.source.loras.a={tiny['loras']['a']}",
                f'train_dataloader.dataset.data_root={scarce_root}',
                f'test_dataloader.dataset.data_root={scarce_root}',
                'train_cfg.max_iters=3', 'default_hooks.logger.interval=1']
@@ -193,7 +193,7 @@ def test_real_configs_build(name, classes, dataset, tiny):
     once pointed at the tiny model (its taps and channels)."""
     from mmengine.config import Config
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'label_scarce', f'gate_pixel_{name}.py'))
-    head, backbone = cfg.model.decode_head, cfg.model.backbone
+    head, backbone = cfg.model.decode_head, cfg.model.backbone.source
     assert head.num_classes == classes and sum(head.in_channels) == 3674
     assert (backbone.timestep, backbone.get('denoising_from')) == (50, None)
     # Only the ControlNet variant is denoised from 60, as the authors' commands do.

@@ -9,8 +9,8 @@ import torch
 from mmengine.config import Config
 from safetensors.torch import load_file
 
-from mmseg_gate import GATEFeatureExtractor
-from mmseg_gate.models.diffusion.lora_training import LoRATrainer
+from mmseg_gate import StableDiffusionSource
+from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
 from mmseg_gate.testing.demo_data import write_ade_layout_dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -44,12 +44,12 @@ def test_text_encoder_lora_end_to_end(tiny_sd, lora_images, tmp_path):
     keys = list(load_file(path))
     assert any(k.startswith('text_encoder.') and 'q_proj.lora_A' in k for k in keys)
     assert any(k.startswith('unet.') for k in keys)
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {extractor.variants[1].adapter: 1.0}
     plain, adapted = extractor.embedding(0).hidden, extractor.embedding(1).hidden
     assert not torch.allclose(plain, adapted)
-    base = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo').embedding(0).hidden
+    base = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo').embedding(0).hidden
     assert torch.equal(plain, base)
 
 
@@ -68,14 +68,14 @@ def test_text_encoder_lora_needs_no_transformers_peft_integration(tiny_sd, lora_
     cfg = recipe(tiny_sd, lora_images, tmp_path / 'lora', steps=4, save_every=4)
     LoRATrainer(cfg, torch.device('cpu')).train(progress=False)
     path = str(tmp_path / 'lora' / 'lora_step4.safetensors')
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {extractor.variants[1].adapter: 1.0}
     assert not torch.allclose(extractor.embedding(0).hidden, extractor.embedding(1).hidden)
 
 
 def test_unet_only_files_keep_working(tiny_sd, tiny_loras):
-    extractor = GATEFeatureExtractor(sd_model=tiny_sd, prompt='a photo', loras=tiny_loras,
+    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=tiny_loras,
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {}
     assert torch.equal(extractor.embedding(0).hidden, extractor.embedding(1).hidden)

@@ -1,7 +1,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from mmseg_gate.models.diffusion.prompts import chunk_token_ids, encode_prompt
+from mmseg_gate.sources.stable_diffusion.prompts import chunk_token_ids, encode_prompt
 
 
 @pytest.fixture(scope='module')

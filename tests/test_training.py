@@ -71,10 +71,10 @@ def test_distributed_training_without_cuda(tiny, demo_root, tmp_path):
     validation it logs is that of the checkpoint it saves (tools/test.py agrees)."""
     env = dict(os.environ, PYTHONPATH='', PYTHON=sys.executable, PORT='29613',
                CUDA_VISIBLE_DEVICES='')
-    options = [f"model.backbone.sd_model={tiny['sd_model']}",
-               f"model.backbone.controlnets.canny.model={tiny['controlnet']}",
-               f"model.backbone.loras.a={tiny['loras']['a']}",
-               f"model.backbone.loras.b={tiny['loras']['b']}",
+    options = [f"model.backbone.source.sd_model={tiny['sd_model']}",
+               f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
+               f"model.backbone.source.loras.a={tiny['loras']['a']}",
+               f"model.backbone.source.loras.b={tiny['loras']['b']}",
                f'train_dataloader.dataset.data_root={demo_root}',
                f'val_dataloader.dataset.data_root={demo_root}',
                f'test_dataloader.dataset.data_root={demo_root}',

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mmseg_gate import GATEBackbone
-from mmseg_gate.models.diffusion.lora import load_lora_adapters, save_lora_file
+from mmseg_gate.sources.stable_diffusion.lora import load_lora_adapters, save_lora_file
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 UNET_FILE = osp.join('unet', 'diffusion_pytorch_model.safetensors')
@@ -36,32 +36,32 @@ def test_nan_in_unet_weights(sd_copy):
     edit_safetensors(sd_copy / UNET_FILE,
                      lambda t: t[next(k for k in t if k.endswith('weight'))].fill_(float('nan')))
     with pytest.raises(ValueError, match=r"(?s)sd/unet'.*non-finite"):
-        GATEBackbone(sd_model=str(sd_copy))
+        GATEBackbone(source=dict(sd_model=str(sd_copy)))
 
 
 def test_truncated_unet_weights(sd_copy):
     path = sd_copy / UNET_FILE
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"(?s)Cannot load '.*sd/unet'.*truncated"):
-        GATEBackbone(sd_model=str(sd_copy))
+        GATEBackbone(source=dict(sd_model=str(sd_copy)))
 
 
 def test_unet_file_missing_a_tensor(sd_copy):
     edit_safetensors(sd_copy / UNET_FILE, lambda t: t.pop('conv_in.weight'))
     with pytest.raises(ValueError, match=r"(?s)sd/unet'.*(missing|Cannot load)"):
-        GATEBackbone(sd_model=str(sd_copy))
+        GATEBackbone(source=dict(sd_model=str(sd_copy)))
 
 
 def test_only_fp16_variant_weights(sd_copy):
     shutil.move(sd_copy / UNET_FILE, sd_copy / 'unet' / 'diffusion_pytorch_model.fp16.safetensors')
     with pytest.raises(ValueError, match=r'(?s)only variant weights.*fp16'):
-        GATEBackbone(sd_model=str(sd_copy))
+        GATEBackbone(source=dict(sd_model=str(sd_copy)))
 
 
 @pytest.mark.parametrize('timestep', [50.5, '50', True])
 def test_non_integer_timestep(tiny_sd, timestep):
     with pytest.raises(ValueError, match='timestep must be an integer'):
-        GATEBackbone(sd_model=tiny_sd, timestep=timestep)
+        GATEBackbone(source=dict(sd_model=tiny_sd, timestep=timestep))
 
 
 def lora_unet(tiny_sd, rank=4, alpha=2, seed=0):
@@ -177,7 +177,7 @@ def test_nan_controlnet_is_named(gate_kwargs, tiny_controlnet, tmp_path):
                      lambda t: t[next(iter(t))].fill_(float('inf')))
     controlnets = dict(canny=dict(model=str(broken), condition=dict(type='canny')))
     with pytest.raises(ValueError, match=r"(?s)cn'.*non-finite"):
-        GATEBackbone(**dict(gate_kwargs, controlnets=controlnets))
+        GATEBackbone(source=dict(gate_kwargs, controlnets=controlnets))
 
 
 @pytest.mark.parametrize('option', ['steps=0', 'num_images=0', 'batch_size=-1'])

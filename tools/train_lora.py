@@ -11,7 +11,7 @@ captions or those of ``captions=`` (e.g. from tools/caption.py). Every ``save_ev
 GATEBackbone ``loras`` entry) and ``last_state.pth`` (for ``--resume``) are written
 atomically. Keep a moderately trained checkpoint and a slightly overfit one (the paper's LoRA
 A and B). A ``log.json`` records the loss. The logic lives in
-``mmseg_gate/models/diffusion/lora_training.py``.
+``mmseg_gate/sources/stable_diffusion/lora_training.py``.
 """
 import argparse
 
@@ -19,7 +19,7 @@ import torch
 from mmengine.config import Config, DictAction
 
 from mmseg_gate.engine.devices import default_device
-from mmseg_gate.models.diffusion.lora_training import LoRATrainer
+from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
 
 
 def parse_args():

@@ -2,14 +2,16 @@
 # recipe): SD1.5 at 512x512, t = 50, the upsampler outputs of up blocks 0-2, the last
 # transformer output of up block 3 and the up blocks' cross-attention maps; the authors' six
 # variants (below). Their cross-attention maps come from a separate ControlNet + LoRA run with
-# the category prompt; here every variant brings its own (README, differences). Aggregation: GATE's amalgamation per level + Diffusion Hyperfeatures' bottlenecks (384
+# the category prompt; here every variant brings its own (README, differences).
+# Aggregation: GATE's amalgamation per level + Diffusion Hyperfeatures' bottlenecks (384
 # channels) and level mixing; symmetric keypoint loss at temperature 0.07, AdamW 5e-4, weight
 # decay 0.01, 10,000 steps of one pair, validation every 500 steps.
 #   python tools/correspondence.py train configs/correspondence/gate_spair.py
 #   python tools/correspondence.py zero-shot configs/correspondence/gate_spair.py
 _categories = ('aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, dog, horse, '
                'motorbike, person, potted plant, sheep, train, tv monitor')
-extractor = dict(
+source = dict(
+    type='StableDiffusionSource',
     sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
     prompt=f'a photo of {_categories}, high quality, best quality, highly realistic, '
     'masterpiece, high resolution',

@@ -3,7 +3,7 @@
 # copy, with the keypoints moved along; `tools/make_demo.py` writes them).
 #   python tools/correspondence.py train configs/correspondence/gate_spair_demo.py
 _base_ = ['./gate_spair.py']
-extractor = dict(
+source = dict(
     sd_model='data/demo/tiny-sd',
     prompt='a photo of a cat and a dog, high quality',
     controlnets=dict(canny=dict(model='data/demo/controlnet-canny')),

@@ -9,15 +9,16 @@ dataset_type = 'Bedroom28Dataset'
 data_root = 'datasets/bedroom_28'
 model = dict(
     backbone=dict(
-        prompt='a photo of a tidy and well-designed bedroom',
-        controlnets=dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
-                                    condition=dict(type='canny'))),
-        loras=dict(a='work_dirs/lora/bedroom28/lora_step1500.safetensors'),
-        variants=[
-            dict(),
-            dict(prompt='a bedroom', controlnets=dict(canny=1.0), denoising_from=60),
-            dict(prompt='a bedroom', lora='a'),
-        ]),
+        source=dict(
+            prompt='a photo of a tidy and well-designed bedroom',
+            controlnets=dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
+                                        condition=dict(type='canny'))),
+            loras=dict(a='work_dirs/lora/bedroom28/lora_step1500.safetensors'),
+            variants=[
+                dict(),
+                dict(prompt='a bedroom', controlnets=dict(canny=1.0), denoising_from=60),
+                dict(prompt='a bedroom', lora='a'),
+            ])),
     decode_head=dict(num_classes=num_classes))
 train_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))
 test_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))

@@ -14,18 +14,19 @@ metainfo = dict(classes=('wall', 'building', 'sky', 'floor', 'tree'))
 image_size = (64, 64)
 model = dict(
     backbone=dict(
-        sd_model='data/demo/tiny-sd',
-        prompt='a highly realistic photo of the real world, high quality',
-        taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
-              'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.1'),
-        controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
-                                    condition=dict(type='canny'))),
-        loras=dict(a='data/demo/lora/lora_step100.safetensors'),
-        variants=[
-            dict(),
-            dict(prompt='a photo', controlnets=dict(canny=1.0)),
-            dict(prompt='a photo', lora='a'),
-        ]),
+        source=dict(
+            sd_model='data/demo/tiny-sd',
+            prompt='a highly realistic photo of the real world, high quality',
+            taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                  'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.1'),
+            controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
+                                        condition=dict(type='canny'))),
+            loras=dict(a='data/demo/lora/lora_step100.safetensors'),
+            variants=[
+                dict(),
+                dict(prompt='a photo', controlnets=dict(canny=1.0)),
+                dict(prompt='a photo', lora='a'),
+            ])),
     decode_head=dict(in_channels=[64, 32, 154, 64, 64], num_classes=num_classes,
                      feature_size=64, num_classifiers=4))
 train_pipeline = [

@@ -7,15 +7,16 @@ _base_ = ['./_base_/gate_pixel.py']
 num_classes = 21
 model = dict(
     backbone=dict(
-        prompt='a horse, high quality, best quality, highly realistic, masterpiece',
-        controlnets=dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
-                                    condition=dict(type='canny'))),
-        loras=dict(a='work_dirs/lora/horse21/lora_step1500.safetensors',
-                   b='work_dirs/lora/horse21/lora_step3000.safetensors'),
-        variants=[
-            dict(),
-            dict(prompt='a horse', controlnets=dict(canny=1.0), denoising_from=60),
-            dict(prompt='a horse', lora='a'),
-            dict(prompt='a horse', lora='b'),
-        ]),
+        source=dict(
+            prompt='a horse, high quality, best quality, highly realistic, masterpiece',
+            controlnets=dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
+                                        condition=dict(type='canny'))),
+            loras=dict(a='work_dirs/lora/horse21/lora_step1500.safetensors',
+                       b='work_dirs/lora/horse21/lora_step3000.safetensors'),
+            variants=[
+                dict(),
+                dict(prompt='a horse', controlnets=dict(canny=1.0), denoising_from=60),
+                dict(prompt='a horse', lora='a'),
+                dict(prompt='a horse', lora='b'),
+            ])),
     decode_head=dict(num_classes=num_classes))

@@ -49,30 +49,31 @@ def summarize(scores: Sequence[float]) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def measure_content_shift(extractor, images: torch.Tensor, timesteps: Sequence[int],
+def measure_content_shift(source, images: torch.Tensor, timesteps: Sequence[int],
                           anchor_timestep: int, baseline: int = 0, seed: int = 0,
                           progress: bool = True) -> Dict:
-    """Suppression scores of every variant of ``extractor`` at every tap and timestep.
+    """Suppression scores of every variant of a feature ``source`` at every feature and
+    timestep.
 
     The reference is the ``baseline`` variant's feature of the clean latent (t = 0), the
     anchor the same variant at ``anchor_timestep``; every (variant, timestep) is measured
     against them, one image at a time, with the same noise seed for all. Each timestep means
-    what it means in a call of the extractor (``extractor.noise_plan``): a timestep the
-    config reaches by guided denoising is measured that way.
+    what it means in a call of the source: a timestep the config reaches by guided denoising
+    is measured that way. Features the baseline variant does not hold (another source's, in a
+    composite kept apart) are left out.
 
-    Returns ``dict(scores=..., diffs=..., summary=...)``: per tap, timestep and variant the
-    per-image scores and diffs, and their mean, std, min and max.
+    Returns ``dict(scores=..., diffs=..., summary=...)``: per feature, timestep and variant
+    the per-image scores and diffs, and their mean, std, min and max.
     """
     from tqdm import tqdm
     steps = list(timesteps)
-    for t in (anchor_timestep, *steps):
-        extractor.noise_plan(t)  # every timestep valid before any work
-    if not 0 <= baseline < len(extractor.variants):
-        raise ValueError(f'baseline must index one of the {len(extractor.variants)} variants '
-                         f'(0-{len(extractor.variants) - 1}), got {baseline}.')
-    names = [f['name'] for f in extractor.feature_info]
-    result = {kind: {name: {t: {v: [] for v in range(len(extractor.variants))}
-                            for t in steps} for name in names}
+    for t in (0, anchor_timestep, *steps):
+        source.check_timestep(t)  # every timestep valid before any work
+    if not 0 <= baseline < source.num_variants:
+        raise ValueError(f'baseline must index one of the {source.num_variants} variants '
+                         f'(0-{source.num_variants - 1}), got {baseline}.')
+    names = [f['module'] for f in source.feature_info]
+    result = {kind: {name: {t: {} for t in steps} for name in names}
               for kind in ('scores', 'diffs')}
     anchor_diffs: Dict[str, List[float]] = {name: [] for name in names}
     passes = list(dict.fromkeys([0, anchor_timestep, *steps]))
@@ -81,22 +82,27 @@ def measure_content_shift(extractor, images: torch.Tensor, timesteps: Sequence[i
         for image in images:
             by_t = {}
             for t in passes:
-                by_t[t] = extractor(image[None], t, torch.Generator().manual_seed(seed))
+                by_t[t] = source(image[None], t, torch.Generator().manual_seed(seed))
                 bar.update(1)
             reference = by_t[0][baseline]
+            names = [name for name in names if name in reference]
             for name in names:
                 anchor = content_shift(reference[name], by_t[anchor_timestep][baseline][name])
                 anchor_diffs[name].append(anchor.item())
                 for t in steps:
                     for v, feats in enumerate(by_t[t]):
+                        if name not in feats:
+                            continue
                         diff = content_shift(reference[name], feats[name])
-                        result['diffs'][name][t][v].append(diff.item())
-                        result['scores'][name][t][v].append(
+                        result['diffs'][name][t].setdefault(v, []).append(diff.item())
+                        result['scores'][name][t].setdefault(v, []).append(
                             suppression_score(diff, anchor).item())
+    for kind in ('scores', 'diffs'):
+        result[kind] = {name: by_t for name, by_t in result[kind].items() if name in names}
     result['summary'] = {name: {t: {v: summarize(s) for v, s in by_variant.items()}
                                 for t, by_variant in by_t.items()}
                          for name, by_t in result['scores'].items()}
-    result['anchor_diffs'] = anchor_diffs
+    result['anchor_diffs'] = {name: anchor_diffs[name] for name in names}
     return result
 
 
@@ -106,21 +112,11 @@ def markdown_table(result: Dict, variant_names: Sequence[str]) -> str:
              '|---|---|' + '---|' * len(variant_names)]
     for name, by_t in result['summary'].items():
         for t, by_variant in by_t.items():
-            cells = [f"{s['mean']:.3f} ± {s['std']:.3f}" for s in by_variant.values()]
+            cells = [f"{by_variant[v]['mean']:.3f} ± {by_variant[v]['std']:.3f}"
+                     if v in by_variant else '-' for v in range(len(variant_names))]
             lines.append(f'| `{name}` | {t} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
-def variant_label(variant, index: int) -> str:
-    """A short name for a variant: its guidance."""
-    parts = []
-    for name, scale in variant.controlnets:
-        parts.append(name if scale == 1 else f'{name}x{scale:g}')
-    if variant.lora is not None:
-        parts.append(f'lora {variant.lora}' + ('' if variant.lora_scale == 1
-                                               else f'x{variant.lora_scale:g}'))
-    return f'{index}: ' + (' + '.join(['prompt', *parts]))
-
-
 __all__ = ['laplacian_norm', 'content_shift', 'suppression_score', 'measure_content_shift',
-           'markdown_table', 'variant_label', 'summarize']
+           'markdown_table', 'summarize']

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..datasets.images import from_model_range
 from ..fileio import atomic_file
 
 LABEL_HEIGHT = 14
@@ -18,7 +19,7 @@ LABEL_HEIGHT = 14
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> RGB image."""
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    array = from_model_range(image.clamp(-1, 1)).round().byte()
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
 
 

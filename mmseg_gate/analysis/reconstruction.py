@@ -13,14 +13,14 @@ from typing import Dict, List
 import torch
 from PIL import Image
 
-from ..models.diffusion.conditions import ConditionDetector
-from ..models.diffusion.controlnets import load_controlnet
-from ..models.diffusion.latents import latent_scheduler
-from ..models.diffusion.loading import load_stable_diffusion
-from ..models.diffusion.lora import (activate_adapter, load_lora_adapters,
+from ..sources.stable_diffusion.conditions import ConditionDetector
+from ..sources.stable_diffusion.controlnets import load_controlnet
+from ..sources.stable_diffusion.latents import latent_scheduler
+from ..sources.stable_diffusion.loading import load_stable_diffusion
+from ..sources.stable_diffusion.lora import (activate_adapter, load_lora_adapters,
                                      load_text_encoder_loras)
-from ..models.diffusion.prompts import PromptEmbedding, encode_prompt
-from ..models.diffusion.variants import Variant
+from ..sources.stable_diffusion.prompts import PromptEmbedding, encode_prompt
+from ..sources.stable_diffusion.variants import Variant
 from .pictures import to_pil
 
 

@@ -69,10 +69,17 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert('RGB')
 
 
-def to_model_range(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB -> (3, H, W) float in [-1, 1], the range the diffusion models take."""
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+def to_model_range(image) -> torch.Tensor:
+    """8-bit RGB (a PIL image, or pixel values 0-255 as a tensor) -> float in [-1, 1], the
+    range the diffusion models take; a PIL image becomes (3, H, W)."""
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return image.float() / 127.5 - 1
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> pixel values 0-255 (float; clamp and round for 8 bits)."""
+    return (x.float() + 1) * 127.5
 
 
 def read_square(path: str, size: int, crop: bool = True) -> Tuple[torch.Tensor, Tuple[int, int]]:

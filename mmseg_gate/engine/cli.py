@@ -8,11 +8,16 @@ from mmengine.config import Config, DictAction
 from .distributed import setup_cpu_distributed
 
 
+class UsageError(ValueError):
+    """An argument or input file a tool cannot use; tools print it and exit, without a
+    traceback (the message names the argument or file and the problem)."""
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
-        help='override config settings, key=value (e.g. model.backbone.sd_model=PATH)')
+        help='override config settings, key=value (e.g. model.backbone.source.sd_model=PATH)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank.

@@ -1,6 +1,5 @@
 from .backbones import GATEBackbone
-from .diffusion import GATEFeatureExtractor
 from .heads import PixelClassifierHead
 from .segmentors import GATEEncoderDecoder
 
-__all__ = ['GATEBackbone', 'GATEFeatureExtractor', 'GATEEncoderDecoder', 'PixelClassifierHead']
+__all__ = ['GATEBackbone', 'GATEEncoderDecoder', 'PixelClassifierHead']

@@ -132,40 +132,40 @@ class GATEFusion(BaseModule):
     refined; levels ordered from high to low resolution (MMSeg's convention).
 
     Args:
-        feature_info: ``dict(name, channels, stride)`` per feature, as a
-            ``GATEFeatureExtractor`` describes its output.
-        num_variants: number of variants fused.
+        feature_info: a source's ``feature_info``: ``module``, ``num_chs``, ``reduction``
+            and ``num_variants`` (the variants that hold it) per feature.
         num_assigners: weight assigners per level (see :class:`VariantAmalgamation`).
         assigner_cfg: ``hidden_channels`` and ``dropout_ratio`` of the assigners.
         num_refine_blocks: refinement blocks per level.
         norm_cfg: norm layer of the assigners and refinement blocks.
     """
 
-    def __init__(self, feature_info: List[dict], num_variants: int, num_assigners: int = 1,
+    def __init__(self, feature_info: List[dict], num_assigners: int = 1,
                  assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
                  num_refine_blocks: int = 1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg)
         # High resolution first; a stable sort keeps the given order within a stride.
-        levels = sorted(feature_info, key=lambda f: f['stride'])
-        self.names = [f['name'] for f in levels]
-        self.strides = [f['stride'] for f in levels]
+        levels = sorted(feature_info, key=lambda f: f['reduction'])
+        self.names = [f['module'] for f in levels]
+        self.strides = [f['reduction'] for f in levels]
         self.amalgamations = nn.ModuleList(
-            VariantAmalgamation(f['channels'], num_variants, num_assigners, norm_cfg=norm_cfg,
-                                **assigner_cfg) for f in levels)
+            VariantAmalgamation(f['num_chs'], f['num_variants'], num_assigners,
+                                norm_cfg=norm_cfg, **assigner_cfg) for f in levels)
         self.out_channels = [a.out_channels for a in self.amalgamations]
         self.refiners = nn.ModuleList(
             refinement_stack(c, num_refine_blocks, norm_cfg) for c in self.out_channels)
 
     def forward(self, per_variant: List[dict],
                 dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
-        """``per_variant``: one dict name -> (N, C, H, W) per variant; ``dtype``: the dtype
-        to run in (the features' own by default)."""
+        """``per_variant``: one dict name -> (N, C, H, W) per variant (a level is fused over
+        the variants that hold it); ``dtype``: the dtype to run in (the features' own by
+        default)."""
         outs = []
         for level, name in enumerate(self.names):
             feats = [variant[name] if dtype is None else variant[name].to(dtype)
-                     for variant in per_variant]
+                     for variant in per_variant if name in variant]
             outs.append(self.refiners[level](self.amalgamations[level](feats)))
         return tuple(outs)
 
@@ -175,6 +175,15 @@ def amalgamation_sparsity(weights: torch.Tensor) -> torch.Tensor:
     softmax weights (A, V, B, C): 1 when every channel takes one variant, 1/sqrt(V) when
     all are mixed evenly (the authors' sparsity, before they negate it)."""
     return weights.norm(dim=1).mean()
+
+
+def sparsity_loss(sparsity: torch.Tensor, task_loss: torch.Tensor,
+                  weight: float) -> torch.Tensor:
+    """The authors' sparsity objective as a loss term: ``weight * L * (1 - s / s)`` with the
+    task loss ``L`` and the second ``s`` detached -- 0 in value, gradient
+    ``-weight * L / s * ds`` (theirs, ``weight * s * L.detach() / (-s.detach())``, has the same
+    gradient and a value of ``-weight * L``, which would hide the task loss in the logs)."""
+    return weight * task_loss.detach() * (1 - sparsity / sparsity.detach())
 
 
 def amalgamation_diversity(weights: torch.Tensor) -> torch.Tensor:

@@ -197,7 +197,7 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
     trained adapter."""
     from peft import LoraConfig
 
-    from ..models.diffusion.lora import save_lora_file
+    from ..sources.stable_diffusion.lora import save_lora_file
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder='unet',
                                                 use_safetensors=True)
@@ -206,15 +206,15 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
     return save_lora_file(unet, path)
 
 
-def write_random_models(backbone_cfg, folder: str, arch: str, lora_rank: int = 4,
+def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
                         lora_targets: Optional[Sequence[str]] = None) -> None:
-    """Random weights of ``arch`` for a backbone config's SD model, ControlNets and LoRAs,
+    """Random weights of ``arch`` for a source config's SD model, ControlNets and LoRAs,
     written under ``folder``; the config is pointed at them."""
-    backbone_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
-    for name, controlnet in (backbone_cfg.get('controlnets') or {}).items():
+    source_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
+    for name, controlnet in (source_cfg.get('controlnets') or {}).items():
         controlnet.model = save_random_controlnet(osp.join(folder, f'controlnet-{name}'),
-                                                  backbone_cfg.sd_model)
-    for i, name in enumerate(backbone_cfg.get('loras') or {}):
-        backbone_cfg.loras[name] = save_random_lora(
-            osp.join(folder, f'lora-{name}.safetensors'), backbone_cfg.sd_model, lora_rank,
+                                                  source_cfg.sd_model)
+    for i, name in enumerate(source_cfg.get('loras') or {}):
+        source_cfg.loras[name] = save_random_lora(
+            osp.join(folder, f'lora-{name}.safetensors'), source_cfg.sd_model, lora_rank,
             seed=i, targets=lora_targets)

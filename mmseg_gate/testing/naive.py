@@ -3,31 +3,34 @@
 Every variant is a full model copy -- its LoRA merged into its own UNet, its own ControlNets --
 and runs on its own: its own VAE encode, its own ControlNet passes, the whole UNet up to
 ``conv_out`` with hooks on the taps. ``tools/benchmark.py --naive`` measures it against
-``GATEFeatureExtractor``, and a test checks that the shared computation changes nothing. It
-takes the extractor's constructor arguments and builds everything itself; it shares only the
-formulas (latent encoding, noise, prompt encoding, conditions).
+``StableDiffusionSource``, and a test checks that the shared computation changes nothing. It
+takes the same source config, read through ``StableDiffusionSource``'s own signature (the one
+declaration of the arguments and their defaults), and builds everything itself; it shares only
+the formulas (latent encoding, noise, prompt encoding, conditions).
 """
 import copy
+import inspect
 import math
 from collections import Counter
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-from ..models.diffusion.conditions import ConditionDetector
-from ..models.diffusion.controlnets import load_controlnet
 from ..engine.devices import resolve_dtype
-from ..models.diffusion.extractor import DEFAULT_TAPS, class_names_text, pad_to_multiple
-from ..models.diffusion.latents import add_noise, encode_latents
-from ..models.diffusion.loading import load_stable_diffusion
-from ..models.diffusion.lora import (TEXT_ENCODERS, load_lora_adapters,
-                                     load_text_encoder_lora, read_lora_file)
-from ..models.diffusion.prompts import encode_prompt
-from ..models.diffusion.unet_taps import as_spatial, first_tensor
-from ..models.diffusion.variants import parse_variants
+from ..sources.stable_diffusion.conditions import ConditionDetector
+from ..sources.stable_diffusion.controlnets import load_controlnet
+from ..sources.stable_diffusion.latents import add_noise, encode_latents
+from ..sources.stable_diffusion.loading import load_stable_diffusion
+from ..sources.stable_diffusion.lora import (TEXT_ENCODERS, load_lora_adapters,
+                                             load_text_encoder_lora, read_lora_file)
+from ..sources.stable_diffusion.prompts import encode_prompt
+from ..sources.stable_diffusion.source import (StableDiffusionSource, class_names_text,
+                                               pad_to_multiple)
+from ..sources.stable_diffusion.unet_taps import as_spatial, first_tensor
+from ..sources.stable_diffusion.variants import parse_variants
 
 
 class NaiveGATE:
@@ -36,31 +39,31 @@ class NaiveGATE:
 
     Args:
         device: where the copies run.
-        **extractor_kwargs: ``GATEFeatureExtractor``'s arguments (``sd_model``, ``prompt``,
-            ``class_names``, ``append_class_names``, ``variants``, ``controlnets``, ``loras``,
-            ``taps``, ``timestep``, ``frozen_dtype``; others are ignored if they do not change
-            the features).
+        source_cfg: a ``StableDiffusionSource`` config (``type`` may be left out); settings
+            that only change how the work is shared (``batch_variants``, ``lora_mode``) are
+            read and ignored.
     """
 
-    def __init__(self, device: torch.device, sd_model: str, prompt: str = '',
-                 class_names=None, append_class_names: bool = False, variants=None,
-                 controlnets: Optional[dict] = None, loras: Optional[dict] = None,
-                 taps=DEFAULT_TAPS, timestep: int = 50, frozen_dtype: str = 'auto',
-                 denoising_from=None, attention_maps=None, **_ignored):
-        if denoising_from is not None or attention_maps:
+    def __init__(self, device: torch.device, source_cfg: dict):
+        cfg = {k: v for k, v in dict(source_cfg).items() if k != 'type'}
+        bound = inspect.signature(StableDiffusionSource).bind(**cfg)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a['denoising_from'] is not None or a['attention_maps']:
             raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
                              'denoising_from, no attention_maps).')
-        controlnets, loras = dict(controlnets or {}), dict(loras or {})
-        self.variants = parse_variants(variants, prompt, list(controlnets), list(loras),
-                                       timestep)
+        sd_model, taps = a['sd_model'], a['taps']
+        controlnets, loras = dict(a['controlnets'] or {}), dict(a['loras'] or {})
+        self.variants = parse_variants(a['variants'], a['prompt'], list(controlnets),
+                                       list(loras), a['timestep'])
         if any(v.denoising_from is not None for v in self.variants):
             raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
                              'denoising_from).')
-        if append_class_names:
-            names = class_names_text(class_names)
+        if a['append_class_names']:
+            names = class_names_text(a['class_names'])
             self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
                              for v in self.variants]
-        self.dtype = dtype = resolve_dtype(frozen_dtype, device)
+        self.dtype = dtype = resolve_dtype(a['frozen_dtype'], device)
         parts = load_stable_diffusion(sd_model)
         if parts.is_sdxl:
             raise ValueError('NaiveGATE covers SD1.x/SD2.x.')
@@ -98,7 +101,8 @@ class NaiveGATE:
         feats = [self._variant(v, embed, *models, pixels, generator_seed)
                  for v, embed, models in zip(self.variants, self.prompt_embeds, self.copies)]
         strides = {tap: pixels.shape[-1] // f.shape[-1] for tap, f in feats[0].items()}
-        self.feature_info = [dict(name=tap, channels=f.shape[1], stride=strides[tap])
+        self.feature_info = [dict(module=tap, num_chs=f.shape[1], reduction=strides[tap],
+                                  num_variants=len(self.variants))
                              for tap, f in feats[0].items()]
         return [{tap: f[..., :math.ceil(height / strides[tap]), :math.ceil(width / strides[tap])]
                  for tap, f in variant.items()} for variant in feats]

@@ -24,16 +24,19 @@ model = dict(
     pretrained=None,
     backbone=dict(
         type='GATEBackbone',
-        # A local diffusers folder (see README) or the hub id.
-        sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
-        prompt='',
-        taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
-              'up_blocks.2.upsamplers.0'),
-        timestep=50,
+        # The frozen half (mmseg_gate/sources/): GATE's guided Stable Diffusion features.
+        source=dict(
+            type='StableDiffusionSource',
+            # A local diffusers folder (see README) or the hub id.
+            sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+            prompt='',
+            taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                  'up_blocks.2.upsamplers.0'),
+            timestep=50,
+            frozen_dtype='auto'),
         noise_seed=0,
         input_mean=pixel_mean,
         input_std=pixel_std,
-        frozen_dtype='auto',
         num_refine_blocks=1,
         norm_cfg=norm_cfg),
     decode_head=dict(

@@ -25,15 +25,17 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='GATEBackbone',
-        sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
-        taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
-              'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
-        attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
-        timestep=50,
+        source=dict(
+            type='StableDiffusionSource',
+            sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+            taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                  'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
+            attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
+            timestep=50,
+            frozen_dtype='auto'),
         noise_seed=0,
         input_mean=pixel_mean,
         input_std=pixel_std,
-        frozen_dtype='auto',
         num_refine_blocks=0,  # the benchmark's classifier sees the amalgamated features
         norm_cfg=norm_cfg),
     decode_head=dict(

@@ -1,5 +1,5 @@
-"""GATE backbone: frozen Stable Diffusion features as multi-scale MMSeg features."""
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+"""GATE backbone: frozen diffusion features as multi-scale MMSeg features."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import get_rank
@@ -7,34 +7,35 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from mmseg.registry import MODELS
+from ...datasets.images import to_model_range
+from ...sources import build_source
 from ..amalgamation import GATEFusion
-from ..diffusion.extractor import DEFAULT_TAPS, GATEFeatureExtractor
-from ..diffusion.loading import DEFAULT_MODEL
 
 
 @MODELS.register_module()
 class GATEBackbone(BaseModule):
-    """Stable Diffusion UNet features, kept true to the image, for dense prediction.
+    """Frozen diffusion features, kept true to the image, for dense prediction.
 
-    The frozen half is a :class:`GATEFeatureExtractor`: the image is encoded once by the VAE
-    and noised lightly (``timestep``); the frozen UNet runs once per guided *variant* (a prompt,
-    optional ControlNets, an optional LoRA; all variants of an image share one batch), stopping
-    after the last tapped block. This module is the trainable half around it: per output level,
-    the variants' activations are fused by a learned amalgamation and refined by trainable
-    zero-initialised residual blocks. Outputs are ordered from high to low resolution (MMSeg's
-    convention); for the default taps on SD1.5 they are ``(640 ch, stride 8), (1280 ch,
-    stride 16), (1280 ch, stride 32)`` -- read them from ``out_channels`` and ``out_strides``
-    after building.
+    The frozen half is a feature source (``mmseg_gate.sources``), by default GATE's
+    :class:`StableDiffusionSource`: the image is encoded once by the VAE and noised lightly;
+    the frozen UNet runs once per guided *variant* (a prompt, optional ControlNets, an optional
+    LoRA; all variants of an image share one batch), stopping after the last tapped block. This
+    module is the trainable half around it: per output level, the variants' activations are
+    fused by a learned amalgamation and refined by trainable zero-initialised residual blocks.
+    Outputs are ordered from high to low resolution (MMSeg's convention); for the default taps
+    on SD1.5 they are ``(640 ch, stride 8), (1280 ch, stride 16), (1280 ch, stride 32)`` --
+    read them from ``out_channels`` and ``out_strides`` after building.
 
     Any input size works: images are padded to the UNet's size multiple inside and the
     features are cropped back to ``ceil(size / stride)``.
 
     Args:
-        sd_model, prompt, class_names, append_class_names, variants, controlnets, loras,
-        taps, timestep, denoising_from, attention_maps, frozen_dtype, batch_variants,
-        lora_mode: the frozen half's arguments, see :class:`GATEFeatureExtractor`. With
-            ``attention_maps`` the maps are one more output level (``tokens * len(strides)``
-            channels at the latent's stride).
+        source (dict): the frozen half's config, nested as MMSeg's VPD nests its
+            ``diffusion_cfg``: ``dict(type='StableDiffusionSource', sd_model=..., prompt=...,
+            variants=..., controlnets=..., loras=..., taps=..., timestep=...)`` (``type``
+            defaults to it; see :class:`StableDiffusionSource`), or any source config, e.g.
+            ``dict(type='CompositeSource', sources=dict(...))``. With ``attention_maps`` the
+            maps are one more output level.
         noise_seed (int): seed of the added noise. In eval mode every forward uses this seed
             (reproducible predictions); in train mode a generator seeded with
             ``noise_seed + rank`` runs on (and is saved in checkpoints). Default: 0.
@@ -51,39 +52,26 @@ class GATEBackbone(BaseModule):
     """
 
     def __init__(self,
-                 sd_model: str = DEFAULT_MODEL,
-                 prompt: str = '',
-                 class_names: Union[str, Sequence[str], None] = None,
-                 append_class_names: bool = False,
-                 variants: Optional[Sequence[dict]] = None,
-                 controlnets: Optional[Dict[str, dict]] = None,
-                 loras: Optional[Dict[str, str]] = None,
-                 batch_variants: bool = True,
-                 lora_mode: str = 'adapters',
+                 source: Optional[dict] = None,
+                 noise_seed: int = 0,
                  num_assigners: int = 1,
                  assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
-                 taps: Sequence[str] = DEFAULT_TAPS,
-                 timestep: int = 50,
-                 denoising_from: Optional[int] = None,
-                 attention_maps: Optional[dict] = None,
-                 noise_seed: int = 0,
                  input_mean: Sequence[float] = (127.5, 127.5, 127.5),
                  input_std: Sequence[float] = (127.5, 127.5, 127.5),
-                 frozen_dtype: str = 'auto',
                  num_refine_blocks: int = 1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 **frozen_half):
+        if frozen_half:
+            raise TypeError(
+                f'GATEBackbone got {sorted(frozen_half)}: the frozen half now has its own config. '
+                "Move these keys into `source=dict(type='StableDiffusionSource', ...)`, e.g. "
+                "backbone=dict(type='GATEBackbone', source=dict(sd_model=..., prompt=..., "
+                'variants=...), num_assigners=...).')
         super().__init__(init_cfg)
-        self.extractor = GATEFeatureExtractor(
-            sd_model=sd_model, prompt=prompt, class_names=class_names,
-            append_class_names=append_class_names, variants=variants,
-            controlnets=controlnets, loras=loras, taps=taps, timestep=timestep,
-            denoising_from=denoising_from, attention_maps=attention_maps,
-            frozen_dtype=frozen_dtype, batch_variants=batch_variants, lora_mode=lora_mode,
-            noise_seed=noise_seed)
-        num_variants = len(self.extractor.variants)
-        self.fusion = GATEFusion(self.extractor.feature_info, num_variants, num_assigners,
-                                 assigner_cfg, num_refine_blocks, norm_cfg)
+        self.source = build_source(source or {})
+        self.fusion = GATEFusion(self.source.feature_info, num_assigners, assigner_cfg,
+                                 num_refine_blocks, norm_cfg)
         self.out_names = self.fusion.names
         self.out_strides = self.fusion.strides
         self.out_channels = self.fusion.out_channels
@@ -91,22 +79,20 @@ class GATEBackbone(BaseModule):
         self.input_mean = _as_pixel_stats(input_mean)
         self.input_std = _as_pixel_stats(input_std)
         # Follows .to()/.cuda()/.half() like the trainable parts: the frozen parts go to its
-        # device (in `frozen_dtype`), the trainable parts run in its dtype.
+        # device (in the source's dtype), the trainable parts run in its dtype.
         self.register_buffer('_placement', torch.zeros(0), persistent=False)
         self.noise_seed = noise_seed
         self._train_generator: Optional[torch.Generator] = None
-        print_log(f'GATEBackbone: {sd_model}, {num_variants} variant(s), features '
-                  f'{self.out_names} -> channels {self.out_channels}, strides '
-                  f'{self.out_strides}; the UNet runs {len(self.extractor.stages_run)} '
-                  'stages', logger='current')
+        print_log(f'GATEBackbone: {self.source!r} -> channels {self.out_channels}, strides '
+                  f'{self.out_strides}', logger='current')
 
     def extra_repr(self) -> str:
-        return (f'frozen={self.extractor.source!r}, out_channels={self.out_channels}, '
+        return (f'source={self.source!r}, out_channels={self.out_channels}, '
                 f'out_strides={self.out_strides}')
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
-        self.extractor.to(self._placement.device)
+        self.source.to(self._placement.device)
         return module
 
     def _generator(self) -> torch.Generator:
@@ -137,11 +123,11 @@ class GATEBackbone(BaseModule):
     def to_vae_range(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the data preprocessor's normalisation, into the VAE's [-1, 1]."""
         std, mean = self.input_std.to(x.device), self.input_mean.to(x.device)
-        return (x.float() * std + mean) / 127.5 - 1.0
+        return to_model_range(x.float() * std + mean)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
-        return self.fuse(self.extractor(self.to_vae_range(x), generator=self._generator()))
+        return self.fuse(self.source(self.to_vae_range(x), generator=self._generator()))
 
     def fuse(self, per_variant: List[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
         """The trainable half, in this module's dtype (float32 unless ``.half()``)."""

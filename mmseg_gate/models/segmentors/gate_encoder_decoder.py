@@ -5,7 +5,7 @@ import torch
 
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
-from ..amalgamation import amalgamation_diversity, amalgamation_sparsity
+from ..amalgamation import amalgamation_diversity, amalgamation_sparsity, sparsity_loss
 
 
 @MODELS.register_module()
@@ -56,8 +56,8 @@ class GATEEncoderDecoder(EncoderDecoder):
         losses['amalgamation_sparsity'] = sparsity.detach()
         losses['amalgamation_diversity'] = diversity.detach()
         if self.sparsity_weight:
-            losses['loss_amalgamation_sparsity'] = self.sparsity_weight * task * (
-                1 - sparsity / sparsity.detach())
+            losses['loss_amalgamation_sparsity'] = sparsity_loss(sparsity, task,
+                                                                 self.sparsity_weight)
         if self.diversity_weight:
             losses['loss_amalgamation_diversity'] = self.diversity_weight * task * (
                 diversity / diversity.detach().clamp(min=1e-8) - 1)

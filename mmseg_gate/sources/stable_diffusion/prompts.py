@@ -10,7 +10,7 @@ penultimate hidden states of both its encoders, concatenated along channels, and
 second encoder's pooled projection (of the first chunk) to the time embedding, as diffusers'
 SDXL pipelines do.
 """
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,20 +41,37 @@ def chunk_token_ids(tokenizer, prompt: str) -> List[List[int]]:
     return chunks
 
 
+def encode_token_ids(text_encoders: Sequence, ids: Sequence[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Hidden states (B, 77, dim) and SDXL's pooled embedding (B, dim) of rows of token ids
+    (one (B, 77) tensor per encoder): SD1.x/2.x take the encoder's last hidden states; SDXL
+    the penultimate hidden states of both encoders, concatenated along channels, and the
+    second (projection) encoder's pooled output. Gradients flow if the caller allows them
+    (the LoRA recipe trains through here)."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids[0])[0], None
+    states, pooled = [], None
+    for encoder, rows in zip(text_encoders, ids):
+        out = encoder(rows, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(height: int, width: int, num: int, dtype=torch.float32,
+                  device=None) -> torch.Tensor:
+    """SDXL's size conditioning (N, 6): original and target size the image's, no crop."""
+    ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
+    return ids.expand(num, -1)
+
+
 @torch.no_grad()
 def encode_prompt(text_encoders: Sequence, tokenizers: Sequence, prompt: str,
                   ) -> PromptEmbedding:
-    """Embedding of ``prompt`` by one text encoder (SD1.x/2.x) or two (SDXL)."""
-    if len(text_encoders) == 1:
-        encoder, tokenizer = text_encoders[0], tokenizers[0]
-        ids = torch.tensor(chunk_token_ids(tokenizer, prompt), device=encoder.device)
-        hidden = encoder(ids)[0]  # (num_chunks, 77, dim)
-        return PromptEmbedding(hidden.reshape(1, -1, hidden.shape[-1]))
-    states, pooled = [], None
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = torch.tensor(chunk_token_ids(tokenizer, prompt), device=encoder.device)
-        out = encoder(ids, output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0][:1]  # the projection encoder (last): text_embeds of the first chunk
-    hidden = torch.cat(states, dim=-1)
-    return PromptEmbedding(hidden.reshape(1, -1, hidden.shape[-1]), pooled)
+    """Embedding of ``prompt`` (its 77-token chunks side by side along the sequence) by one
+    text encoder (SD1.x/2.x) or two (SDXL; pooled from the first chunk)."""
+    ids = [torch.tensor(chunk_token_ids(tokenizer, prompt), device=encoder.device)
+           for encoder, tokenizer in zip(text_encoders, tokenizers)]
+    hidden, pooled = encode_token_ids(text_encoders, ids)  # (num_chunks, 77, dim)
+    return PromptEmbedding(hidden.reshape(1, -1, hidden.shape[-1]),
+                           None if pooled is None else pooled[:1])

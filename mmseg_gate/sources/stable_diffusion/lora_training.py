@@ -26,7 +26,7 @@ from ...fileio import atomic_file, remove_stale_temporaries
 from .latents import encode_latents
 from .loading import load_stable_diffusion
 from .lora import add_lora, save_lora_file
-from .prompts import chunk_token_ids
+from .prompts import chunk_token_ids, encode_token_ids, sdxl_time_ids
 
 # CLIP's attention projections: what text-encoder LoRAs (diffusers' recipe) adapt.
 TEXT_ENCODER_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
@@ -141,22 +141,13 @@ class LoRATrainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        size = torch.tensor([[cfg.resolution, cfg.resolution, 0, 0, cfg.resolution,
-                              cfg.resolution]], dtype=torch.float32, device=device)
-        self.time_ids = size
+        self.time_ids = sdxl_time_ids(cfg.resolution, cfg.resolution, 1, device=device)
 
     def _encode_captions(self, index: torch.Tensor):
         """Prompt states (and SDXL's pooled embedding) of the captions ``index``; with
         gradients into the text-encoder LoRA when it trains."""
         with nullcontext() if self.train_text else torch.no_grad():
-            if not self.is_sdxl:
-                return self.text_encoders[0](self.token_ids[0][index])[0], None
-            states, pooled = [], None
-            for encoder, ids in zip(self.text_encoders, self.token_ids):
-                out = encoder(ids[index], output_hidden_states=True)
-                states.append(out.hidden_states[-2])
-                pooled = out[0]
-            return torch.cat(states, dim=-1), pooled
+            return encode_token_ids(self.text_encoders, [ids[index] for ids in self.token_ids])
 
     def _step(self, step: int) -> float:
         cfg, device = self.cfg, self.device

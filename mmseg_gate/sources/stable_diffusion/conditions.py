@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ...datasets.images import from_model_range
+
 # Detectors that need annotator weights, by name -> controlnet_aux class name.
 _WEIGHTED = {
     'hed': 'HEDdetector',
@@ -59,7 +61,7 @@ class ConditionDetector:
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = from_model_range(pixels.clamp(-1, 1)).round().to(torch.uint8)
         images = images.permute(0, 2, 3, 1).cpu().numpy()
         height, width = images.shape[1:3]
         maps = [self._detect(np.ascontiguousarray(image), height, width) for image in images]

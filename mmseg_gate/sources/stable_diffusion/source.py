@@ -1,24 +1,21 @@
-"""GATE's frozen half as one reusable piece: guided Stable Diffusion features of images.
+"""GATE's frozen half: guided Stable Diffusion features of images, as a feature source.
 
 Every GATE task (segmentation, label-scarce segmentation, correspondence, the content-shift
 guideline) needs the same thing: for each guided *variant* of an image (a prompt, optional
-ControlNets, an optional LoRA), the activations of chosen UNet modules at a chosen noise level.
-:class:`GATEFeatureExtractor` computes them, usable without MMSeg::
+ControlNets, an optional LoRA, its own noise recipe), the activations of chosen UNet modules.
+:class:`StableDiffusionSource` computes them, usable without MMSeg::
 
-    from mmseg_gate import GATEFeatureExtractor
-    extractor = GATEFeatureExtractor(sd_model='checkpoints/sd15', prompt='a photo of a horse')
-    feats = extractor(images)            # images: (N, 3, H, W) in [-1, 1], any size
+    from mmseg_gate import StableDiffusionSource
+    source = StableDiffusionSource(sd_model='checkpoints/sd15', prompt='a photo of a horse')
+    feats = source(images)               # images: (N, 3, H, W) in [-1, 1], any size
     feats[0]['up_blocks.1.upsamplers.0']  # variant 0: (N, 1280, ceil(H / 16), ceil(W / 16))
 
-Work is shared across variants: one VAE encode and one noise sample per image, prompt
-embeddings encoded once at build time (then the text encoders are dropped), one condition and
-one ControlNet pass per (ControlNet, prompt, latent) whatever the number of variants using it,
-variants run as one UNet batch with a LoRA adapter chosen per sample (or on fused UNet copies,
-``lora_mode='fused'``), and each feature pass stops after the last tapped block.
-
-The extractor is deliberately not an ``nn.Module``: a model that owns one (``GATEBackbone``)
-keeps the frozen weights out of its checkpoints, optimizer, DDP and ``init_weights``, and
-``deepcopy`` (EMA) shares them instead of copying.
+Work is shared across variants (see :meth:`StableDiffusionSource.extract_padded`): one VAE
+encode per image, prompt embeddings encoded once at build time (then the text encoders are
+dropped), one ControlNet pass per (ControlNet, prompt, latent, timestep) whatever the number of
+variants using it, variants run as one UNet batch with a LoRA adapter chosen per sample (or on
+fused UNet copies, ``lora_mode='fused'``), and each feature pass stops after the last tapped
+block.
 """
 import copy
 import math
@@ -32,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
+from ..base import SOURCES, FeatureSource
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
@@ -39,7 +37,7 @@ from .latents import draw_noise, encode_latents, latent_scheduler, noised
 from .loading import DEFAULT_MODEL, load_stable_diffusion
 from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                    load_text_encoder_loras)
-from .prompts import PromptEmbedding, encode_prompt
+from .prompts import PromptEmbedding, encode_prompt, sdxl_time_ids
 from .unet_taps import UNetTaps
 from .variants import Variant, check_timesteps, parse_variants
 
@@ -64,13 +62,6 @@ def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
     return ', '.join(class_names)
 
 
-def extractor_kwargs(backbone_cfg: dict) -> dict:
-    """A backbone config's arguments that belong to the frozen half."""
-    import inspect
-    names = inspect.signature(GATEFeatureExtractor.__init__).parameters
-    return {k: v for k, v in dict(backbone_cfg).items() if k in names and k != 'self'}
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad bottom/right by edge replication (no artificial borders in the features)."""
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
@@ -79,8 +70,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
 
 
-class GATEFeatureExtractor:
-    """Guided diffusion features per variant, for images in [-1, 1].
+@SOURCES.register_module()
+class StableDiffusionSource(FeatureSource):
+    """Guided Stable Diffusion features per variant, for images in [-1, 1].
 
     Args:
         sd_model (str): a local diffusers-format Stable Diffusion folder (SD1.x, SD2.x or
@@ -153,7 +145,7 @@ class GATEFeatureExtractor:
         self.num_steps = parts.scheduler.config.num_train_timesteps
         for i, v in enumerate(self.variants):  # against this model's schedule
             check_timesteps(v.timestep, v.denoising_from, self.num_steps, f'Variant {i}: ')
-        self.source, self.is_sdxl = sd_model, parts.is_sdxl
+        self.sd_model, self.is_sdxl = sd_model, parts.is_sdxl
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
                             for name, cfg in controlnets.items()}
@@ -187,17 +179,17 @@ class GATEFeatureExtractor:
         self.counts: Counter = Counter()
         self.feature_info = self._probe()
 
-    @classmethod
-    def from_config(cls, cfg: dict) -> 'GATEFeatureExtractor':
-        """Build from a config dict of the constructor's arguments (e.g. a backbone's)."""
-        return cls(**cfg)
-
-    def __deepcopy__(self, memo):
-        return self  # frozen weights are shared, never copied
-
     def __repr__(self) -> str:
-        return (f'GATEFeatureExtractor({self.source!r}, {len(self.variants)} variant(s), '
-                f'features {[(f["name"], f["channels"], f["stride"]) for f in self.feature_info]})')
+        features = [(f['module'], f['num_chs'], f['reduction']) for f in self.feature_info]
+        return (f'StableDiffusionSource({self.sd_model!r}, {len(self.variants)} variant(s), '
+                f'features {features})')
+
+    @property
+    def variant_names(self) -> List[str]:
+        return [v.summary for v in self.variants]
+
+    def check_timestep(self, timestep: Optional[int]) -> None:
+        self.noise_plan(timestep)
 
     @property
     def unet(self):
@@ -274,7 +266,7 @@ class GATEFeatureExtractor:
         height, width = images.shape[-2:]
         feats = self.extract_padded(pad_to_multiple(images.float(), self.size_multiple),
                                     timestep, generator)
-        strides = {f['name']: f['stride'] for f in self.feature_info}
+        strides = {f['module']: f['reduction'] for f in self.feature_info}
         return [{name: f[..., :math.ceil(height / strides[name]),
                          :math.ceil(width / strides[name])] for name, f in variant.items()}
                 for variant in feats]
@@ -312,7 +304,7 @@ class GATEFeatureExtractor:
         clean = encode_latents(self.vae, pixels)
         used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
         conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
-        time_ids = self._time_ids(pixels)
+        time_ids = self.time_ids(pixels)
         noises, noisy, latents = {}, {}, []
         for variant, (_, start) in zip(self.variants, plans):
             if start is None:
@@ -446,18 +438,31 @@ class GATEFeatureExtractor:
             latents = stepped
         return latents
 
-    def _time_ids(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
-        """SDXL's size conditioning: original and target size = the input's, no crop."""
+    def time_ids(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
+        """SDXL's size conditioning of ``pixels`` (None for SD1.x/2.x)."""
         if not self.is_sdxl:
             return None
-        height, width = pixels.shape[-2:]
-        ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype,
-                           device=pixels.device)
-        return ids.expand(pixels.shape[0], -1)
+        return sdxl_time_ids(*pixels.shape[-2:], pixels.shape[0], self.dtype, pixels.device)
+
+    @torch.no_grad()
+    def plain_pass(self, latents: torch.Tensor, timestep: Optional[int] = None) -> Features:
+        """The truncated UNet pass on ``latents`` with the first variant's prompt and the
+        base weights (no ControlNet, no LoRA): the unit the cost figures count."""
+        num, embed = latents.shape[0], self.embedding(0)
+        added = None
+        if self.is_sdxl:
+            pixels = latents.new_zeros(num, 3, *(s * 8 for s in latents.shape[-2:]))
+            added = dict(text_embeds=embed.pooled.expand(num, -1), time_ids=self.time_ids(pixels))
+        with_loras = self.lora_mode == 'adapters' and any(v.lora for v in self.variants)
+        base = adapters_per_sample(self.unet, [BASE] * num) if with_loras else nullcontext()
+        with base:
+            return self.taps[None](latents, self.timestep if timestep is None else timestep,
+                                   embed.hidden.expand(num, -1, -1), added_cond_kwargs=added)
 
     @torch.no_grad()
     def _probe(self) -> List[dict]:
-        """name, channels and stride of each feature, from one small pass."""
+        """module, num_chs, reduction (and num_variants) of each feature, from one small
+        pass."""
         size = self.size_multiple
         vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         latent = torch.zeros(1, self.unet.config.in_channels, size // vae_factor,
@@ -467,7 +472,7 @@ class GATEFeatureExtractor:
         embed = self.embedding(variant)
         added = None
         if self.is_sdxl:
-            added = dict(text_embeds=embed.pooled, time_ids=self._time_ids(
+            added = dict(text_embeds=embed.pooled, time_ids=self.time_ids(
                 torch.zeros(1, 3, size, size, device=self.device)))
         attention = self.attention.get(unet_key)
         with self._adapters(unet_key, [0], 1), \
@@ -475,8 +480,8 @@ class GATEFeatureExtractor:
             out = self.taps[unet_key](latent, self.timestep, embed.hidden, added_cond_kwargs=added)
             if attention:
                 out[ATTENTION_MAPS] = attention.aggregate(tuple(latent.shape[-2:]))
-        return [dict(name=name, channels=f.shape[1], stride=size // f.shape[-1])
-                for name, f in out.items()]
+        return [dict(module=name, num_chs=f.shape[1], reduction=size // f.shape[-1],
+                     num_variants=len(self.variants)) for name, f in out.items()]
 
 
 @torch.no_grad()
@@ -494,3 +499,7 @@ def _by_key(items: Sequence, key) -> List[Tuple[object, List[int]]]:
         if key(item) is not None:
             groups[key(item)].append(i)
     return list(groups.items())
+
+
+# The name the frozen half had before it became one source among several.
+GATEFeatureExtractor = StableDiffusionSource

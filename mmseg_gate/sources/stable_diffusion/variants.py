@@ -33,6 +33,20 @@ class Variant:
     noise_seed: Optional[int] = None
 
     @property
+    def summary(self) -> str:
+        """A short name: its guidance, and its noise where it has its own."""
+        parts = ['prompt']
+        parts += [name if scale == 1 else f'{name}x{scale:g}' for name, scale in self.controlnets]
+        if self.lora is not None:
+            parts.append(f'lora {self.lora}' + ('' if self.lora_scale == 1
+                                                else f'x{self.lora_scale:g}'))
+        if self.denoising_from is not None:
+            parts.append(f'denoised from {self.denoising_from}')
+        if self.noise_seed is not None:
+            parts.append(f'seed {self.noise_seed}')
+        return ' + '.join(parts)
+
+    @property
     def adapter(self) -> Optional[str]:
         """Name of the UNet adapter: one per (LoRA, scale) pair, since peft keeps one scale
         per adapter."""

@@ -1,0 +1,187 @@
+"""Cost of a config's backbone forward: FLOPs, latency, peak memory and the work counted,
+as built and the straightforward way (``tools/benchmark.py`` runs each in its own process).
+
+- ``flops``: the backbone forward (torch's FLOP counter; a multiply-add counts 2);
+- ``unet_flops_per_variant`` / ``unet_full_flops_per_variant``: the truncated UNet pass
+  against diffusers' full UNet forward on the same latent (what the early exit saves);
+- ``latency_s_median``: median of ``iters`` timed forwards after one warm-up;
+- ``peak_mem_bytes``: CUDA: peak allocated during the timed forwards; CPU: peak resident
+  memory of the process during them minus its resident memory before the model was built
+  (weights and activations, not the libraries); ``process_peak_mem_bytes``: the raw figure;
+- ``vae_encodes`` / ``noise_samples`` / ``controlnet_passes`` / ``unet_passes`` /
+  ``denoising_passes``: per image, counted (what the sharing saves);
+- ``frozen_flops``: the features alone (the source, without the trainable fusion).
+"""
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from mmengine.config import Config
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmseg.registry import MODELS
+from .models.amalgamation import GATEFusion
+from .sources.stable_diffusion import StableDiffusionSource
+from .sources.stable_diffusion.latents import encode_latents
+from .testing.naive import NaiveGATE
+
+# The work the sources count, reported per image.
+COUNTS = ('vae_encodes', 'noise_samples', 'controlnet_passes', 'unet_passes',
+          'denoising_passes')
+
+
+def _count_cpu_attention() -> None:
+    """torch's FLOP counter knows the CUDA attention kernels but not the CPU one that
+    ``F.scaled_dot_product_attention`` dispatches to here; count it like the others."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry:
+        return
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    flop_counter.register_flop_formula(op)(formula)
+
+
+def count_flops(fn) -> int:
+    _count_cpu_attention()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def resident_bytes(field: str = 'VmRSS') -> int:
+    with open('/proc/self/status') as f:
+        return int(next(l for l in f if l.startswith(field + ':')).split()[1]) * 1024
+
+
+class PeakMemory:
+    """Peak memory over a block. CUDA: the allocator's peak. CPU: the process's peak resident
+    memory (VmHWM, reset through /proc/self/clear_refs) minus ``baseline``, its resident
+    memory before the model was built (the libraries: about 0.9 GB here, the same for every
+    way), which is what CUDA's figure leaves out too; ``process_peak`` keeps the raw figure."""
+
+    def __init__(self, device: torch.device, baseline: int = 0):
+        self.device, self.baseline = device, baseline
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            self.peak = self.process_peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.process_peak = resident_bytes('VmHWM')
+            self.peak = self.process_peak - self.baseline
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def unet_flops(source: StableDiffusionSource, latents: torch.Tensor):
+    """FLOPs of one variant's truncated UNet pass (the first variant's prompt, base weights,
+    no guidance) and of diffusers' full forward of the same UNet, freshly loaded (the source
+    frees the stages it never runs)."""
+    num, embed = latents.shape[0], source.embedding(0)
+    added = None
+    if source.is_sdxl:
+        pixels = latents.new_zeros(num, 3, *(s * 8 for s in latents.shape[-2:]))
+        added = dict(text_embeds=embed.pooled.expand(num, -1), time_ids=source.time_ids(pixels))
+    full_unet = UNet2DConditionModel.from_pretrained(
+        source.sd_model, subfolder='unet', use_safetensors=True).to(latents.device,
+                                                                    latents.dtype)
+    with torch.no_grad():
+        truncated = count_flops(lambda: source.plain_pass(latents))
+        full = count_flops(lambda: full_unet(latents, source.timestep,
+                                             embed.hidden.expand(num, -1, -1),
+                                             added_cond_kwargs=added))
+    return truncated, full
+
+
+def timed(forward, device, iters: int, baseline: int):
+    """Median latency and peak memory of ``iters`` calls of ``forward``."""
+    times = []
+    with PeakMemory(device, baseline) as memory:
+        for _ in range(iters):
+            sync(device)
+            start = time.perf_counter()
+            forward()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4), memory
+
+
+def measure(forward, frozen_half, counts, device, iters: int, batch: int,
+            baseline: int) -> dict:
+    """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first),
+    and the FLOPs of its ``frozen_half`` (the features alone)."""
+    with torch.no_grad():
+        forward()  # warm-up, also moves the frozen parts to the device
+        flops = count_flops(forward)
+        frozen_flops = count_flops(frozen_half)
+        counts.clear()
+        latency, memory = timed(forward, device, iters, baseline)
+    per_image = iters * batch
+    return dict(flops=flops, frozen_flops=frozen_flops, latency_s_median=latency,
+                peak_mem_bytes=memory.peak, process_peak_mem_bytes=memory.process_peak,
+                **{name: counts[name] / per_image for name in COUNTS})
+
+
+def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
+    """GATE as built: shared VAE encode and ControlNet passes, batched truncated UNet."""
+    baseline = resident_bytes()
+    backbone = MODELS.build(cfg.model.backbone).to(device).eval()
+    source = backbone.source
+    images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
+    result = measure(lambda: backbone(images),
+                     lambda: source(backbone.to_vae_range(images),
+                                    generator=torch.Generator()),
+                     source.counts, device, iters, batch, baseline)
+    latents = encode_latents(source.vae, torch.zeros(
+        batch, 3, *(-(-s // source.size_multiple) * source.size_multiple for s in shape),
+        device=device))
+    truncated, full = unet_flops(source, latents)
+    return dict(config=cfg.filename, shape=list(shape), batch=batch, device=str(device),
+                frozen_dtype=str(source.dtype).replace('torch.', ''),
+                lora_mode=source.lora_mode, variants=len(source.variants),
+                **result, iters=iters, unet_flops_per_variant=truncated,
+                unet_full_flops_per_variant=full, unet_fraction=round(truncated / full, 4),
+                stages_run=source.stages_run)
+
+
+def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
+    """The authors' way: a model copy and full passes per variant, then the same fusion."""
+    backbone_cfg = cfg.model.backbone
+    baseline = resident_bytes()
+    naive = NaiveGATE(device, backbone_cfg.source)
+    images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
+    with torch.no_grad():
+        naive(images)  # learns its features' channels and strides
+    fusion = GATEFusion(naive.feature_info, backbone_cfg.get('num_assigners', 1),
+                        backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
+                                                              dropout_ratio=0.5)),
+                        backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
+    return measure(lambda: fusion(naive(images)), lambda: naive(images), naive.counts, device,
+                   iters, batch, baseline)
+
+
+def compare(result: dict, naive: dict, fused: dict) -> dict:
+    """The ratios of the README's cost figures: FLOPs and latency of the fused mode (no LoRA
+    compute) and peak memory of the config's mode, each against the naive way."""
+    return dict(flops_ratio=round(fused['flops'] / naive['flops'], 4),
+                frozen_flops_ratio=round(fused['frozen_flops'] / naive['frozen_flops'], 4),
+                speedup=round(naive['latency_s_median'] / fused['latency_s_median'], 3),
+                peak_mem_ratio=round(result['peak_mem_bytes'] / naive['peak_mem_bytes'], 4),
+                process_peak_mem_ratio=round(result['process_peak_mem_bytes']
+                                             / naive['process_peak_mem_bytes'], 4))

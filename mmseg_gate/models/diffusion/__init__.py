@@ -1,8 +1,0 @@
-from .extractor import ATTENTION_MAPS, DEFAULT_TAPS, GATEFeatureExtractor
-from .loading import DEFAULT_MODEL, StableDiffusionParts, load_stable_diffusion
-from .prompts import PromptEmbedding, encode_prompt
-from .unet_taps import UNetTaps
-
-__all__ = ['GATEFeatureExtractor', 'ATTENTION_MAPS', 'DEFAULT_TAPS', 'DEFAULT_MODEL',
-           'StableDiffusionParts', 'load_stable_diffusion', 'PromptEmbedding', 'encode_prompt',
-           'UNetTaps']

@@ -1,0 +1,66 @@
+"""Frozen features of SPair images: computed once per image with a fixed noise and cached,
+or read raw (training-free).
+"""
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...datasets.images import read_square
+
+Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
+
+
+class FeatureCache:
+    """Features of images by path, each computed once with its own fixed noise (a frozen
+    source gives the same features every time), the last ``capacity`` kept.
+
+    Args:
+        source: a feature source (``mmseg_gate.sources``), already on ``device``.
+        image_size: images are resized to ``image_size`` squared (the authors' plain resize).
+        device: where the images go.
+    """
+
+    def __init__(self, source, image_size: int, device='cpu', seed: int = 0,
+                 capacity: int = 256):
+        self.source, self.image_size, self.seed = source, image_size, seed
+        self.device = torch.device(device)
+        self.capacity, self.store = capacity, OrderedDict()
+
+    def __call__(self, path: str) -> Features:
+        if path in self.store:
+            self.store.move_to_end(path)
+            return self.store[path]
+        image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
+        with torch.no_grad():  # the noise is drawn on the CPU: the same on every device
+            feats = self.source(image[None].to(self.device),
+                                generator=torch.Generator().manual_seed(self.seed))
+        self.store[path] = feats
+        if len(self.store) > self.capacity:
+            self.store.popitem(last=False)
+        return feats
+
+
+def raw_features(feats: Features, names: Sequence[str] = None) -> torch.Tensor:
+    """Training-free features: each feature L2-normalised over channels, resized to the
+    finest one's grid and concatenated per variant, then averaged over the variants holding
+    the same features; variants holding different ones (the sources of a composite kept
+    apart) are averaged in their own groups and the groups concatenated, as SD-DINO joins
+    Stable Diffusion's and DINOv2's normalised features."""
+    names = list(names or dict.fromkeys(n for v in feats for n in v))
+    size = max((v[n].shape[2:] for v in feats for n in names if n in v),
+               key=lambda s: s[0] * s[1])
+    groups: Dict[tuple, List[torch.Tensor]] = {}
+    for variant in feats:
+        held = tuple(n for n in names if n in variant)
+        groups.setdefault(held, []).append(torch.cat([
+            F.interpolate(F.normalize(variant[n].float(), dim=1), size=size, mode='bilinear',
+                          align_corners=False) for n in held], dim=1))
+    return torch.cat([torch.stack(group).mean(dim=0) for group in groups.values()], dim=1)
+
+
+def batch_features(*feats: Features) -> Features:
+    """Several images' features as one batch (per variant, per tap)."""
+    return [{name: torch.cat([f[v][name] for f in feats]) for name in feats[0][v]}
+            for v in range(len(feats[0]))]

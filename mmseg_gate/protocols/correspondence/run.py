@@ -1,0 +1,69 @@
+"""One correspondence run from a config: train (then test the best), test, or zero-shot;
+what ``tools/correspondence.py`` runs."""
+import json
+import os
+import os.path as osp
+from typing import Dict, Optional
+
+import torch
+
+from ...analysis.pictures import save_png
+from ...datasets.spair import load_pairs
+from ...fileio import atomic_file
+from ...sources import build_source
+from .features import FeatureCache, raw_features
+from .metric import evaluate
+from .model import CorrespondenceAggregator, load_aggregator
+from .pictures import draw_matches
+from .training import aggregated, train_aggregator
+
+MODES = ('train', 'test', 'zero-shot')
+
+
+def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
+                       checkpoint: Optional[str] = None, config: str = '',
+                       progress: bool = True) -> Dict:
+    """Run ``mode`` of the config ``cfg`` in ``work_dir``; writes ``results_<mode>.json`` and
+    ``matches_<mode>.png`` there and returns the report."""
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+    os.makedirs(work_dir, exist_ok=True)
+    seed = cfg.train.get('seed', 0)
+    torch.manual_seed(seed)
+    data, device = cfg.data, torch.device(device)
+    source = build_source(cfg.source).to(device)
+    cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256))
+    test_pairs = load_pairs(data.root, data.test_split,
+                            per_category=data.get('test_per_category'))
+    if mode == 'zero-shot':
+        names = [f['module'] for f in source.feature_info]
+        features = lambda path: raw_features(cache(path), names)[0]  # noqa: E731
+        used = 'raw features'
+    else:
+        aggregator = CorrespondenceAggregator(source.feature_info,
+                                              **cfg.aggregator).to(device)
+        best = osp.join(work_dir, 'best.safetensors')
+        if mode == 'train':
+            train_pairs = load_pairs(data.root, data.train_split)
+            val_pairs = load_pairs(data.root, data.val_split,
+                                   per_category=data.get('val_per_category'))
+            train_aggregator(aggregator, cache, train_pairs, val_pairs, work_dir,
+                             alpha=cfg.alpha, progress=progress, **cfg.train)
+        load_aggregator(aggregator, checkpoint or best)
+        features = aggregated(aggregator, cache)
+        used = f'aggregator {checkpoint or best}'
+    results, predictions = evaluate(test_pairs, features, cfg.alpha, progress)
+    report = dict(mode=mode, config=config, split=data.test_split, features=used,
+                  alpha=cfg.alpha, **results)
+    if mode == 'train':
+        with open(osp.join(work_dir, 'training.json')) as f:
+            report['model_selection'] = dict(split=data.val_split, **json.load(f)['best'])
+    name = mode.replace('-', '_')
+    report['results_file'] = osp.join(work_dir, f'results_{name}.json')
+    with atomic_file(report['results_file']) as tmp, open(tmp, 'w') as f:
+        json.dump(report, f, indent=1)
+    shown = cfg.get('num_match_pictures', 6)
+    report['picture'] = save_png(draw_matches(test_pairs[:shown], predictions[:shown],
+                                              cfg.alpha),
+                                 osp.join(work_dir, f'matches_{name}.png'))
+    return report

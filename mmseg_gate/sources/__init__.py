@@ -1,0 +1,7 @@
+"""The frozen half: feature sources behind one small contract (``base.py``)."""
+from .base import SOURCES, FeatureSource, build_source
+from .composite import CompositeSource
+from .stable_diffusion import GATEFeatureExtractor, StableDiffusionSource
+
+__all__ = ['SOURCES', 'FeatureSource', 'build_source', 'CompositeSource',
+           'StableDiffusionSource', 'GATEFeatureExtractor']

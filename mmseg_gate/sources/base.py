@@ -1,0 +1,80 @@
+"""Frozen feature sources: the small contract every frozen feature provider meets.
+
+A source turns images into features it never trains. Everything downstream -- the backbone's
+trainable half, the label-scarce and correspondence protocols, the content-shift tool --
+talks to this contract only, so any source (Stable Diffusion with GATE's guidance, several
+sources side by side) fits anywhere:
+
+- ``feature_info``: one dict per feature, in the order the features come back, with timm's
+  keys ``module`` (the feature's name: its key in the per-variant dicts), ``num_chs`` and
+  ``reduction`` (its stride in input pixels), plus ``num_variants`` (how many of a call's
+  per-variant dicts hold it);
+- ``variant_names``: a short name per variant dict a call returns;
+- ``to(device)``: moves the frozen weights (in the dtype the source chooses for the device)
+  and returns the source;
+- ``source(images, timestep=None, generator=None)``: images (N, 3, H, W) in [-1, 1] of any
+  size -> one dict per variant, name -> (N, C, ceil(H / reduction), ceil(W / reduction));
+  ``timestep`` (the source's own default when None) and ``generator`` (the noise) mean what
+  they mean for the source, ``check_timestep`` validates a timestep before any work.
+
+Sources are deliberately not ``nn.Module``s: a model that owns one keeps the frozen weights
+out of its checkpoints, optimizer, DDP and ``init_weights``, and ``deepcopy`` (EMA) shares
+them instead of copying.
+"""
+from abc import ABC, abstractmethod
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.registry import Registry
+
+SOURCES = Registry('frozen feature source')
+Features = Dict[str, torch.Tensor]
+
+
+class FeatureSource(ABC):
+    """Base of the frozen feature sources (see the module docstring for the contract)."""
+
+    feature_info: List[dict]
+
+    @property
+    @abstractmethod
+    def variant_names(self) -> List[str]:
+        """A short name per variant dict a call returns."""
+
+    @property
+    def num_variants(self) -> int:
+        return len(self.variant_names)
+
+    @abstractmethod
+    def to(self, device) -> 'FeatureSource':
+        """Move the frozen weights to ``device``; returns the source."""
+
+    @abstractmethod
+    def check_timestep(self, timestep: Optional[int]) -> None:
+        """Raise a ValueError naming the problem if ``timestep`` means nothing here."""
+
+    @abstractmethod
+    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> List[Features]:
+        """One dict of features per variant for ``images`` in [-1, 1]."""
+
+    def __deepcopy__(self, memo):
+        return self  # frozen weights are shared, never copied
+
+    def feature(self, name: str) -> dict:
+        """The ``feature_info`` entry of ``name``."""
+        for info in self.feature_info:
+            if info['module'] == name:
+                return info
+        raise KeyError(f"No feature '{name}'; this source has "
+                       f"{[f['module'] for f in self.feature_info]}.")
+
+
+def build_source(cfg) -> FeatureSource:
+    """A source from its config (``type`` defaults to ``'StableDiffusionSource'``), or the
+    source itself."""
+    if isinstance(cfg, FeatureSource):
+        return cfg
+    cfg = dict(cfg)
+    cfg.setdefault('type', 'StableDiffusionSource')
+    return SOURCES.build(cfg)

@@ -1,0 +1,92 @@
+"""Feature sources: the contract, several sources side by side, and everything downstream
+taking any source."""
+import pytest
+import torch
+
+from mmseg_gate import CompositeSource, GATEBackbone, StableDiffusionSource, build_source
+from mmseg_gate.analysis.content_shift import measure_content_shift
+from mmseg_gate.protocols.correspondence import raw_features
+
+
+def images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 2 - 1,
+                                           size=(64, 64), mode='nearest')
+
+
+@pytest.fixture(scope='module')
+def parts(tiny_sd, tiny_sd21):
+    """Two sources of different models: SD1.x with two variants, SD2.x with one."""
+    sd = dict(type='StableDiffusionSource', sd_model=tiny_sd, prompt='a photo',
+              variants=[dict(), dict(prompt='a photo of a street')])
+    sd21 = dict(type='StableDiffusionSource', sd_model=tiny_sd21, prompt='a photo')
+    return dict(sd=sd, sd21=sd21)
+
+
+def test_kept_apart(parts):
+    composite = build_source(dict(type='CompositeSource', sources=parts))
+    assert isinstance(composite, CompositeSource) and composite.num_variants == 3
+    info = composite.feature_info
+    assert [f['module'] for f in info][:1] == ['sd.up_blocks.0.upsamplers.0']
+    assert [f['num_variants'] for f in info] == [2, 2, 2, 1, 1, 1]
+    x = images()
+    feats = composite(x)  # no generator: each source draws its own default noise
+    alone = {name: build_source(cfg)(x) for name, cfg in parts.items()}
+    expected = [{f'sd.{k}': v for k, v in d.items()} for d in alone['sd']] + \
+        [{f'sd21.{k}': v for k, v in d.items()} for d in alone['sd21']]
+    assert [sorted(d) for d in feats] == [sorted(d) for d in expected]
+    for ours, theirs in zip(feats, expected):
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name])
+    assert composite.variant_names[-1] == 'sd21: prompt'
+
+
+def test_concatenated_and_pooled(tiny_sd, tiny_sd21):
+    one = dict(type='StableDiffusionSource', sd_model=tiny_sd, prompt='a photo')
+    two = dict(type='StableDiffusionSource', sd_model=tiny_sd21, prompt='a photo')
+    x = images()
+    a, b = build_source(one)(x)[0], build_source(two)(x)[0]
+    concat = CompositeSource(dict(a=one, b=two), mode='concat')
+    assert [f['num_chs'] for f in concat.feature_info] == [128, 128, 128]
+    name = concat.feature_info[0]['module']
+    assert name == 'up_blocks.0.upsamplers.0+up_blocks.0.upsamplers.0'
+    out = concat(x)
+    assert len(out) == 1
+    first = 'up_blocks.0.upsamplers.0'
+    torch.testing.assert_close(out[0][name], torch.cat([a[first], b[first]], dim=1))
+    pooled = CompositeSource(dict(a=one, b=two), mode='variants')
+    assert [f['num_variants'] for f in pooled.feature_info] == [2, 2, 2]
+    out = pooled(x)
+    assert len(out) == 2
+    torch.testing.assert_close(out[1][name], b[first])
+    with pytest.raises(ValueError, match='mode'):
+        CompositeSource(dict(a=one), mode='stacked')
+
+
+def test_concat_needs_matching_variants(parts):
+    with pytest.raises(ValueError, match="'sd21' has 1 variants"):
+        CompositeSource(parts, mode='concat')
+
+
+def test_the_backbone_and_the_tools_take_any_source(parts):
+    backbone = GATEBackbone(source=dict(type='CompositeSource', sources=parts)).eval()
+    assert len(backbone.out_channels) == 6 and backbone.out_strides == [8, 8, 16, 16, 32, 32]
+    outs = backbone(images())
+    assert len(outs) == 6 and all(torch.isfinite(o).all() for o in outs)
+    composite = backbone.source
+    result = measure_content_shift(composite, images(), [50], anchor_timestep=400,
+                                   progress=False)
+    # The reference variant (sd's first) holds sd's features: those are measured, for sd's
+    # two variants.
+    assert sorted(result['summary']) == sorted(f['module'] for f in composite.feature_info
+                                               if f['module'].startswith('sd.'))
+    assert set(next(iter(result['summary'].values()))[50]) == {0, 1}
+    raw = raw_features(composite(images()))
+    assert raw.shape[:2] == (1, 2 * 3 * 64)  # each source's normalised taps, side by side
+
+
+def test_old_backbone_arguments_name_the_new_form(tiny_sd):
+    with pytest.raises(TypeError, match=r"(?s)\['prompt', 'sd_model'\].*source=dict"):
+        GATEBackbone(sd_model=tiny_sd, prompt='a photo')
+    assert isinstance(GATEBackbone(source=dict(sd_model=tiny_sd)).source,
+                      StableDiffusionSource)
