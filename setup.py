@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     'mmcv>=2.0.0rc4,<2.2.0',
     'mmengine>=0.10.4,<0.11',
     'mmsegmentation>=1.2.2,<1.3',
+    # Features come from diffusers' own UNet forward (tests compare it with the full
+    # forward); 0.42 is the newest release, the bound stops at what the tests have run on.
     'diffusers>=0.32,<0.43',
     # 5.23 (locked) and 5.24 tested; GATE does not use transformers' PEFT integration.
     'transformers>=4.56,<5.25',

@@ -11,9 +11,9 @@ speed and memory are those of the real models. Prints one JSON line: the measure
 ``mmseg_gate/benchmark.py`` (its docstring says what each is), and with ``--naive``:
 ``fused`` (configs with LoRAs), the same measures with ``lora_mode='fused'`` (no LoRA compute,
 a UNet copy per LoRA); ``naive``, the authors' way (a full model copy and full passes per
-variant, then the same fusion), each in a process of its own; ``flops_ratio``,
-``frozen_flops_ratio`` and ``speedup`` (fused against naive) and ``peak_mem_ratio`` (the
-config's mode, adapters by default, against naive).
+variant, then the same fusion), each in a process of its own; ``flops_ratio`` and
+``frozen_flops_ratio`` (fused against naive), ``speedup`` and ``peak_mem_ratio`` (the
+config's mode, adapters by default, against naive) and ``fused_speedup``.
 """
 import argparse
 import json

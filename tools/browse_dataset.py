@@ -12,12 +12,13 @@ import argparse
 import os.path as osp
 
 import numpy as np
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.utils import ProgressBar
 
 import mmseg_gate  # noqa: F401  (registers the plugin's datasets and models)
 from mmseg.registry import DATASETS, VISUALIZERS
 from mmseg.utils import register_all_modules
+from mmseg_gate.engine.cli import read_config
 
 
 def parse_args():
@@ -33,9 +34,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     register_all_modules()
     dataset = DATASETS.build(cfg.train_dataloader.dataset)
     visualizer = VISUALIZERS.build(cfg.visualizer)

@@ -25,11 +25,11 @@ The work is ``mmseg_gate.analysis.guideline.run_guideline``.
 import argparse
 import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import mmseg_gate  # noqa: F401  (registers the plugin)
 from mmseg_gate.analysis.guideline import run_guideline
-from mmseg_gate.engine.cli import UsageError
+from mmseg_gate.engine.cli import UsageError, read_config
 from mmseg_gate.engine.devices import default_device
 
 
@@ -64,14 +64,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if not osp.isfile(args.config):
-        raise SystemExit(f"Config '{args.config}' does not exist.")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
     out = args.out or osp.join('work_dirs', 'content_shift',
                                osp.splitext(osp.basename(args.config))[0])
     try:
+        cfg = read_config(args.config, args.cfg_options)
         table = run_guideline(
             cfg, args.config, args.images, out, args.variants, args.timesteps,
             args.anchor_timestep, args.baseline, args.taps, args.size, args.checkpoint,

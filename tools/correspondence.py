@@ -12,11 +12,11 @@ split it comes from) and ``matches_<mode>.png`` (a few test pairs: source | targ
 where correct).
 """
 import argparse
-import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import mmseg_gate  # noqa: F401
+from mmseg_gate.engine.cli import UsageError, read_config
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.protocols.correspondence.run import MODES, run_correspondence
 
@@ -36,11 +36,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if not osp.isfile(args.config):
-        raise SystemExit(f"Config '{args.config}' does not exist.")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    try:
+        cfg = read_config(args.config, args.cfg_options)
+    except UsageError as err:
+        raise SystemExit(str(err)) from err
     report = run_correspondence(cfg, args.mode, args.work_dir or cfg.work_dir, args.device,
                                 args.checkpoint, args.config, not args.no_progress)
     overall, alpha = report['overall'], report['alpha']

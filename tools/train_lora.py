@@ -16,8 +16,9 @@ A and B). A ``log.json`` records the loss. The logic lives in
 import argparse
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
+from mmseg_gate.engine.cli import read_config
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
 
@@ -43,9 +44,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     trainer = LoRATrainer(cfg, torch.device(args.device), args.mixed_precision,
                           args.gradient_checkpointing)
     trainer.train(resume=args.resume, progress=not args.no_progress)
