@@ -94,10 +94,7 @@ def unet_flops(source: StableDiffusionSource, latents: torch.Tensor):
     no guidance) and of diffusers' full forward of the same UNet, freshly loaded (the source
     frees the stages it never runs)."""
     num, embed = latents.shape[0], source.embedding(0)
-    added = None
-    if source.is_sdxl:
-        pixels = latents.new_zeros(num, 3, *(s * 8 for s in latents.shape[-2:]))
-        added = dict(text_embeds=embed.pooled.expand(num, -1), time_ids=source.time_ids(pixels))
+    added = source.added_conditions(embed, latents)
     full_unet = UNet2DConditionModel.from_pretrained(
         source.sd_model, subfolder='unet', use_safetensors=True).to(latents.device,
                                                                     latents.dtype)

@@ -171,8 +171,8 @@ class StableDiffusionSource(FeatureSource):
         denoises = any(v.denoising_from is not None for v in self.variants)
         self.dropped_stages = [] if denoises else \
             [t.drop_unused_stages() for t in self.taps.values()][0]
-        vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
-        self.size_multiple = vae_factor * 2**parts.unet.num_upsamplers
+        self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_factor * 2**parts.unet.num_upsamplers
         self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
                                                                  noise_seed)
         self.device, self.dtype = torch.device('cpu'), self.vae.dtype
@@ -232,7 +232,7 @@ class StableDiffusionSource(FeatureSource):
     def _modules(self):
         return [self.vae, *self.unets.values(), *self.controlnets.values()]
 
-    def to(self, device: Union[str, torch.device]) -> 'GATEFeatureExtractor':
+    def to(self, device: Union[str, torch.device]) -> 'StableDiffusionSource':
         """Move to ``device`` in the dtype chosen for it; a no-op when already there."""
         device = torch.device(device)
         dtype = resolve_dtype(self.dtype_name, device)
@@ -387,12 +387,16 @@ class StableDiffusionSource(FeatureSource):
                                            return_dict=False, **kwargs)
         return list(down), mid
 
-    def _adapters(self, unet_key: Optional[str], indices: List[int], num: int):
-        """Per-sample LoRA adapters for a batch (adapters mode with any LoRA)."""
+    def _adapters(self, unet_key: Optional[str], names: List[str]):
+        """Within the block, sample i of a batch uses LoRA adapter ``names[i]`` (adapters
+        mode with any LoRA; a no-op otherwise)."""
         if self.lora_mode != 'adapters' or not any(v.lora for v in self.variants):
             return nullcontext()
-        names = [self.variants[i].adapter or BASE for i in indices for _ in range(num)]
         return adapters_per_sample(self.unets[unet_key], names)
+
+    def _adapter_names(self, indices: List[int], num: int) -> List[str]:
+        """Per-sample adapters of a batch of ``num`` images per variant of ``indices``."""
+        return [self.variants[i].adapter or BASE for i in indices for _ in range(num)]
 
     def _features(self, latents: List[torch.Tensor], timesteps: List[int],
                   conditions: dict, time_ids: Optional[torch.Tensor]) -> List[Features]:
@@ -405,7 +409,7 @@ class StableDiffusionSource(FeatureSource):
                                                                  conditions, time_ids, cache)
                 self.counts['unet_passes'] += num * len(indices)
                 attention = self.attention.get(unet_key)
-                with self._adapters(unet_key, indices, num), \
+                with self._adapters(unet_key, self._adapter_names(indices, num)), \
                         (attention.recording() if attention else nullcontext()):
                     out = self.taps[unet_key](sample, timestep, context, down, mid, added)
                     if attention:
@@ -428,7 +432,7 @@ class StableDiffusionSource(FeatureSource):
                 sample, context, down, mid, added = self._inputs(group, latents, timestep,
                                                                  conditions, time_ids, cache)
                 self.counts['denoising_passes'] += num * len(group)
-                with self._adapters(unet_key, group, num):
+                with self._adapters(unet_key, self._adapter_names(group, num)):
                     pred = self.unets[unet_key](
                         sample, timestep, context, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid, added_cond_kwargs=added).sample
@@ -444,40 +448,42 @@ class StableDiffusionSource(FeatureSource):
             return None
         return sdxl_time_ids(*pixels.shape[-2:], pixels.shape[0], self.dtype, pixels.device)
 
+    def added_conditions(self, embed: PromptEmbedding, latents: torch.Tensor
+                         ) -> Optional[dict]:
+        """SDXL's added conditions (pooled prompt, size ids) for a batch of ``latents`` with
+        one prompt; None for SD1.x/2.x."""
+        if not self.is_sdxl:
+            return None
+        num = latents.shape[0]
+        height, width = (s * self.vae_factor for s in latents.shape[-2:])
+        return dict(text_embeds=embed.pooled.expand(num, -1),
+                    time_ids=sdxl_time_ids(height, width, num, self.dtype, latents.device))
+
     @torch.no_grad()
     def plain_pass(self, latents: torch.Tensor, timestep: Optional[int] = None) -> Features:
         """The truncated UNet pass on ``latents`` with the first variant's prompt and the
         base weights (no ControlNet, no LoRA): the unit the cost figures count."""
         num, embed = latents.shape[0], self.embedding(0)
-        added = None
-        if self.is_sdxl:
-            pixels = latents.new_zeros(num, 3, *(s * 8 for s in latents.shape[-2:]))
-            added = dict(text_embeds=embed.pooled.expand(num, -1), time_ids=self.time_ids(pixels))
-        with_loras = self.lora_mode == 'adapters' and any(v.lora for v in self.variants)
-        base = adapters_per_sample(self.unet, [BASE] * num) if with_loras else nullcontext()
-        with base:
+        with self._adapters(None, [BASE] * num):
             return self.taps[None](latents, self.timestep if timestep is None else timestep,
-                                   embed.hidden.expand(num, -1, -1), added_cond_kwargs=added)
+                                   embed.hidden.expand(num, -1, -1),
+                                   added_cond_kwargs=self.added_conditions(embed, latents))
 
     @torch.no_grad()
     def _probe(self) -> List[dict]:
         """module, num_chs, reduction (and num_variants) of each feature, from one small
-        pass."""
+        pass of the first variant."""
         size = self.size_multiple
-        vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
-        latent = torch.zeros(1, self.unet.config.in_channels, size // vae_factor,
-                             size // vae_factor, device=self.device, dtype=self.dtype)
+        latent = torch.zeros(1, self.unet.config.in_channels, size // self.vae_factor,
+                             size // self.vae_factor, device=self.device, dtype=self.dtype)
         variant = self.variants[0]
         unet_key = variant.adapter if self.lora_mode == 'fused' else None
         embed = self.embedding(variant)
-        added = None
-        if self.is_sdxl:
-            added = dict(text_embeds=embed.pooled, time_ids=self.time_ids(
-                torch.zeros(1, 3, size, size, device=self.device)))
         attention = self.attention.get(unet_key)
-        with self._adapters(unet_key, [0], 1), \
+        with self._adapters(unet_key, self._adapter_names([0], 1)), \
                 (attention.recording() if attention else nullcontext()):
-            out = self.taps[unet_key](latent, self.timestep, embed.hidden, added_cond_kwargs=added)
+            out = self.taps[unet_key](latent, self.timestep, embed.hidden,
+                                      added_cond_kwargs=self.added_conditions(embed, latent))
             if attention:
                 out[ATTENTION_MAPS] = attention.aggregate(tuple(latent.shape[-2:]))
         return [dict(module=name, num_chs=f.shape[1], reduction=size // f.shape[-1],
