@@ -166,7 +166,6 @@ class StableDiffusionSource(FeatureSource):
                           for key, unet in self.unets.items()} if attention_maps else {}
         also_run = list(next(iter(self.attention.values())).layers) if self.attention else []
         self.taps = {key: UNetTaps(unet, taps, also_run) for key, unet in self.unets.items()}
-        self.tap_names = list(taps)
         # Without denoising, only feature passes run: free what they never reach.
         denoises = any(v.denoising_from is not None for v in self.variants)
         self.dropped_stages = [] if denoises else \
