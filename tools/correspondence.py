@@ -4,7 +4,12 @@
                                                      # the best on val, then test it
     python tools/correspondence.py test CONFIG [--checkpoint best.safetensors]
     python tools/correspondence.py zero-shot CONFIG  # raw features, no training (DIFT-style)
-        [--work-dir DIR] [--device cuda] [--no-progress] [--cfg-options key=value ...]
+        [--work-dir DIR] [--features DIR | --no-store] [--device cuda] [--no-progress]
+        [--cfg-options key=value ...]
+
+Every image's frozen features are extracted once into a feature store (``--features``,
+default ``<work_dir>/features``: every train, val and test image) that later runs of any
+mode reuse; ``--no-store`` computes them in memory instead.
 
 Writes to the work dir: ``best.safetensors`` and ``training.json`` (train), ``results_<mode>.json``
 (PCK per keypoint and per pair, per image and per bbox, per category and overall, with the
@@ -19,6 +24,7 @@ import mmseg_gate  # noqa: F401
 from mmseg_gate.engine.cli import UsageError, read_config
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.protocols.correspondence.run import MODES, run_correspondence
+from mmseg_gate.store import StoreError
 
 
 def parse_args():
@@ -29,6 +35,10 @@ def parse_args():
                         'best.safetensors)')
     parser.add_argument('--work-dir')
     parser.add_argument('--device', default=default_device())
+    parser.add_argument('--features', default='',
+                        help='the feature store (default: <work_dir>/features)')
+    parser.add_argument('--no-store', action='store_true',
+                        help='compute the features in memory instead of a store')
     parser.add_argument('--no-progress', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
@@ -40,8 +50,12 @@ def main():
         cfg = read_config(args.config, args.cfg_options)
     except UsageError as err:
         raise SystemExit(str(err)) from err
-    report = run_correspondence(cfg, args.mode, args.work_dir or cfg.work_dir, args.device,
-                                args.checkpoint, args.config, not args.no_progress)
+    try:
+        report = run_correspondence(cfg, args.mode, args.work_dir or cfg.work_dir, args.device,
+                                    args.checkpoint, args.config, not args.no_progress,
+                                    None if args.no_store else args.features)
+    except StoreError as err:
+        raise SystemExit(f'[correspondence] {err}') from err
     overall, alpha = report['overall'], report['alpha']
     print(f"[correspondence] {args.mode} on {report['split']} ({overall['pairs']} pairs): "
           f"PCK@{alpha} per keypoint: img {overall['pck_img']:.2f}, bbox "

@@ -2,7 +2,12 @@
 official split and on random re-splits of train+test, and report the mean and spread.
 
     python tools/label_scarce.py CONFIG [--splits 5] [--seed 0] [--work-dir DIR]
-        [--cfg-options key=value ...]
+        [--features DIR | --no-store] [--device cuda] [--cfg-options key=value ...]
+
+The frozen half runs once: every train and test image is extracted into a feature store
+(``--features``, default ``<work_dir>/features``; a rerun reuses it, a store from other
+settings is refused) and every split trains on it. ``--no-store`` computes the features on
+every step instead (fresh noise each step).
 
 Each split runs in ``<work_dir>/<split>/`` (``official``, ``random0`` ...); a rerun skips the
 finished splits and resumes an unfinished one. Results: ``<work_dir>/label_scarce.json``.
@@ -11,7 +16,9 @@ import argparse
 
 import mmseg_gate  # noqa: F401  (registers the plugin)
 from mmseg_gate.engine.cli import add_common_args, load_config
+from mmseg_gate.engine.devices import default_device
 from mmseg_gate.protocols.label_scarce import run_protocol
+from mmseg_gate.store import StoreError
 
 
 def parse_args():
@@ -20,6 +27,12 @@ def parse_args():
     parser.add_argument('--splits', type=int, default=5,
                         help='random re-splits of train+test (besides the official split)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the first re-split')
+    parser.add_argument('--features', default='',
+                        help='the feature store (default: <work_dir>/features)')
+    parser.add_argument('--no-store', action='store_true',
+                        help='run the frozen half on every step instead of a store')
+    parser.add_argument('--device', default=default_device(),
+                        help='where the store is extracted')
     add_common_args(parser)
     return parser.parse_args()
 
@@ -27,12 +40,25 @@ def parse_args():
 def main():
     args = parse_args()
     cfg = load_config(args)
-    report = run_protocol(cfg, args.splits, cfg.work_dir, args.seed)
+    try:
+        report = run_protocol(cfg, args.splits, cfg.work_dir, args.seed,
+                              features=None if args.no_store else args.features,
+                              device=args.device)
+    except StoreError as err:
+        raise SystemExit(f'[label_scarce] {err}') from err
     summary = report['summary']
     print(f"[label_scarce] {summary['metric']}: official split {summary['official']:.2f}")
     if 'random_mean' in summary:
         print(f"[label_scarce] {summary['metric']} over {summary['random_n']} random splits: "
               f"{summary['random_mean']:.2f} ± {summary['random_std']:.2f}")
+    cost = report.get('frozen_half')
+    if cost:
+        print(f"[label_scarce] frozen half: {cost['with_store']['flops'] / 1e12:.3f} TFLOPs "
+              f"for the {cost['with_store']['image_forwards']} stored images "
+              f"({cost['with_store']['extracted_this_run']} extracted by this run); "
+              f"{cost['without_store']['flops'] / 1e12:.3f} TFLOPs without the store "
+              f"({cost['without_store']['image_forwards']} image forwards): "
+              f"{cost['flops_ratio']:.0f}x")
     print(f'[label_scarce] wrote {cfg.work_dir}/label_scarce.json')
 
 

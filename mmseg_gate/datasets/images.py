@@ -77,6 +77,12 @@ def to_model_range(image) -> torch.Tensor:
     return image.float() / 127.5 - 1
 
 
+def normalized_to_model_range(x: torch.Tensor, mean: torch.Tensor,
+                              std: torch.Tensor) -> torch.Tensor:
+    """A data preprocessor's output (``(pixels - mean) / std``) -> [-1, 1]."""
+    return to_model_range(x.float() * std + mean)
+
+
 def from_model_range(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> pixel values 0-255 (float; clamp and round for 8 bits)."""
     return (x.float() + 1) * 127.5

@@ -48,13 +48,27 @@ class CPUDistributedDataParallel(MMDistributedDataParallel):
             self._buffers_from_rank0 = True
 
 
+def init_process_group(launcher: str) -> bool:
+    """Join the process group of ``torchrun`` (``launcher='pytorch'``): MMEngine's
+    ``init_dist`` with NCCL where there is CUDA, a gloo group otherwise; True if it did."""
+    if launcher == 'none' or dist.is_initialized():
+        return dist.is_initialized()
+    if launcher != 'pytorch':
+        raise ValueError(f"launcher must be 'none' or 'pytorch' here, got {launcher!r}.")
+    if torch.cuda.is_available():
+        from mmengine.dist import init_dist
+        init_dist('pytorch', backend='nccl')
+    else:
+        dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                                world_size=int(os.environ['WORLD_SIZE']))
+    return True
+
+
 def setup_cpu_distributed(cfg) -> bool:
     """Prepare ``cfg`` for ``--launcher pytorch`` without CUDA; True if it did."""
     if cfg.get('launcher', 'none') != 'pytorch' or torch.cuda.is_available():
         return False
-    if not dist.is_initialized():
-        dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
-                                world_size=int(os.environ['WORLD_SIZE']))
+    init_process_group('pytorch')
     wrapper = dict(cfg.get('model_wrapper_cfg') or {})
     wrapper['type'] = 'CPUDistributedDataParallel'
     wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))

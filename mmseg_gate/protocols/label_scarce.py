@@ -5,18 +5,26 @@ train+test into sets of the official sizes, each trained from scratch and tested
 one MMEngine run in its own work folder (``<work_dir>/<split>/``) with the split's image lists
 as ``ann_file``s; its result is written when it finishes, so a rerun skips finished splits and
 resumes an unfinished one from its last checkpoint.
+
+By default the frozen half runs once: every image of train+test is extracted into a feature
+store (``mmseg_gate.store``, fixed noise, as the benchmark extracts its features once) and
+every split trains and tests on it through :class:`StoredSource`; re-splits change the image
+lists, not the features. The report says what the frozen half cost with the store and what
+recomputing it for every training and test image would have cost.
 """
 import copy
 import glob
 import json
 import os
 import os.path as osp
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from mmengine.config import Config
 
 from ..fileio import atomic_file
+from ..store import FeatureStore, dataset_images, extract_features
+from ..store.writer import finished_images
 
 
 def list_images(data_root: str, folder: str, img_suffix: str) -> List[str]:
@@ -81,10 +89,52 @@ def summarize(results: Dict[str, Dict[str, float]], metric: str = 'mIoU') -> Dic
     return summary
 
 
+def image_forwards(cfg: Config, num_test: int) -> int:
+    """Images the frozen half sees in one split run without a store: every training image of
+    every iteration, then every test image."""
+    return cfg.train_cfg.max_iters * cfg.train_dataloader.batch_size + num_test
+
+
+def frozen_cost(store: FeatureStore, forwards_without_store: int, extracted: int) -> Dict:
+    """The frozen half's FLOPs and passes for the protocol, with the store (each image once;
+    ``extracted`` of them by this run, the others reused) and without it (every image of
+    every step); an image costs what extracting it cost, the same source call."""
+    cost = store.manifest['cost']
+    flops = cost['flops_per_image']
+    return dict(
+        per_image=dict(flops=flops, passes={k: v / cost['images']
+                                            for k, v in cost['passes'].items()}),
+        with_store=dict(image_forwards=len(store), flops=len(store) * flops,
+                        extracted_this_run=extracted),
+        without_store=dict(image_forwards=forwards_without_store,
+                           flops=forwards_without_store * flops),
+        flops_ratio=forwards_without_store / len(store))
+
+
+def stored_config(cfg: Config, features: str, device='cpu') -> tuple:
+    """Extract (or reuse) the store of every train and test image in ``features``; ``cfg``
+    with its backbone reading from it, the store and how many images this call extracted."""
+    backbone = cfg.model.backbone
+    source, seed = backbone.get('source', {}), backbone.get('noise_seed', 0)
+    before = finished_images(features)
+    store = extract_features(source, dataset_images(cfg, ('train', 'test')), features, seed,
+                             device=device)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.source = dict(type='StoredSource', store=features, source=source,
+                                     noise_seed=seed)
+    return cfg, store, len(store) - before
+
+
 def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
-                 metric: str = 'mIoU') -> Dict:
+                 metric: str = 'mIoU', features: Optional[str] = '', device='cpu') -> Dict:
     """Every split of :func:`make_splits`, resumable; writes and returns
-    ``<work_dir>/label_scarce.json``."""
+    ``<work_dir>/label_scarce.json``. ``features``: the store folder (default
+    ``<work_dir>/features``), or None to run the frozen half on every training step (fresh
+    noise each step, as a plain MMSeg run)."""
+    store = extracted = None
+    if features is not None:
+        cfg, store, extracted = stored_config(cfg, features or osp.join(work_dir, 'features'),
+                                              device)
     dataset = cfg.train_dataloader.dataset
     suffix = dataset.get('img_suffix', '.png')
     train = list_images(dataset.data_root, dataset.data_prefix['img_path'], suffix)
@@ -109,6 +159,10 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
     report = dict(splits=results, summary=summarize(results, metric), seed=seed,
                   split_lists={s['name']: dict(train=s['train'], test=s['test'])
                                for s in splits})
+    if store is not None:
+        forwards = sum(image_forwards(cfg, len(s['test'])) for s in splits)
+        report['features'] = store.folder
+        report['frozen_half'] = frozen_cost(store, forwards, extracted)
     with atomic_file(osp.join(work_dir, 'label_scarce.json')) as tmp, open(tmp, 'w') as f:
         json.dump(report, f, indent=1)
     return report

@@ -2,6 +2,7 @@
 from .base import SOURCES, FeatureSource, build_source
 from .composite import CompositeSource
 from .stable_diffusion import GATEFeatureExtractor, StableDiffusionSource
+from .stored import StoredSource  # last: it reads stores, whose writer builds sources
 
 __all__ = ['SOURCES', 'FeatureSource', 'build_source', 'CompositeSource',
-           'StableDiffusionSource', 'GATEFeatureExtractor']
+           'StableDiffusionSource', 'GATEFeatureExtractor', 'StoredSource']

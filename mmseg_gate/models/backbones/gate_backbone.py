@@ -7,7 +7,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from mmseg.registry import MODELS
-from ...datasets.images import to_model_range
+from ...datasets.images import normalized_to_model_range
 from ...sources import build_source
 from ..amalgamation import GATEFusion
 
@@ -122,8 +122,8 @@ class GATEBackbone(BaseModule):
 
     def to_vae_range(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the data preprocessor's normalisation, into the VAE's [-1, 1]."""
-        std, mean = self.input_std.to(x.device), self.input_mean.to(x.device)
-        return to_model_range(x.float() * std + mean)
+        return normalized_to_model_range(x, self.input_mean.to(x.device),
+                                         self.input_std.to(x.device))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)

@@ -1,6 +1,7 @@
 """Frozen features of SPair images: computed once per image with a fixed noise and cached,
 or read raw (training-free).
 """
+import os.path as osp
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ...datasets.images import read_square
+from ...datasets.spair import load_pairs
+from ...store.images import ImageList
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 
@@ -40,6 +43,25 @@ class FeatureCache:
         if len(self.store) > self.capacity:
             self.store.popitem(last=False)
         return feats
+
+
+def protocol_pairs(data) -> Dict[str, List[dict]]:
+    """The pairs of each split the protocol reads (``data``: the config's ``data``)."""
+    return dict(train=load_pairs(data.root, data.train_split),
+                val=load_pairs(data.root, data.val_split,
+                               per_category=data.get('val_per_category')),
+                test=load_pairs(data.root, data.test_split,
+                                per_category=data.get('test_per_category')))
+
+
+def spair_images(data, splits: Sequence[str] = ('train', 'val', 'test')) -> ImageList:
+    """Every image of the splits' pairs, as :class:`FeatureCache` reads it; keys are paths
+    relative to the data root."""
+    pairs = protocol_pairs(data)
+    paths = list(dict.fromkeys(p[f'{side}_path'] for split in splits for p in pairs[split]
+                               for side in ('src', 'trg')))
+    return ImageList([osp.relpath(p, data.root) for p in paths], paths,
+                     lambda i: read_square(paths[i], data.image_size, crop=False)[0])
 
 
 def raw_features(feats: Features, names: Sequence[str] = None) -> torch.Tensor:

@@ -8,10 +8,10 @@ from typing import Dict, Optional
 import torch
 
 from ...analysis.pictures import save_png
-from ...datasets.spair import load_pairs
 from ...fileio import atomic_file
-from ...sources import build_source
-from .features import FeatureCache, raw_features
+from ...sources import StoredSource, build_source
+from ...store import extract_features
+from .features import FeatureCache, protocol_pairs, raw_features, spair_images
 from .metric import evaluate
 from .model import CorrespondenceAggregator, load_aggregator
 from .pictures import draw_matches
@@ -22,19 +22,30 @@ MODES = ('train', 'test', 'zero-shot')
 
 def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
                        checkpoint: Optional[str] = None, config: str = '',
-                       progress: bool = True) -> Dict:
+                       progress: bool = True, features: Optional[str] = '') -> Dict:
     """Run ``mode`` of the config ``cfg`` in ``work_dir``; writes ``results_<mode>.json`` and
-    ``matches_<mode>.png`` there and returns the report."""
+    ``matches_<mode>.png`` there and returns the report.
+
+    ``features``: the store of every train, val and test image (default
+    ``<work_dir>/features``; extracted by the first run of any mode, reused by the others),
+    or None to compute each image's features in memory."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
     os.makedirs(work_dir, exist_ok=True)
     seed = cfg.train.get('seed', 0)
-    torch.manual_seed(seed)
     data, device = cfg.data, torch.device(device)
-    source = build_source(cfg.source).to(device)
+    pairs = protocol_pairs(data)
+    if features is None:
+        source = build_source(cfg.source).to(device)
+    else:
+        store = extract_features(cfg.source, spair_images(data), features or
+                                 osp.join(work_dir, 'features'), seed, device=device,
+                                 progress=progress)
+        source = StoredSource(store).to(device)
     cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256))
-    test_pairs = load_pairs(data.root, data.test_split,
-                            per_category=data.get('test_per_category'))
+    test_pairs = pairs['test']
+    torch.manual_seed(seed)  # after loading, which may draw: the same model with or without
+    # a store
     if mode == 'zero-shot':
         names = [f['module'] for f in source.feature_info]
         features = lambda path: raw_features(cache(path), names)[0]  # noqa: E731
@@ -44,10 +55,7 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
                                               **cfg.aggregator).to(device)
         best = osp.join(work_dir, 'best.safetensors')
         if mode == 'train':
-            train_pairs = load_pairs(data.root, data.train_split)
-            val_pairs = load_pairs(data.root, data.val_split,
-                                   per_category=data.get('val_per_category'))
-            train_aggregator(aggregator, cache, train_pairs, val_pairs, work_dir,
+            train_aggregator(aggregator, cache, pairs['train'], pairs['val'], work_dir,
                              alpha=cfg.alpha, progress=progress, **cfg.train)
         load_aggregator(aggregator, checkpoint or best)
         features = aggregated(aggregator, cache)
@@ -55,6 +63,8 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
     results, predictions = evaluate(test_pairs, features, cfg.alpha, progress)
     report = dict(mode=mode, config=config, split=data.test_split, features=used,
                   alpha=cfg.alpha, **results)
+    if features is not None:
+        report['feature_store'] = dict(folder=store.folder, **store.manifest['cost'])
     if mode == 'train':
         with open(osp.join(work_dir, 'training.json')) as f:
             report['model_selection'] = dict(split=data.val_split, **json.load(f)['best'])

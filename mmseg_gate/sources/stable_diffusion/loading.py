@@ -77,8 +77,8 @@ def check_local_model(folder: str) -> None:
     for name in _WEIGHT_COMPONENTS + (_XL_COMPONENTS[:1] if is_sdxl_model(folder) else ()):
         sub = osp.join(folder, name)
         files = os.listdir(sub)
-        variants = [f for f in files if _is_variant_weights(f)]
-        if variants and not any(f.endswith('.safetensors') and not _is_variant_weights(f)
+        variants = [f for f in files if is_variant_weights(f)]
+        if variants and not any(f.endswith('.safetensors') and not is_variant_weights(f)
                                 for f in files):
             raise ValueError(
                 f"'{sub}' holds only variant weights ({', '.join(sorted(variants))}"
@@ -96,7 +96,7 @@ def check_local_model(folder: str) -> None:
                 'safe_serialization=True)`.')
 
 
-def _is_variant_weights(name: str) -> bool:
+def is_variant_weights(name: str) -> bool:
     """``diffusion_pytorch_model.fp16.safetensors`` and the like (a dot in the stem)."""
     return name.endswith('.safetensors') and '.' in name[:-len('.safetensors')]
 

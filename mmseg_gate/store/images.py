@@ -1,0 +1,137 @@
+"""What a store is extracted from: images as the model sees them, each with a key.
+
+A stored feature is found again by the exact pixels it was computed from (:func:`pixel_key`),
+so whatever serves it -- an MMSeg data pipeline, the correspondence protocol, a folder of
+images -- must produce those pixels again: the same resizing, no random augmentation.
+"""
+import hashlib
+import os.path as osp
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..datasets.images import (from_model_range, list_images, normalized_to_model_range,
+                               read_image, read_square, to_model_range)
+
+
+def pixel_key(image: torch.Tensor) -> str:
+    """A hash of an image's 8-bit pixels and shape; ``image`` is (3, H, W) in [-1, 1] (a data
+    preprocessor's rounding error vanishes in the rounding to 8 bits)."""
+    pixels = from_model_range(image.detach().cpu()).round().clamp(0, 255).to(torch.uint8)
+    digest = hashlib.sha256(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ImageList:
+    """Images to extract: ``keys`` (unique, e.g. paths relative to the data root), the files
+    they come from (for messages) and ``load(i)`` -> (3, H, W) in [-1, 1] as the model sees
+    image ``i``."""
+
+    def __init__(self, keys: Sequence[str], paths: Sequence[str],
+                 load: Callable[[int], torch.Tensor]):
+        if len(set(keys)) != len(keys):
+            raise ValueError('ImageList: the image keys are not unique.')
+        self.keys, self.paths, self._load = list(keys), list(paths), load
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self._load(index)
+
+    def limited(self, count: Optional[int]) -> 'ImageList':
+        """The first ``count`` images (all when None)."""
+        if count is None:
+            return self
+        return ImageList(self.keys[:count], self.paths[:count], self._load)
+
+
+def folder_images(folder: str, image_size: Optional[int] = None) -> ImageList:
+    """Every image under ``folder`` (recursively), at its own size or resized to
+    ``image_size`` squared; keys are paths relative to ``folder``."""
+    names = list_images(folder)
+    paths = [osp.join(folder, n) for n in names]
+
+    def load(i: int) -> torch.Tensor:
+        if image_size:
+            return read_square(paths[i], image_size, crop=False)[0]
+        return to_model_range(read_image(paths[i]))
+    return ImageList(names, paths, load)
+
+
+# Transforms that change an image from one epoch to the next: a store cannot follow them.
+_RANDOM_TRANSFORMS = ('Random', 'PhotoMetricDistortion', 'RGB2Gray', 'AdjustGamma', 'CLAHE')
+
+
+def _check_fixed_pipeline(pipeline, where: str) -> None:
+    random = [t['type'] for t in pipeline
+              if any(word in str(t.get('type', '')) for word in _RANDOM_TRANSFORMS)]
+    if random:
+        raise ValueError(
+            f'{where} has random transforms {random}: its images change every epoch, so stored '
+            'features cannot serve it. Extract a split with a fixed pipeline (e.g. the test '
+            'split), or drop the augmentation.')
+
+
+def dataset_images(cfg, splits: Sequence[str] = ('train', 'test')) -> ImageList:
+    """The images of an MMSeg config's ``<split>_dataloader`` datasets, each through its own
+    pipeline, the model's data preprocessor and the backbone's ``input_mean``/``input_std``:
+    the pixels the backbone's source gets in training and testing."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS, MODELS
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    backbone = cfg.model.backbone
+    mean = torch.tensor(backbone.get('input_mean', (127.5, ) * 3)).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.get('input_std', (127.5, ) * 3)).view(1, 3, 1, 1)
+    preprocessor = MODELS.build(cfg.model.data_preprocessor)
+    entries: List[Tuple[str, str, object, int]] = []
+    seen = set()
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader:
+            raise ValueError(f"The config has no {split}_dataloader to extract; it has "
+                             f"{[k[:-11] for k in cfg if k.endswith('_dataloader') and cfg[k]]}.")
+        _check_fixed_pipeline(loader.dataset.get('pipeline', []), f'{split}_dataloader')
+        dataset = DATASETS.build(loader.dataset)
+        root = dataset.data_root or ''
+        for i in range(len(dataset)):
+            path = dataset.get_data_info(i)['img_path']
+            key = osp.relpath(path, root) if root else path
+            if key not in seen:
+                seen.add(key)
+                entries.append((key, path, dataset, i))
+
+    def load(i: int) -> torch.Tensor:
+        _, path, dataset, index = entries[i]
+        try:
+            sample = dataset[index]
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Cannot read '{path}': {err}") from err
+        batch = preprocessor(dict(inputs=[sample['inputs']],
+                                  data_samples=[sample['data_samples']]), training=False)
+        return normalized_to_model_range(batch['inputs'], mean, std)[0]
+    return ImageList([e[0] for e in entries], [e[1] for e in entries], load)
+
+
+def extraction_plan(cfg, splits: Optional[Sequence[str]] = None,
+                    images: Optional[str] = None,
+                    image_size: Optional[int] = None) -> Tuple[dict, int, ImageList]:
+    """(source config, noise seed, images) a config names: an MMSeg config's
+    ``model.backbone.source`` over its datasets' images (``splits``, default train and
+    test), a correspondence config's ``source`` over its pairs' images, or either's source
+    over a folder of ``images``."""
+    if cfg.get('model') is not None and 'backbone' in cfg.model:
+        source = cfg.model.backbone.get('source', {})
+        seed = cfg.model.backbone.get('noise_seed', 0)
+        if images is None:
+            return source, seed, dataset_images(cfg, splits or ('train', 'test'))
+    elif cfg.get('source') is not None:
+        source, seed = cfg.source, cfg.get('train', {}).get('seed', 0)
+        if images is None:
+            from ..protocols.correspondence.features import spair_images
+            return source, seed, spair_images(cfg.data, splits or ('train', 'val', 'test'))
+    else:
+        raise ValueError('The config names no frozen source: it needs model.backbone.source '
+                         '(an MMSeg config) or source (a correspondence config).')
+    return source, seed, folder_images(images, image_size)

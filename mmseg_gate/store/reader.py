@@ -1,0 +1,129 @@
+"""Reading a store: memory-mapped shards, whole images or random pixels.
+
+Shards are opened with safetensors' ``safe_open``, which maps the file instead of reading it:
+RAM holds only what a batch reads, however large the store. Features come back at their
+native resolution (as the source returns them) or resized on read.
+"""
+import os.path as osp
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .manifest import StoreError, check_header, read_manifest
+
+Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
+
+
+class FeatureStore:
+    """A complete store in ``folder`` (``tools/extract_features.py``).
+
+    Args:
+        folder: the store.
+        expect (dict, optional): a header (:func:`make_header`) the store must match;
+            ``images`` may be left out of it.
+    """
+
+    def __init__(self, folder: str, expect: Optional[Dict] = None):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise StoreError(f"No feature store in '{folder}' (no manifest.json): extract one "
+                             'with `python tools/extract_features.py CONFIG --out '
+                             f'{folder}`.')
+        if not manifest.get('complete'):
+            raise StoreError(f"The feature store '{folder}' is unfinished (an interrupted "
+                             'extraction): rerun tools/extract_features.py with the same '
+                             'arguments to finish it.')
+        if expect is not None:
+            ignore = () if 'images' in expect else ('images', )
+            check_header(folder, manifest['header'], expect, ignore)
+        self.folder, self.manifest = folder, manifest
+        self.records = manifest['records']
+        self.feature_info = manifest['feature_info']
+        self.variant_names = manifest['variant_names']
+        self.keys = [r['key'] for r in self.records]
+        self._by_pixels = {}
+        for index, record in enumerate(self.records):
+            self._by_pixels.setdefault(record['pixels'], index)
+            self._check_shard(record)
+        self._open = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f'FeatureStore({self.folder!r}, {len(self)} images)'
+
+    @property
+    def header(self) -> Dict:
+        return self.manifest['header']
+
+    def _check_shard(self, record: Dict) -> None:
+        path = osp.join(self.folder, record['shard'])
+        if not osp.isfile(path):
+            raise StoreError(f"Shard '{path}' of image '{record['key']}' is missing: rerun "
+                             'tools/extract_features.py with the same arguments (it extracts '
+                             'only missing shards).')
+        size = osp.getsize(path)
+        if size != record['bytes']:
+            raise StoreError(f"Shard '{path}' of image '{record['key']}' is truncated or "
+                             f"damaged ({size} bytes, the manifest says {record['bytes']}): "
+                             'delete it and rerun tools/extract_features.py with the same '
+                             'arguments.')
+
+    def index_of_pixels(self, key: str) -> Optional[int]:
+        """The image whose :func:`pixel_key` is ``key``, None if the store lacks it."""
+        return self._by_pixels.get(key)
+
+    def _shard(self, index: int):
+        if index not in self._open:
+            record = self.records[index]
+            path = osp.join(self.folder, record['shard'])
+            try:
+                self._open[index] = safe_open(path, framework='pt')
+            except Exception as err:  # noqa: BLE001  (safetensors' error for a torn file)
+                raise StoreError(f"Shard '{path}' of image '{record['key']}' is unreadable "
+                                 f'({err}): delete it and rerun tools/extract_features.py.'
+                                 ) from err
+        return self._open[index]
+
+    def names(self, variant: int) -> List[str]:
+        """The features stored for ``variant``."""
+        prefix = f'{variant}/'
+        return [k[len(prefix):] for k in self._shard(0).keys() if k.startswith(prefix)]
+
+    def feature(self, index: int, variant: int, name: str,
+                size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(C, h, w) float32 at its native resolution, or resized bilinearly to ``size``."""
+        value = self._shard(index).get_tensor(f'{variant}/{name}').float()
+        if size is not None and tuple(value.shape[1:]) != tuple(size):
+            value = F.interpolate(value[None], size=size, mode='bilinear',
+                                  align_corners=False)[0]
+        return value
+
+    def features(self, index: int) -> Features:
+        """Image ``index`` as the source returned it: per variant, name -> (1, C, h, w)."""
+        return [{name: self.feature(index, v, name)[None] for name in self.names(v)}
+                for v in range(len(self.variant_names))]
+
+    def sample_pixels(self, index: int, ys: torch.Tensor, xs: torch.Tensor,
+                      size: Tuple[int, int], names: Optional[Sequence[str]] = None,
+                      variant: int = 0) -> torch.Tensor:
+        """Features at pixels (``ys``, ``xs``) of a ``size`` grid (e.g. the labels'), bilinear
+        from the native maps exactly as resizing the whole map to ``size`` would give them,
+        without resizing it: (P, sum of C) for ``names`` (default: all of the variant)."""
+        height, width = size
+        # Pixel centres of the size grid in [-1, 1] (align_corners=False).
+        grid = torch.stack([(2 * xs.float() + 1) / width - 1,
+                            (2 * ys.float() + 1) / height - 1], dim=-1).view(1, 1, -1, 2)
+        columns = []
+        for name in names or self.names(variant):
+            value = self.feature(index, variant, name)[None]
+            if tuple(value.shape[2:]) == tuple(size):
+                columns.append(value[0][:, ys, xs].t())
+                continue
+            sampled = F.grid_sample(value, grid, mode='bilinear', padding_mode='border',
+                                    align_corners=False)
+            columns.append(sampled[0, :, 0].t())
+        return torch.cat(columns, dim=1)

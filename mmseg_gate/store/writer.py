@@ -1,0 +1,171 @@
+"""Extracting a store: every image once, with its fixed noise, resumable and distributed.
+
+Each image is one call of the source (all its variants in one batch) with a CPU generator
+seeded with ``noise_seed`` -- the noise the backbone draws in eval mode and the
+correspondence protocol draws per image -- so an image's features do not depend on which
+process extracts it or in which order: a killed run resumed, or N processes, give the same
+bytes as one uninterrupted process (at the same number of threads). Each image's shard is
+written atomically; the manifest is complete only once every shard exists.
+"""
+import json
+import os
+import os.path as osp
+from typing import Callable, Dict, List, Optional
+
+import torch
+from mmengine.dist import barrier, get_dist_info
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..fileio import atomic_file, remove_stale_temporaries
+from ..sources import build_source
+from .images import ImageList, pixel_key
+from .manifest import (StoreError, check_header, make_header, read_manifest, shard_name,
+                       to_plain, write_manifest)
+from .reader import FeatureStore
+
+DTYPES = dict(float16=torch.float16, float32=torch.float32)
+
+
+def _read_shard_metadata(path: str) -> Optional[Dict]:
+    """A finished shard's record; None if it is missing or unreadable (truncated)."""
+    if not osp.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework='pt') as f:
+            return json.loads(f.metadata()['record'])
+    except Exception:  # noqa: BLE001  (safetensors' own error for a torn file)
+        return None
+
+
+def _features_to_tensors(features: List[Dict[str, torch.Tensor]], dtype: torch.dtype,
+                         key: str) -> Dict[str, torch.Tensor]:
+    tensors = {}
+    for v, variant in enumerate(features):
+        for name, value in variant.items():
+            stored = value[0].detach().to('cpu', dtype).contiguous()
+            if not torch.isfinite(stored).all():
+                raise StoreError(f"Feature '{name}' of variant {v} of image '{key}' is not "
+                                 f'finite in {dtype} (|x| up to {value.abs().max().item():.3g}'
+                                 '): extract with --dtype float32.')
+            tensors[f'{v}/{name}'] = stored
+    return tensors
+
+
+def finished_images(folder: str) -> int:
+    """How many images of the store in ``folder`` are extracted (0 if there is none)."""
+    shards = osp.join(folder, 'shards')
+    if not osp.isdir(shards):
+        return 0
+    return sum(_read_shard_metadata(osp.join(shards, name)) is not None
+               for name in os.listdir(shards) if name.endswith('.safetensors'))
+
+
+def _extract_one(source, image: torch.Tensor, noise_seed: int, device) -> tuple:
+    from ..benchmark import COUNTS, count_flops
+    counts = getattr(source, 'counts', {})
+    before = {k: counts.get(k, 0) for k in COUNTS}
+    out = []
+    with torch.no_grad():
+        flops = count_flops(lambda: out.append(source(
+            image[None].to(device), generator=torch.Generator().manual_seed(noise_seed))))
+    passes = {k: counts.get(k, 0) - before[k] for k in COUNTS if k in counts}
+    return out[0], flops, passes
+
+
+def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int = 0,
+                     dtype: str = 'float16', device='cpu', progress: bool = True,
+                     make_source: Callable = build_source) -> FeatureStore:
+    """Extract (or finish extracting) the store of ``images`` in ``folder`` and return it.
+
+    A store there from other settings is refused (fields named); finished images are kept
+    and checked (their pixels must not have changed); the source is built only if an image
+    is missing. Under ``torchrun`` each process extracts every ``world_size``-th image and
+    rank 0 writes the complete manifest."""
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}.')
+    rank, world = get_dist_info()
+    header, paths = make_header(source_cfg, noise_seed, dtype, images.keys)
+    existing = read_manifest(folder)
+    if existing is not None:
+        check_header(folder, existing['header'], header)
+    barrier()
+    if rank == 0:
+        os.makedirs(osp.join(folder, 'shards'), exist_ok=True)
+        remove_stale_temporaries(osp.join(folder, 'shards'))
+        if existing is None:
+            write_manifest(folder, dict(header=header, paths=paths, complete=False))
+    barrier()
+    mine = range(rank, len(images), world)
+    todo = []
+    for index in mine:
+        metadata = _read_shard_metadata(osp.join(folder, shard_name(index)))
+        if metadata is None:
+            todo.append(index)
+        elif metadata.get('pixels') != pixel_key(_load(images, index, folder)):
+            raise StoreError(
+                f"Image '{images.paths[index]}' changed since it was extracted into "
+                f"'{folder}' (other pixels: another file, or other resizing). Remove the store "
+                'to extract it again.')
+    if rank == 0:
+        stored = sum(osp.isfile(osp.join(folder, shard_name(i))) for i in range(len(images)))
+        print(f'[extract_features] {folder}: {len(images)} images, {stored} stored before'
+              + (f', extracting on {world} processes' if world > 1 else ''), flush=True)
+    if todo:
+        source = make_source(source_cfg).to(device)
+        bar = tqdm(todo, desc='extracting', unit='image', disable=not progress or rank != 0)
+        for index in bar:
+            image = _load(images, index, folder)
+            features, flops, passes = _extract_one(source, image, noise_seed, device)
+            record = dict(key=images.keys[index], pixels=pixel_key(image),
+                          shape=list(image.shape), flops=flops, passes=passes,
+                          feature_info=to_plain(source.feature_info),
+                          variant_names=list(source.variant_names))
+            path = osp.join(folder, shard_name(index))
+            with atomic_file(path) as tmp:
+                # One metadata entry: safetensors writes several in a random order.
+                save_file(_features_to_tensors(features, DTYPES[dtype], images.keys[index]),
+                          tmp, metadata=dict(record=json.dumps(record, sort_keys=True)))
+    barrier()
+    if rank == 0:
+        _finish(folder, header, paths, len(images))
+    barrier()
+    return FeatureStore(folder)
+
+
+def _load(images: ImageList, index: int, folder: str) -> torch.Tensor:
+    try:
+        return images.load(index)
+    except (OSError, ValueError) as err:
+        raise StoreError(
+            f"Cannot extract '{images.paths[index]}': {err}\nThe images finished so far stay "
+            f"in '{folder}'; fix or remove that file and rerun to continue.") from err
+
+
+def _finish(folder: str, header: Dict, paths: Dict, count: int) -> None:
+    """The complete manifest, from the shards' own metadata."""
+    records, first = [], None
+    for index in range(count):
+        name = shard_name(index)
+        metadata = _read_shard_metadata(osp.join(folder, name))
+        if metadata is None:
+            raise StoreError(f"Shard '{osp.join(folder, name)}' of image "
+                             f"'{header['images'][index]}' is missing or unreadable after "
+                             'extraction: rerun to extract it.')
+        first = first or metadata
+        records.append(dict(key=metadata['key'], pixels=metadata['pixels'],
+                            shape=metadata['shape'], shard=name,
+                            bytes=osp.getsize(osp.join(folder, name)),
+                            flops=metadata['flops'], passes=metadata['passes']))
+    total = sum(r['flops'] for r in records)
+    passes = {}
+    for record in records:
+        for k, v in record['passes'].items():
+            passes[k] = passes.get(k, 0) + v
+    write_manifest(folder, dict(
+        header=header, paths=paths, complete=True, records=records,
+        feature_info=first['feature_info'] if first else [],
+        variant_names=first['variant_names'] if first else [],
+        cost=dict(images=count, flops=total, passes=passes,
+                  flops_per_image=total / count if count else 0)))
