@@ -3,13 +3,14 @@ registry, ``GATERunner`` (safe, exact, atomic checkpoints) and the datasets (con
 ``custom_imports=dict(imports=['mmseg_gate'], allow_failed_imports=False)``). The frozen
 half is a feature source (``mmseg_gate.sources``): ``StableDiffusionSource`` (GATE's guided
 Stable Diffusion features, formerly ``GATEFeatureExtractor``, which still names it) or several
-sources side by side (``CompositeSource``), usable without MMSeg.
+sources side by side (``CompositeSource``), usable without MMSeg; ``StoredSource`` serves
+features extracted once into a store (``mmseg_gate.store``, ``tools/extract_features.py``).
 """
 from . import datasets, engine  # noqa: F401  (registrations, safe checkpoint loading)
 from .models import GATEBackbone
 from .sources import (CompositeSource, FeatureSource, GATEFeatureExtractor,
-                      StableDiffusionSource, build_source)
+                      StableDiffusionSource, StoredSource, build_source)
 
 __version__ = '0.2.0'
 __all__ = ['GATEBackbone', 'FeatureSource', 'StableDiffusionSource', 'CompositeSource',
-           'GATEFeatureExtractor', 'build_source', '__version__']
+           'GATEFeatureExtractor', 'StoredSource', 'build_source', '__version__']

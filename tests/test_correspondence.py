@@ -112,6 +112,11 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     assert report['overall']['pairs'] == 2 and set(report['per_category']) == {'cat', 'dog'}
     training = json.loads((work / 'training.json').read_text())
     assert [h['step'] for h in training['history']] == [2, 4]
+    # Every image of the pairs extracted once into the store the later modes reuse.
+    images = {p[f'{side}_path'] for split in ('trn', 'val', 'test')
+              for p in load_pairs(spair_root, split) for side in ('src', 'trg')}
+    assert report['feature_store']['images'] == len(images)
+    assert report['feature_store']['folder'] == str(work / 'features')
     from PIL import Image
     assert Image.open(work / 'matches_train.png').size[1] == 2 * 192
     again = run('test')  # the saved best loads completely and gives the same numbers

@@ -182,8 +182,17 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     assert len(report['split_lists']['random0']['train']) == 6
     assert list_images(scarce_root, 'real/test', '.png') == \
         report['split_lists']['official']['test']
+    # The frozen half ran once per image (a store of train + test), not once per step.
+    cost = report['frozen_half']
+    assert cost['with_store'] == dict(image_forwards=10, extracted_this_run=10,
+                                      flops=10 * cost['per_image']['flops'])
+    assert cost['without_store']['image_forwards'] == 2 * (3 * 2 + 4)
+    assert cost['per_image']['passes']['unet_passes'] == 3
+    assert report['features'] == str(work / 'features')
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count('done before') == 2
+    report = json.loads((work / 'label_scarce.json').read_text())
+    assert report['frozen_half']['with_store']['extracted_this_run'] == 0
 
 
 @pytest.mark.parametrize('name,classes,dataset', [('horse21', 21, 'Horse21Dataset'),

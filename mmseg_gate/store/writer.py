@@ -62,16 +62,26 @@ def finished_images(folder: str) -> int:
                for name in os.listdir(shards) if name.endswith('.safetensors'))
 
 
-def _extract_one(source, image: torch.Tensor, noise_seed: int, device) -> tuple:
+def _extract_one(source, image: torch.Tensor, noise_seed: int, device,
+                 flops_by_shape: Dict) -> tuple:
+    """The source's features of one image, its FLOPs and passes. FLOPs depend on the shape
+    only, so torch's counter (slow for small models) runs once per shape."""
     from ..benchmark import COUNTS, count_flops
     counts = getattr(source, 'counts', {})
     before = {k: counts.get(k, 0) for k in COUNTS}
     out = []
-    with torch.no_grad():
-        flops = count_flops(lambda: out.append(source(
-            image[None].to(device), generator=torch.Generator().manual_seed(noise_seed))))
+
+    def call():
+        with torch.no_grad():
+            out.append(source(image[None].to(device),
+                              generator=torch.Generator().manual_seed(noise_seed)))
+    shape = tuple(image.shape)
+    if shape in flops_by_shape:
+        call()
+    else:
+        flops_by_shape[shape] = count_flops(call)
     passes = {k: counts.get(k, 0) - before[k] for k in COUNTS if k in counts}
-    return out[0], flops, passes
+    return out[0], flops_by_shape[shape], passes
 
 
 def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int = 0,
@@ -115,9 +125,11 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
     if todo:
         source = make_source(source_cfg).to(device)
         bar = tqdm(todo, desc='extracting', unit='image', disable=not progress or rank != 0)
+        flops_by_shape = {}
         for index in bar:
             image = _load(images, index, folder)
-            features, flops, passes = _extract_one(source, image, noise_seed, device)
+            features, flops, passes = _extract_one(source, image, noise_seed, device,
+                                                   flops_by_shape)
             record = dict(key=images.keys[index], pixels=pixel_key(image),
                           shape=list(image.shape), flops=flops, passes=passes,
                           feature_info=to_plain(source.feature_info),
