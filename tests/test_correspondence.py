@@ -124,6 +124,9 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     tested = json.loads((work / 'results_test.json').read_text())
     assert tested['overall'] == report['overall']
     assert run('zero-shot').returncode == 0
+    unstored = run('zero-shot', '--no-store')  # the features computed in memory instead
+    assert unstored.returncode == 0, unstored.stderr[-3000:]
+    assert 'feature_store' not in json.loads((work / 'results_zero_shot.json').read_text())
     (work / 'best.safetensors').write_bytes(b'not a checkpoint')
     broken = run('test')
     assert broken.returncode != 0 and 'best.safetensors' in broken.stderr

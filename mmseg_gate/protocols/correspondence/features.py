@@ -3,7 +3,7 @@ or read raw (training-free).
 """
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +54,11 @@ def protocol_pairs(data) -> Dict[str, List[dict]]:
                                 per_category=data.get('test_per_category')))
 
 
-def spair_images(data, splits: Sequence[str] = ('train', 'val', 'test')) -> ImageList:
-    """Every image of the splits' pairs, as :class:`FeatureCache` reads it; keys are paths
-    relative to the data root."""
-    pairs = protocol_pairs(data)
+def spair_images(data, splits: Sequence[str] = ('train', 'val', 'test'),
+                 pairs: Optional[Dict[str, List[dict]]] = None) -> ImageList:
+    """Every image of the splits' pairs (``pairs``: :func:`protocol_pairs`, read if not
+    given), as :class:`FeatureCache` reads it; keys are paths relative to the data root."""
+    pairs = pairs or protocol_pairs(data)
     paths = list(dict.fromkeys(p[f'{side}_path'] for split in splits for p in pairs[split]
                                for side in ('src', 'trg')))
     return ImageList([osp.relpath(p, data.root) for p in paths], paths,

@@ -34,21 +34,20 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
     os.makedirs(work_dir, exist_ok=True)
     seed = cfg.train.get('seed', 0)
     data, device = cfg.data, torch.device(device)
-    pairs = protocol_pairs(data)
+    pairs, store = protocol_pairs(data), None
     if features is None:
         source = build_source(cfg.source).to(device)
     else:
-        store = extract_features(cfg.source, spair_images(data), features or
+        store = extract_features(cfg.source, spair_images(data, pairs=pairs), features or
                                  osp.join(work_dir, 'features'), seed, device=device,
                                  progress=progress)
         source = StoredSource(store).to(device)
     cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256))
     test_pairs = pairs['test']
-    torch.manual_seed(seed)  # after loading, which may draw: the same model with or without
-    # a store
+    torch.manual_seed(seed)  # after loading (which may draw): the same start with a store
     if mode == 'zero-shot':
         names = [f['module'] for f in source.feature_info]
-        features = lambda path: raw_features(cache(path), names)[0]  # noqa: E731
+        embed = lambda path: raw_features(cache(path), names)[0]  # noqa: E731
         used = 'raw features'
     else:
         aggregator = CorrespondenceAggregator(source.feature_info,
@@ -58,12 +57,12 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
             train_aggregator(aggregator, cache, pairs['train'], pairs['val'], work_dir,
                              alpha=cfg.alpha, progress=progress, **cfg.train)
         load_aggregator(aggregator, checkpoint or best)
-        features = aggregated(aggregator, cache)
+        embed = aggregated(aggregator, cache)
         used = f'aggregator {checkpoint or best}'
-    results, predictions = evaluate(test_pairs, features, cfg.alpha, progress)
+    results, predictions = evaluate(test_pairs, embed, cfg.alpha, progress)
     report = dict(mode=mode, config=config, split=data.test_split, features=used,
                   alpha=cfg.alpha, **results)
-    if features is not None:
+    if store is not None:
         report['feature_store'] = dict(folder=store.folder, **store.manifest['cost'])
     if mode == 'train':
         with open(osp.join(work_dir, 'training.json')) as f:
