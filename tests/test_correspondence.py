@@ -117,12 +117,16 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
               for p in load_pairs(spair_root, split) for side in ('src', 'trg')}
     assert report['feature_store']['images'] == len(images)
     assert report['feature_store']['folder'] == str(work / 'features')
+    cost = report['frozen_half']
+    assert cost['with_store']['image_forwards'] == len(images)
+    assert 0 < cost['without_store']['image_forwards'] <= cost['image_requests']
     from PIL import Image
     assert Image.open(work / 'matches_train.png').size[1] == 2 * 192
     again = run('test')  # the saved best loads completely and gives the same numbers
     assert again.returncode == 0, again.stderr[-3000:]
     tested = json.loads((work / 'results_test.json').read_text())
     assert tested['overall'] == report['overall']
+    assert tested['frozen_half']['with_store']['image_forwards'] == 0  # the store reused
     assert run('zero-shot').returncode == 0
     unstored = run('zero-shot', '--no-store')  # the features computed in memory instead
     assert unstored.returncode == 0, unstored.stderr[-3000:]

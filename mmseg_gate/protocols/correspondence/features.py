@@ -17,7 +17,8 @@ Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 
 class FeatureCache:
     """Features of images by path, each computed once with its own fixed noise (a frozen
-    source gives the same features every time), the last ``capacity`` kept.
+    source gives the same features every time), the last ``capacity`` kept. ``requests``
+    and ``misses`` count the lookups and the source calls they needed.
 
     Args:
         source: a feature source (``mmseg_gate.sources``), already on ``device``.
@@ -29,19 +30,22 @@ class FeatureCache:
                  capacity: int = 256):
         self.source, self.image_size, self.seed = source, image_size, seed
         self.device = torch.device(device)
-        self.capacity, self.store = capacity, OrderedDict()
+        self.capacity, self.kept = capacity, OrderedDict()
+        self.requests = self.misses = 0
 
     def __call__(self, path: str) -> Features:
-        if path in self.store:
-            self.store.move_to_end(path)
-            return self.store[path]
+        self.requests += 1
+        if path in self.kept:
+            self.kept.move_to_end(path)
+            return self.kept[path]
+        self.misses += 1
         image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
         with torch.no_grad():  # the noise is drawn on the CPU: the same on every device
             feats = self.source(image[None].to(self.device),
                                 generator=torch.Generator().manual_seed(self.seed))
-        self.store[path] = feats
-        if len(self.store) > self.capacity:
-            self.store.popitem(last=False)
+        self.kept[path] = feats
+        if len(self.kept) > self.capacity:
+            self.kept.popitem(last=False)
         return feats
 
 

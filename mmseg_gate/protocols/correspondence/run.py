@@ -10,7 +10,8 @@ import torch
 from ...analysis.pictures import save_png
 from ...fileio import atomic_file
 from ...sources import StoredSource, build_source
-from ...store import extract_features
+from ...store import FeatureStore, extract_features
+from ...store.writer import finished_images
 from .features import FeatureCache, protocol_pairs, raw_features, spair_images
 from .metric import evaluate
 from .model import CorrespondenceAggregator, load_aggregator
@@ -18,6 +19,15 @@ from .pictures import draw_matches
 from .training import aggregated, train_aggregator
 
 MODES = ('train', 'test', 'zero-shot')
+
+
+def frozen_cost(store: FeatureStore, extracted: int, cache: FeatureCache) -> Dict:
+    """The frozen half's FLOPs for this run with the store (the images it extracted) and
+    without it (a source call per cache miss of the same lookups)."""
+    flops = store.manifest['cost']['flops_per_image']
+    return dict(flops_per_image=flops, image_requests=cache.requests,
+                with_store=dict(image_forwards=extracted, flops=extracted * flops),
+                without_store=dict(image_forwards=cache.misses, flops=cache.misses * flops))
 
 
 def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
@@ -38,9 +48,10 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
     if features is None:
         source = build_source(cfg.source).to(device)
     else:
-        store = extract_features(cfg.source, spair_images(data, pairs=pairs), features or
-                                 osp.join(work_dir, 'features'), seed, device=device,
-                                 progress=progress)
+        folder = features or osp.join(work_dir, 'features')
+        before = finished_images(folder)
+        store = extract_features(cfg.source, spair_images(data, pairs=pairs), folder, seed,
+                                 device=device, progress=progress)
         source = StoredSource(store).to(device)
     cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256))
     test_pairs = pairs['test']
@@ -64,6 +75,7 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
                   alpha=cfg.alpha, **results)
     if store is not None:
         report['feature_store'] = dict(folder=store.folder, **store.manifest['cost'])
+        report['frozen_half'] = frozen_cost(store, len(store) - before, cache)
     if mode == 'train':
         with open(osp.join(work_dir, 'training.json')) as f:
             report['model_selection'] = dict(split=data.val_split, **json.load(f)['best'])
