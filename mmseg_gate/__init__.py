@@ -6,7 +6,7 @@ Stable Diffusion features, formerly ``GATEFeatureExtractor``, which still names 
 sources side by side (``CompositeSource``), usable without MMSeg; ``StoredSource`` serves
 features extracted once into a store (``mmseg_gate.store``, ``tools/extract_features.py``).
 """
-from . import datasets, engine  # noqa: F401  (registrations, safe checkpoint loading)
+from . import datasets, engine, evaluation  # noqa: F401  (registrations, safe loading)
 from .models import GATEBackbone
 from .sources import (CompositeSource, FeatureSource, GATEFeatureExtractor,
                       StableDiffusionSource, StoredSource, build_source)

@@ -15,7 +15,7 @@ import mmseg_gate  # noqa: F401
 from mmseg.registry import DATASETS, MODELS
 from mmseg.structures import SegDataSample
 from mmseg_gate.datasets.label_scarce import IgnoreSmallRegions, LoadNpyAnnotations
-from mmseg_gate.protocols.label_scarce import list_images, make_splits
+from mmseg_gate.protocols.label_scarce import fixed_split, list_images, make_splits
 from mmseg_gate.testing.demo_data import write_ddpm_seg_layout_dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -155,12 +155,61 @@ def test_head_trains_each_member():
 def test_splits_keep_sizes_and_are_reproducible():
     train, test = [f'real/train/{i}' for i in range(6)], [f'real/test/{i}' for i in range(4)]
     splits = make_splits(train, test, 3, seed=0)
-    assert splits[0] == dict(name='official', train=train, test=test)
+    assert splits[0] == dict(name='fixed', train=train, test=test)
     for split in splits[1:]:
         assert len(split['train']) == 6 and len(split['test']) == 4
         assert sorted(split['train'] + split['test']) == sorted(train + test)
     assert len({tuple(s['train']) for s in splits}) == 4
     assert make_splits(train, test, 3, seed=0) == splits
+
+
+def test_the_fixed_split_takes_the_first_sorted_images():
+    """DDPM-segmentation's split: the first training_number / testing_number files in sorted
+    order; the random re-splits shuffle exactly those."""
+    train = [f'real/train/{name}' for name in ('b', 'a', 'd', 'c', 'e')]
+    test = [f'real/test/{name}' for name in ('z', 'x', 'y')]
+    fixed = fixed_split(train, test, num_train=3, num_test=2)
+    assert fixed == dict(name='fixed', train=['real/train/a', 'real/train/b', 'real/train/c'],
+                         test=['real/test/x', 'real/test/y'])
+    splits = make_splits(train, test, 2, num_train=3, num_test=2)
+    assert splits[0] == fixed
+    assert all(sorted(s['train'] + s['test']) == sorted(fixed['train'] + fixed['test'])
+               and len(s['train']) == 3 for s in splits[1:])
+    with pytest.raises(ValueError, match='only 3'):
+        fixed_split(train, test, num_test=4)
+
+
+def _benchmark_miou(pred, label, classes, ignore_index=255):
+    """The benchmark's metric through MMEngine's evaluator, as a config runs it."""
+    from mmengine.evaluator import Evaluator
+    evaluator = Evaluator([dict(type='BenchmarkIoUMetric', ignore_index=ignore_index),
+                           dict(type='IoUMetric', iou_metrics=['mIoU'], prefix='mmseg')])
+    evaluator.dataset_meta = dict(classes=classes)
+    samples = [dict(pred_sem_seg=dict(data=torch.tensor(p)[None]),
+                    gt_sem_seg=dict(data=torch.tensor(g)[None])) for p, g in zip(pred, label)]
+    evaluator.process(samples)
+    return evaluator.evaluate(len(samples))
+
+
+def test_benchmark_metric_scores_as_compute_iou():
+    """Cases computed by hand with DDPM-segmentation's compute_iou rule."""
+    classes = ('a', 'b', 'c')
+    # Class c is absent from labels and predictions: IoU 0 (MMSeg leaves it out).
+    pred, label = [[[0, 0], [1, 1]]], [[[0, 1], [1, 1]]]
+    # a: I 1, U 2 -> 0.5; b: I 2, U 3 -> 2/3; c: 0.
+    scores = _benchmark_miou(pred, label, classes)
+    assert scores['mIoU'] == pytest.approx(100 * (0.5 + 2 / 3 + 0) / 3, abs=1e-4)
+    assert scores['mmseg/mIoU'] == pytest.approx(100 * (0.5 + 2 / 3) / 2, abs=0.01)
+    # Ignored pixels (Bedroom's background after reduce_zero_label) predicted as a class
+    # count in that class's union: a: I 1, U 3; b: I 1, U 1; c: I 0, U 1 (only predicted on
+    # an ignored pixel).
+    pred, label = [[[0, 0, 0], [1, 2, 2]]], [[[0, 255, 255], [1, 255, 255]]]
+    scores = _benchmark_miou(pred, label, classes)
+    assert scores['mIoU'] == pytest.approx(100 * (1 / 3 + 1 + 0) / 3, abs=1e-4)
+    # Sums over the test set, not a mean of per-image IoUs: a: I 1 + 0, U 1 + 1.
+    pred, label = [[[0]], [[1]]], [[[0]], [[0]]]
+    scores = _benchmark_miou(pred, label, ('a', 'b'))
+    assert scores['mIoU'] == pytest.approx(100 * (0.5 + 0) / 2, abs=1e-4)
 
 
 def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
@@ -177,11 +226,14 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((work / 'label_scarce.json').read_text())
-    assert set(report['splits']) == {'official', 'random0'}
-    assert 0 <= report['summary']['official'] <= 100 and report['summary']['random_n'] == 1
+    assert set(report['splits']) == {'fixed', 'random0'}
+    summary = report['summary']
+    assert 0 <= summary['fixed_split'] <= 100 and summary['random_splits']['n'] == 1
+    assert set(report['protocols']) == {'fixed_split', 'random_splits'}
+    assert {'mIoU', 'mmseg/mIoU'} <= set(report['splits']['fixed'])
     assert len(report['split_lists']['random0']['train']) == 6
     assert list_images(scarce_root, 'real/test', '.png') == \
-        report['split_lists']['official']['test']
+        report['split_lists']['fixed']['test']
     # The frozen half ran once per image (a store of train + test), not once per step.
     cost = report['frozen_half']
     assert cost['with_store'] == dict(image_forwards=10, extracted_this_run=10,

@@ -1,5 +1,6 @@
 """The label-scarce protocol (DDPM-segmentation's benchmark): train and test a config on the
-official split and on random re-splits of train+test, and report the mean and spread.
+benchmark's fixed split (DDPM-segmentation's protocol) and on random re-splits of its
+train+test (the GATE authors' protocol: mean and spread), and report both.
 
     python tools/label_scarce.py CONFIG [--splits 5] [--seed 0] [--work-dir DIR]
         [--features DIR | --no-store] [--device cuda] [--cfg-options key=value ...]
@@ -9,7 +10,7 @@ The frozen half runs once: every train and test image is extracted into a featur
 settings is refused) and every split trains on it. ``--no-store`` computes the features on
 every step instead (fresh noise each step).
 
-Each split runs in ``<work_dir>/<split>/`` (``official``, ``random0`` ...); a rerun skips the
+Each split runs in ``<work_dir>/<split>/`` (``fixed``, ``random0`` ...); a rerun skips the
 finished splits and resumes an unfinished one. Results: ``<work_dir>/label_scarce.json``.
 """
 import argparse
@@ -25,7 +26,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Label-scarce segmentation protocol')
     parser.add_argument('config')
     parser.add_argument('--splits', type=int, default=5,
-                        help='random re-splits of train+test (besides the official split)')
+                        help='random re-splits of train+test (besides the fixed split)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the first re-split')
     parser.add_argument('--features', default='',
                         help='the feature store (default: <work_dir>/features)')
@@ -47,10 +48,12 @@ def main():
     except StoreError as err:
         raise SystemExit(f'[label_scarce] {err}') from err
     summary = report['summary']
-    print(f"[label_scarce] {summary['metric']}: official split {summary['official']:.2f}")
-    if 'random_mean' in summary:
-        print(f"[label_scarce] {summary['metric']} over {summary['random_n']} random splits: "
-              f"{summary['random_mean']:.2f} ± {summary['random_std']:.2f}")
+    print(f"[label_scarce] {summary['metric']}, fixed split (DDPM-segmentation's protocol): "
+          f"{summary['fixed_split']:.2f}")
+    if 'random_splits' in summary:
+        random = summary['random_splits']
+        print(f"[label_scarce] {summary['metric']}, {random['n']} random re-splits (the GATE "
+              f"authors' protocol): {random['mean']:.2f} ± {random['std']:.2f}")
     cost = report.get('frozen_half')
     if cost:
         print(f"[label_scarce] frozen half: {cost['with_store']['flops'] / 1e12:.3f} TFLOPs "

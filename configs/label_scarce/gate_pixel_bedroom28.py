@@ -22,5 +22,7 @@ model = dict(
     decode_head=dict(num_classes=num_classes))
 train_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))
 test_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))
+# experiments/bedroom_28/ddpm.json: training_number 40, testing_number 20.
+fixed_split = dict(num_train=40, num_test=20)
 max_iters = 2000  # about 100 epochs of the 40 training images
 train_cfg = dict(max_iters=max_iters)

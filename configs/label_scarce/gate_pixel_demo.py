@@ -50,6 +50,7 @@ test_dataloader = dict(
     num_workers=0, persistent_workers=False,
     dataset=dict(type=dataset_type, data_root=data_root, metainfo=metainfo,
                  pipeline=test_pipeline))
+fixed_split = None  # all of the demo's images (20 + 20 from tools/make_demo.py)
 max_iters = 100
 optim_wrapper = dict(optimizer=dict(lr=2e-3))
 train_cfg = dict(max_iters=max_iters)

@@ -1,10 +1,12 @@
-"""The label-scarce protocol: train and test on the official split and on random re-splits.
+"""The label-scarce protocol: train and test on the fixed split and on random re-splits.
 
-DDPM-segmentation's numbers (and the GATE authors') are the mean over random splits of
-train+test into sets of the official sizes, each trained from scratch and tested. Each split is
-one MMEngine run in its own work folder (``<work_dir>/<split>/``) with the split's image lists
-as ``ann_file``s; its result is written when it finishes, so a rerun skips finished splits and
-resumes an unfinished one from its last checkpoint.
+Two protocols are in use and both are reported, by name: DDPM-segmentation's, one fixed split
+(the first ``num_train`` sorted training images and the first ``num_test`` sorted test
+images, its ``training_number`` / ``testing_number``), and the GATE authors', the mean ± std
+over random re-splits of those train+test images into sets of the same sizes. Each split is
+one MMEngine run in its own work folder (``<work_dir>/<split>/``: ``fixed``, ``random0``, ...)
+with the split's image lists as ``ann_file``s; its result is written when it finishes, so a
+rerun skips finished splits and resumes an unfinished one from its last checkpoint.
 
 By default the frozen half runs once: every image of train+test is extracted into a feature
 store (``mmseg_gate.store``, fixed noise, as the benchmark extracts its features once) and
@@ -39,17 +41,29 @@ def list_images(data_root: str, folder: str, img_suffix: str) -> List[str]:
     return sorted(osp.relpath(f, data_root)[:-len(img_suffix)] for f in files)
 
 
-def make_splits(train: List[str], test: List[str], num_random: int,
-                seed: int = 0) -> List[Dict]:
-    """The official split, then ``num_random`` random re-splits of train+test with the
-    official sizes (split i shuffles with ``seed + i``)."""
-    splits = [dict(name='official', train=list(train), test=list(test))]
-    pool = list(train) + list(test)
+def fixed_split(train: List[str], test: List[str], num_train: Optional[int] = None,
+                num_test: Optional[int] = None) -> Dict:
+    """DDPM-segmentation's split: the first ``num_train`` of the sorted training images and
+    the first ``num_test`` of the sorted test images (None: all of them)."""
+    for name, images, count in (('training', train, num_train), ('test', test, num_test)):
+        if count is not None and count > len(images):
+            raise ValueError(f'The fixed split takes {count} {name} images, but there are '
+                             f'only {len(images)}: the dataset is incomplete.')
+    return dict(name='fixed', train=sorted(train)[:num_train], test=sorted(test)[:num_test])
+
+
+def make_splits(train: List[str], test: List[str], num_random: int, seed: int = 0,
+                num_train: Optional[int] = None, num_test: Optional[int] = None) -> List[Dict]:
+    """The fixed split (:func:`fixed_split`), then ``num_random`` random re-splits of its
+    train+test with its sizes (split i shuffles with ``seed + i``)."""
+    fixed = fixed_split(train, test, num_train, num_test)
+    splits = [fixed]
+    pool = fixed['train'] + fixed['test']
     for i in range(num_random):
         order = np.random.default_rng(seed + i).permutation(len(pool))
         shuffled = [pool[j] for j in order]
-        splits.append(dict(name=f'random{i}', train=sorted(shuffled[:len(train)]),
-                           test=sorted(shuffled[len(train):])))
+        splits.append(dict(name=f'random{i}', train=sorted(shuffled[:len(fixed['train'])]),
+                           test=sorted(shuffled[len(fixed['train']):])))
     return splits
 
 
@@ -81,11 +95,13 @@ def run_split(cfg: Config) -> Dict[str, float]:
 
 
 def summarize(results: Dict[str, Dict[str, float]], metric: str = 'mIoU') -> Dict:
+    """Both protocols' figures, by name."""
     random = [r[metric] for name, r in results.items() if name.startswith('random')]
-    summary = dict(metric=metric, official=results.get('official', {}).get(metric))
+    summary = dict(metric=metric, fixed_split=results.get('fixed', {}).get(metric))
     if random:
-        summary.update(random_mean=float(np.mean(random)), random_std=float(np.std(random)),
-                       random_n=len(random))
+        summary['random_splits'] = dict(mean=float(np.mean(random)),
+                                        std=float(np.std(random)), n=len(random),
+                                        values=random)
     return summary
 
 
@@ -140,7 +156,9 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
     train = list_images(dataset.data_root, dataset.data_prefix['img_path'], suffix)
     test_set = cfg.test_dataloader.dataset
     test = list_images(test_set.data_root, test_set.data_prefix['img_path'], suffix)
-    splits = make_splits(train, test, num_random, seed)
+    sizes = cfg.get('fixed_split') or {}
+    splits = make_splits(train, test, num_random, seed, sizes.get('num_train'),
+                         sizes.get('num_test'))
     results = {}
     for index, split in enumerate(splits, 1):
         folder = osp.join(work_dir, split['name'])
@@ -157,6 +175,11 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
         with atomic_file(done) as tmp, open(tmp, 'w') as f:
             json.dump(results[split['name']], f, indent=1)
     report = dict(splits=results, summary=summarize(results, metric), seed=seed,
+                  protocols=dict(
+                      fixed_split="DDPM-segmentation's: the first num_train sorted training "
+                      'and num_test sorted test images',
+                      random_splits="the GATE authors': mean and std over random re-splits "
+                      'of those train+test images with the same sizes'),
                   split_lists={s['name']: dict(train=s['train'], test=s['test'])
                                for s in splits})
     if store is not None:

@@ -84,7 +84,14 @@ test_dataloader = dict(
     dataset=dict(type=dataset_type, data_root=data_root,
                  data_prefix=dict(img_path='real/test', seg_map_path='real/test'),
                  pipeline=test_pipeline))
-test_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+# The benchmark's mIoU (DDPM-segmentation's compute_iou: every class scored, an absent one as
+# 0; ignored pixels counted in the union of the class predicted there), reported as `mIoU`;
+# MMSeg's IoUMetric beside it as `mmseg/mIoU` (present classes only, ignored pixels dropped).
+test_evaluator = [dict(type='BenchmarkIoUMetric', ignore_index=255),
+                  dict(type='IoUMetric', iou_metrics=['mIoU'], prefix='mmseg')]
+# DDPM-segmentation's fixed split (experiments/horse_21/ddpm.json: training_number 30,
+# testing_number 30, the files in sorted order); the random re-splits keep these sizes.
+fixed_split = dict(num_train=30, num_test=30)
 # The benchmark has no validation set: train, then test (tools/label_scarce.py).
 val_dataloader = val_evaluator = val_cfg = None
 
