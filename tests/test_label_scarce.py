@@ -137,6 +137,19 @@ def test_head_vote_and_mean():
     torch.testing.assert_close(head(None), logits.softmax(2).mean(1))
 
 
+def test_head_predicts_the_vote_at_the_label_size():
+    """The vote reaches the argmax unchanged: no bilinear round trip through the model's
+    input size (512) and back to the labels' (the benchmark's argmax of the vote)."""
+    head = make_head().eval()
+    votes = torch.rand(1, 5, 8, 8)
+    metas = [dict(img_shape=(16, 16), ori_shape=(8, 8), padding_size=[0, 0, 0, 0])]
+    assert torch.equal(head.predict_by_feat(votes, metas), votes)
+    head.predict_at_label_size = False  # MMSeg's way: resized to the input, then back
+    round_trip = F.interpolate(head.predict_by_feat(votes, metas), size=(8, 8),
+                               mode='bilinear', align_corners=False)
+    assert not torch.equal(round_trip, votes)
+
+
 def test_head_trains_each_member():
     head = make_head().train()
     inputs = [torch.randn(2, 6, 8, 8), torch.randn(2, 4, 4, 4)]
@@ -269,3 +282,14 @@ def test_real_configs_build(name, classes, dataset, tiny):
     model = MODELS.build(cfg.model)
     assert model.backbone.out_channels == head.in_channels
     assert DATASETS.get(dataset) is not None
+    # One image: only the ControlNet variant runs the denoising (t = 60 -> 50 by DDPM's
+    # 1,000-step schedule: 10 guided passes, each with its ControlNet pass).
+    source = model.backbone.source
+    with torch.no_grad():
+        source(torch.zeros(1, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert source.counts['denoising_passes'] == 10
+    assert source.counts['controlnet_passes'] == 11  # 10 denoising steps + the feature pass
+    assert source.counts['unet_passes'] == len(backbone.variants)
+    assert cfg.test_evaluator[0].type == 'BenchmarkIoUMetric'
+    assert cfg.fixed_split == dict(num_train=30, num_test=30) if name == 'horse21' else \
+        dict(num_train=40, num_test=20)

@@ -34,6 +34,11 @@ class PixelClassifierHead(BaseDecodeHead):
             benchmark's, (128, 32) below 30 classes, (256, 128) from 30 on.
         ensemble (str): 'vote' (majority of the members' argmax, the benchmark's) or
             'mean' (mean of their softmax). The result is returned as class scores.
+        predict_at_label_size (bool): at test time, return the scores at the image's
+            original size (the labels' resolution) -- unchanged when ``feature_size`` is that
+            size -- instead of MMSeg's resize to the model input and back, a bilinear round
+            trip that blurs the vote before its argmax. Padded inputs fall back to MMSeg's
+            way. Default: True.
         init_cfg (dict, optional): None: the benchmark's initialisation (``init_weights``).
         **kwargs: ``BaseDecodeHead``'s (``loss_decode``, ``ignore_index``, ...).
     """
@@ -43,7 +48,8 @@ class PixelClassifierHead(BaseDecodeHead):
                  feature_size: Union[int, Tuple[int, int], None] = 256,
                  num_classifiers: int = 10,
                  hidden_channels: Optional[Sequence[int]] = None,
-                 ensemble: str = 'vote', init_cfg: Optional[dict] = None, **kwargs):
+                 ensemble: str = 'vote', predict_at_label_size: bool = True,
+                 init_cfg: Optional[dict] = None, **kwargs):
         if ensemble not in ('vote', 'mean'):
             raise ValueError(f"ensemble must be 'vote' or 'mean', got {ensemble!r}.")
         hidden = list(hidden_channels or ((128, 32) if num_classes < 30 else (256, 128)))
@@ -56,6 +62,7 @@ class PixelClassifierHead(BaseDecodeHead):
         self.feature_size = (feature_size, feature_size) if isinstance(feature_size, int) \
             else feature_size
         self.num_classifiers, self.ensemble = num_classifiers, ensemble
+        self.predict_at_label_size = predict_at_label_size
         layers, width, groups = [], sum(in_channels), 1
         for out in hidden:
             layers += [nn.Conv2d(width, out * num_classifiers, 1, groups=groups),
@@ -94,6 +101,18 @@ class PixelClassifierHead(BaseDecodeHead):
             return logits.softmax(dim=2).mean(dim=1)
         votes = F.one_hot(logits.argmax(dim=2), self.num_classes)  # (N, K, H, W, classes)
         return votes.float().mean(dim=1).permute(0, 3, 1, 2)
+
+    def predict_by_feat(self, seg_logits: torch.Tensor, batch_img_metas: List[dict]):
+        """The scores at the labels' size (``predict_at_label_size``): the segmentor's
+        resize to ``ori_shape`` is then the identity, and the argmax sees the vote itself."""
+        padded = any(any(meta.get('padding_size', [0] * 4)) for meta in batch_img_metas)
+        if not self.predict_at_label_size or padded:
+            return super().predict_by_feat(seg_logits, batch_img_metas)
+        size = tuple(batch_img_metas[0]['ori_shape'][:2])
+        if tuple(seg_logits.shape[2:]) == size:
+            return seg_logits
+        return F.interpolate(seg_logits, size=size, mode='bilinear',
+                             align_corners=self.align_corners)
 
     def loss(self, inputs, batch_data_samples, train_cfg) -> dict:
         """Each member learns on its own logits; the losses and accuracies are averaged."""
