@@ -251,13 +251,25 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     cost = report['frozen_half']
     assert cost['with_store'] == dict(image_forwards=10, extracted_this_run=10,
                                       flops=10 * cost['per_image']['flops'])
-    assert cost['without_store']['image_forwards'] == 2 * (3 * 2 + 4)
+    # The pixel ensemble (the demo's default): the reference codes extract each image per run.
+    assert cost['without_store']['image_forwards'] == 2 * (6 + 4)
+    assert sorted(p.name for p in (work / 'fixed').glob('member_*')) == [
+        f'member_{k}.safetensors' for k in range(3)]
     assert cost['per_image']['passes']['unet_passes'] == 3
     assert report['features'] == str(work / 'features')
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count('done before') == 2
     report = json.loads((work / 'label_scarce.json').read_text())
     assert report['frozen_half']['with_store']['extracted_this_run'] == 0
+    # The MMSeg segmentor instead of the pixel ensemble, on the same store.
+    segmentor = subprocess.run(
+        [*command[:4], '0', '--work-dir', str(tmp_path / 'segmentor'), '--features',
+         str(work / 'features'), *command[7:], 'pixel_ensemble=None'],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert segmentor.returncode == 0, segmentor.stderr[-3000:]
+    report = json.loads((tmp_path / 'segmentor' / 'label_scarce.json').read_text())
+    assert report['frozen_half']['without_store']['image_forwards'] == 3 * 2 + 4
+    assert not list((tmp_path / 'segmentor' / 'fixed').glob('member_*'))
 
 
 @pytest.mark.parametrize('name,classes,dataset', [('horse21', 21, 'Horse21Dataset'),
@@ -293,3 +305,69 @@ def test_real_configs_build(name, classes, dataset, tiny):
     assert cfg.test_evaluator[0].type == 'BenchmarkIoUMetric'
     assert cfg.fixed_split == dict(num_train=30, num_test=30) if name == 'horse21' else \
         dict(num_train=40, num_test=20)
+
+
+def test_bilinear_reads_equal_resizing_the_whole_map():
+    from mmseg_gate.store.reader import bilinear_at
+    maps = torch.randn(3, 4, 5, 7)
+    for size in ((16, 16), (5, 7), (3, 4)):
+        images = torch.randint(0, 3, (40, ))
+        ys, xs = torch.randint(0, size[0], (40, )), torch.randint(0, size[1], (40, ))
+        whole = F.interpolate(maps, size=size, mode='bilinear', align_corners=False)
+        torch.testing.assert_close(bilinear_at(maps, images, ys, xs, size),
+                                   whole[images, :, ys, xs], rtol=1e-5, atol=1e-5)
+
+
+def test_per_pixel_amalgamation_in_every_member():
+    """The authors' member: one assigner shared by the buckets, softmax over them per
+    channel; each member's loss reaches its own assigner only."""
+    from mmseg_gate.models.pixel_ensemble import PixelAmalgamation, PixelMember
+    amalgamation = PixelAmalgamation(6).eval()
+    x = torch.randn(5, 3, 6)
+    out = amalgamation(x)
+    torch.testing.assert_close(amalgamation.weights.sum(dim=1), torch.ones(5, 6))
+    torch.testing.assert_close(out, (amalgamation.weights * x).sum(dim=1))
+    members = [PixelMember([(3, 6), (2, 4)], num_classes=4) for _ in range(2)]
+    groups = [torch.randn(8, 3, 6), torch.randn(8, 2, 4)]
+    loss = F.cross_entropy(members[0](groups), torch.randint(0, 4, (8, )))
+    (loss - 0.1 * members[0].sparsity()).backward()
+    for amalgamation in members[0].amalgamations:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in amalgamation.assigner.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in members[1].parameters())
+    assert 1 / 3**0.5 - 1e-6 <= members[0].sparsity().item() <= 1
+
+
+def test_sparsity_lambda_walks_as_the_authors():
+    from mmseg_gate.protocols.pixel_training import SparsityWalk
+    walk = SparsityWalk(np.random.default_rng(0))
+    values = []
+    for iteration in range(400):
+        before = walk.value
+        walk.update(iteration, loss=1.0 / (iteration + 1))
+        if (iteration + 1) % 5:
+            assert walk.value == before  # only every 5 iterations
+        values.append(walk.value)
+    assert values[0] == 0.0 and min(values) >= 0.0 and max(values) > 0
+    assert all(abs(v / 1e-5 - round(v / 1e-5)) < 1e-6 for v in values)
+
+
+def test_vote_takes_the_majority_and_the_lowest_on_ties():
+    from mmseg_gate.protocols.pixel_training import predict
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, labels):
+            super().__init__()
+            self.labels = torch.tensor(labels)
+            self.classifier = [torch.nn.Linear(1, 3)]
+
+        def forward(self, groups):
+            return F.one_hot(self.labels, 3).float()
+
+    class Bank:
+        size = (1, 2)
+
+        def features(self, images, ys, xs):
+            return [torch.zeros(len(ys), 1, 1)]
+    members = [Fixed([2, 1]), Fixed([2, 0]), Fixed([1, 2])]
+    assert predict(members, Bank(), 0).tolist() == [[2, 0]]  # 2 wins; 1/0/2 tie -> 0

@@ -50,6 +50,9 @@ test_dataloader = dict(
     num_workers=0, persistent_workers=False,
     dataset=dict(type=dataset_type, data_root=data_root, metainfo=metainfo,
                  pipeline=test_pipeline))
+# The paper's pixel ensemble at toy scale: 3 members, one epoch each (early stopping from the
+# start), so that a split takes seconds on the CPU.
+pixel_ensemble = dict(num_members=3, max_epochs=1, min_epochs=0)
 fixed_split = None  # all of the demo's images (20 + 20 from tools/make_demo.py)
 max_iters = 100
 optim_wrapper = dict(optimizer=dict(lr=2e-3))

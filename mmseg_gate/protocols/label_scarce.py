@@ -27,6 +27,7 @@ from mmengine.config import Config
 from ..fileio import atomic_file
 from ..store import FeatureStore, dataset_images, extract_features
 from ..store.writer import finished_images
+from .pixel_training import run_pixel_split
 
 
 def list_images(data_root: str, folder: str, img_suffix: str) -> List[str]:
@@ -105,9 +106,12 @@ def summarize(results: Dict[str, Dict[str, float]], metric: str = 'mIoU') -> Dic
     return summary
 
 
-def image_forwards(cfg: Config, num_test: int) -> int:
+def image_forwards(cfg: Config, num_train: int, num_test: int) -> int:
     """Images the frozen half sees in one split run without a store: every training image of
-    every iteration, then every test image."""
+    every iteration, then every test image (the pixel ensemble: each image once per run, as
+    the reference codes extract per run)."""
+    if cfg.get('pixel_ensemble'):
+        return num_train + num_test
     return cfg.train_cfg.max_iters * cfg.train_dataloader.batch_size + num_test
 
 
@@ -148,6 +152,10 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
     ``<work_dir>/features``), or None to run the frozen half on every training step (fresh
     noise each step, as a plain MMSeg run)."""
     store = extracted = None
+    if features is None and cfg.get('pixel_ensemble'):
+        raise ValueError('The pixel ensemble (the config\'s pixel_ensemble) trains on stored '
+                         'features: run without --no-store, or set pixel_ensemble=None to '
+                         'train the MMSeg segmentor instead.')
     if features is not None:
         cfg, store, extracted = stored_config(cfg, features or osp.join(work_dir, 'features'),
                                               device)
@@ -171,7 +179,9 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
             continue
         print(f"[label_scarce] split {index}/{len(splits)} ({split['name']}): "
               f"{len(split['train'])} training, {len(split['test'])} test images")
-        results[split['name']] = run_split(split_config(cfg, split, folder))
+        split_cfg = split_config(cfg, split, folder)
+        results[split['name']] = run_pixel_split(split_cfg, store, folder) \
+            if cfg.get('pixel_ensemble') else run_split(split_cfg)
         with atomic_file(done) as tmp, open(tmp, 'w') as f:
             json.dump(results[split['name']], f, indent=1)
     report = dict(splits=results, summary=summarize(results, metric), seed=seed,
@@ -183,7 +193,7 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
                   split_lists={s['name']: dict(train=s['train'], test=s['test'])
                                for s in splits})
     if store is not None:
-        forwards = sum(image_forwards(cfg, len(s['test'])) for s in splits)
+        forwards = sum(image_forwards(cfg, len(s['train']), len(s['test'])) for s in splits)
         report['features'] = store.folder
         report['frozen_half'] = frozen_cost(store, forwards, extracted)
     with atomic_file(osp.join(work_dir, 'label_scarce.json')) as tmp, open(tmp, 'w') as f:

@@ -74,44 +74,58 @@ def _check_fixed_pipeline(pipeline, where: str) -> None:
             'split), or drop the augmentation.')
 
 
-def dataset_images(cfg, splits: Sequence[str] = ('train', 'test')) -> ImageList:
-    """The images of an MMSeg config's ``<split>_dataloader`` datasets, each through its own
-    pipeline, the model's data preprocessor and the backbone's ``input_mean``/``input_std``:
-    the pixels the backbone's source gets in training and testing."""
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import DATASETS, MODELS
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
-    backbone = cfg.model.backbone
-    mean = torch.tensor(backbone.get('input_mean', (127.5, ) * 3)).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.get('input_std', (127.5, ) * 3)).view(1, 3, 1, 1)
-    preprocessor = MODELS.build(cfg.model.data_preprocessor)
-    entries: List[Tuple[str, str, object, int]] = []
-    seen = set()
-    for split in splits:
+class DatasetImages:
+    """An MMSeg config's ``<split>_dataloader`` dataset, each sample through its own pipeline,
+    the model's data preprocessor and the backbone's ``input_mean``/``input_std``: the pixels
+    the backbone's source gets in training and testing, with the sample's labels."""
+
+    def __init__(self, cfg, split: str):
+        from mmengine.registry import init_default_scope
+        from mmseg.registry import DATASETS, MODELS
+        init_default_scope(cfg.get('default_scope', 'mmseg'))
         loader = cfg.get(f'{split}_dataloader')
         if not loader:
             raise ValueError(f"The config has no {split}_dataloader to extract; it has "
                              f"{[k[:-11] for k in cfg if k.endswith('_dataloader') and cfg[k]]}.")
         _check_fixed_pipeline(loader.dataset.get('pipeline', []), f'{split}_dataloader')
-        dataset = DATASETS.build(loader.dataset)
-        root = dataset.data_root or ''
-        for i in range(len(dataset)):
-            path = dataset.get_data_info(i)['img_path']
-            key = osp.relpath(path, root) if root else path
+        backbone = cfg.model.backbone
+        self.mean = torch.tensor(backbone.get('input_mean', (127.5, ) * 3)).view(1, 3, 1, 1)
+        self.std = torch.tensor(backbone.get('input_std', (127.5, ) * 3)).view(1, 3, 1, 1)
+        self.preprocessor = MODELS.build(cfg.model.data_preprocessor)
+        self.dataset = DATASETS.build(loader.dataset)
+        root = self.dataset.data_root or ''
+        self.paths = [self.dataset.get_data_info(i)['img_path']
+                      for i in range(len(self.dataset))]
+        self.keys = [osp.relpath(p, root) if root else p for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sample(self, index: int) -> Tuple[torch.Tensor, object]:
+        """(3, H, W) in [-1, 1] as the model sees it, and the packed data sample."""
+        try:
+            sample = self.dataset[index]
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Cannot read '{self.paths[index]}': {err}") from err
+        batch = self.preprocessor(dict(inputs=[sample['inputs']],
+                                       data_samples=[sample['data_samples']]), training=False)
+        return (normalized_to_model_range(batch['inputs'], self.mean, self.std)[0],
+                batch['data_samples'][0])
+
+
+def dataset_images(cfg, splits: Sequence[str] = ('train', 'test')) -> ImageList:
+    """The images of an MMSeg config's ``<split>_dataloader`` datasets (:class:`DatasetImages`),
+    each once, keyed by its path relative to the data root."""
+    entries: List[Tuple[str, str, DatasetImages, int]] = []
+    seen = set()
+    for split in splits:
+        images = DatasetImages(cfg, split)
+        for i, (key, path) in enumerate(zip(images.keys, images.paths)):
             if key not in seen:
                 seen.add(key)
-                entries.append((key, path, dataset, i))
-
-    def load(i: int) -> torch.Tensor:
-        _, path, dataset, index = entries[i]
-        try:
-            sample = dataset[index]
-        except (OSError, ValueError) as err:
-            raise ValueError(f"Cannot read '{path}': {err}") from err
-        batch = preprocessor(dict(inputs=[sample['inputs']],
-                                  data_samples=[sample['data_samples']]), training=False)
-        return normalized_to_model_range(batch['inputs'], mean, std)[0]
-    return ImageList([e[0] for e in entries], [e[1] for e in entries], load)
+                entries.append((key, path, images, i))
+    return ImageList([e[0] for e in entries], [e[1] for e in entries],
+                     lambda i: entries[i][2].sample(entries[i][3])[0])
 
 
 def extraction_plan(cfg, splits: Optional[Sequence[str]] = None,

@@ -113,17 +113,24 @@ class FeatureStore:
         """Features at pixels (``ys``, ``xs``) of a ``size`` grid (e.g. the labels'), bilinear
         from the native maps exactly as resizing the whole map to ``size`` would give them,
         without resizing it: (P, sum of C) for ``names`` (default: all of the variant)."""
-        height, width = size
-        # Pixel centres of the size grid in [-1, 1] (align_corners=False).
-        grid = torch.stack([(2 * xs.float() + 1) / width - 1,
-                            (2 * ys.float() + 1) / height - 1], dim=-1).view(1, 1, -1, 2)
-        columns = []
-        for name in names or self.names(variant):
-            value = self.feature(index, variant, name)[None]
-            if tuple(value.shape[2:]) == tuple(size):
-                columns.append(value[0][:, ys, xs].t())
-                continue
-            sampled = F.grid_sample(value, grid, mode='bilinear', padding_mode='border',
-                                    align_corners=False)
-            columns.append(sampled[0, :, 0].t())
-        return torch.cat(columns, dim=1)
+        images = torch.zeros_like(ys)
+        return torch.cat([bilinear_at(self.feature(index, variant, name)[None], images, ys, xs,
+                                      size) for name in names or self.names(variant)], dim=1)
+
+
+def bilinear_at(maps: torch.Tensor, images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                size: Tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(maps, size, mode='bilinear', align_corners=False)[images, :, ys, xs]``
+    without building the resized maps: maps (N, C, h, w), pixel ``i`` of image ``images[i]``
+    at (``ys[i]``, ``xs[i]``) of the ``size`` grid -> (P, C) float32."""
+    def axis(dst: torch.Tensor, out: int, native: int):
+        src = ((dst.double() + 0.5) * (native / out) - 0.5).clamp(min=0)
+        low = src.floor().long().clamp(max=native - 1)
+        return low, (low + 1).clamp(max=native - 1), (src - low).float()[:, None]
+    y0, y1, wy = axis(ys, size[0], maps.shape[2])
+    x0, x1, wx = axis(xs, size[1], maps.shape[3])
+
+    def at(y, x):
+        return maps[images, :, y, x].float()
+    return ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1))
+            + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1)))
