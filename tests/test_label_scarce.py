@@ -359,7 +359,7 @@ def test_vote_takes_the_majority_and_the_lowest_on_ties():
         def __init__(self, labels):
             super().__init__()
             self.labels = torch.tensor(labels)
-            self.classifier = [torch.nn.Linear(1, 3)]
+            self.classifier = torch.nn.Sequential(torch.nn.Linear(1, 3))
 
         def forward(self, groups):
             return F.one_hot(self.labels, 3).float()

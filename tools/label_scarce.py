@@ -33,7 +33,7 @@ def parse_args():
     parser.add_argument('--no-store', action='store_true',
                         help='run the frozen half on every step instead of a store')
     parser.add_argument('--device', default=default_device(),
-                        help='where the store is extracted')
+                        help='where the store is extracted and the pixel ensemble trains')
     add_common_args(parser)
     return parser.parse_args()
 

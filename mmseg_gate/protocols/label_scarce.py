@@ -180,7 +180,7 @@ def run_protocol(cfg: Config, num_random: int, work_dir: str, seed: int = 0,
         print(f"[label_scarce] split {index}/{len(splits)} ({split['name']}): "
               f"{len(split['train'])} training, {len(split['test'])} test images")
         split_cfg = split_config(cfg, split, folder)
-        results[split['name']] = run_pixel_split(split_cfg, store, folder) \
+        results[split['name']] = run_pixel_split(split_cfg, store, folder, device) \
             if cfg.get('pixel_ensemble') else run_split(split_cfg)
         with atomic_file(done) as tmp, open(tmp, 'w') as f:
             json.dump(results[split['name']], f, indent=1)

@@ -115,6 +115,7 @@ def train_member(member: PixelMember, bank: PixelBank, seed: int, batch_size: in
                  patience: int = 50, sparsity='random_walk') -> Dict:
     """Train one member the benchmark's way (module docstring); ``sparsity``: the
     authors' random walk, or a fixed lambda (0: none). Returns what happened."""
+    device = next(member.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     walk = SparsityWalk(np.random.default_rng(seed))
     optimizer = torch.optim.Adam(member.parameters(), lr=lr)
@@ -124,7 +125,7 @@ def train_member(member: PixelMember, bank: PixelBank, seed: int, batch_size: in
         order = torch.randperm(len(bank.pixels), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             features, targets = bank.samples(order[start:start + batch_size])
-            loss = F.cross_entropy(member(features), targets)
+            loss = F.cross_entropy(member([f.to(device) for f in features]), targets.to(device))
             lam = walk.value if sparsity == 'random_walk' else float(sparsity)
             total = loss + sparsity_loss(member.sparsity(), loss, lam) if lam else loss
             optimizer.zero_grad()
@@ -158,8 +159,9 @@ def predict(members: Sequence[PixelMember], bank: PixelBank, image: int,
     votes = None
     for member in members:
         member.eval()
-        labels = torch.cat([member(bank.features(images[i:i + chunk], ys[i:i + chunk],
-                                                 xs[i:i + chunk])).argmax(dim=1)
+        device = next(member.parameters()).device
+        labels = torch.cat([member([f.to(device) for f in bank.features(
+            images[i:i + chunk], ys[i:i + chunk], xs[i:i + chunk])]).argmax(dim=1).cpu()
                             for i in range(0, len(ys), chunk)])
         hits = F.one_hot(labels, member.classifier[-1].out_features)
         votes = hits if votes is None else votes + hits
@@ -184,9 +186,11 @@ def split_bank(cfg, split: str, store: FeatureStore) -> Tuple[PixelBank, List, D
     return PixelBank(store, indices, labels, ignore), samples, images.dataset.metainfo
 
 
-def run_pixel_split(cfg, store: FeatureStore, work_dir: str) -> Dict[str, float]:
-    """Train the members (each saved when done: a rerun trains only the missing ones), then
-    predict the test images and score them with the config's ``test_evaluator``."""
+def run_pixel_split(cfg, store: FeatureStore, work_dir: str,
+                    device='cpu') -> Dict[str, float]:
+    """Train the members on ``device`` (each saved when done: a rerun trains only the missing
+    ones), then predict the test images and score them with the config's
+    ``test_evaluator``."""
     settings = dict(cfg.pixel_ensemble)
     num_members = settings.pop('num_members', 10)
     seed = settings.pop('seed', 0)
@@ -196,14 +200,19 @@ def run_pixel_split(cfg, store: FeatureStore, work_dir: str) -> Dict[str, float]
     for k in range(num_members):
         torch.manual_seed(seed + k)
         member = PixelMember(train.group_shapes(), cfg.model.decode_head.num_classes,
-                             **member_cfg)
+                             **member_cfg).to(device)
         path = osp.join(work_dir, f'member_{k}.safetensors')
         if osp.isfile(path):
-            member.load_state_dict(load_file(path))
+            try:
+                member.load_state_dict(load_file(path, device=str(device)))
+            except (RuntimeError, OSError) as err:
+                raise ValueError(f"'{path}' is not a member of this ensemble ({err}); remove "
+                                 'it to train the member again.') from err
         else:
             log.append(dict(member=k, **train_member(member, train, seed + k, **settings)))
             with atomic_file(path) as tmp:
-                save_file(member.state_dict(), tmp)
+                save_file({name: value.cpu() for name, value in member.state_dict().items()},
+                          tmp)
         members.append(member)
     del train
     test, samples, metainfo = split_bank(cfg, 'test', store)
