@@ -3,15 +3,17 @@
 Two protocols are in use and both are reported, by name: DDPM-segmentation's, one fixed split
 (the first ``num_train`` sorted training images and the first ``num_test`` sorted test
 images, its ``training_number`` / ``testing_number``), and the GATE authors', the mean ± std
-over random re-splits of those train+test images into sets of the same sizes. Each split is
-one MMEngine run in its own work folder (``<work_dir>/<split>/``: ``fixed``, ``random0``, ...)
-with the split's image lists as ``ann_file``s; its result is written when it finishes, so a
-rerun skips finished splits and resumes an unfinished one from its last checkpoint.
+over random re-splits of those train+test images into sets of the same sizes. Each split
+runs in its own work folder (``<work_dir>/<split>/``: ``fixed``, ``random0``, ...) with the
+split's image lists as ``ann_file``s: the paper's pixel ensemble (the config's
+``pixel_ensemble``, :mod:`.pixel_training`), or with ``pixel_ensemble=None`` one MMEngine
+run of the config's segmentor. Its result is written when it finishes, so a rerun skips
+finished splits and resumes an unfinished one (trained members, or the last checkpoint).
 
 By default the frozen half runs once: every image of train+test is extracted into a feature
 store (``mmseg_gate.store``, fixed noise, as the benchmark extracts its features once) and
-every split trains and tests on it through :class:`StoredSource`; re-splits change the image
-lists, not the features. The report says what the frozen half cost with the store and what
+every split trains and tests on it (the segmentor through :class:`StoredSource`); re-splits
+change the image lists, not the features. The report says what the frozen half cost with the store and what
 recomputing it for every training and test image would have cost.
 """
 import copy
