@@ -61,7 +61,7 @@ def folder_images(folder: str, image_size: Optional[int] = None) -> ImageList:
 
 
 # Transforms that change an image from one epoch to the next: a store cannot follow them.
-_RANDOM_TRANSFORMS = ('Random', 'PhotoMetricDistortion', 'RGB2Gray', 'AdjustGamma', 'CLAHE')
+_RANDOM_TRANSFORMS = ('Random', 'PhotoMetricDistortion')
 
 
 def _check_fixed_pipeline(pipeline, where: str) -> None:
