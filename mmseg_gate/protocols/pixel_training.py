@@ -46,7 +46,7 @@ class PixelBank:
     """Images of a split from a store, with their labels: features of any pixels, read
     bilinearly at the labels' resolution from the native maps held in RAM (float16). When
     the training pixels' features fit in ``table_bytes`` they are read once into a table
-    (float16) that batches index, the same values faster."""
+    (float16) that batches index, the same values faster, and the maps are let go."""
 
     def __init__(self, store: FeatureStore, indices: Sequence[int],
                  labels: Sequence[torch.Tensor], ignore_index: int = 255,
@@ -59,18 +59,20 @@ class PixelBank:
         n, y, x = torch.nonzero(self.labels != ignore_index, as_tuple=True)
         self.pixels = torch.stack([n, y, x], dim=1)  # the training samples
         self.targets = self.labels[n, y, x]
-        width = sum(b * c for b, c in self.group_shapes())
+        self.shapes = [(len(variants), sum(self.maps[variants[0], name].shape[1]
+                                           for name in names))
+                       for variants, names in self.groups]
         self.table = None
-        if len(self.pixels) * width * 2 <= table_bytes:
+        if len(self.pixels) * sum(b * c for b, c in self.shapes) * 2 <= table_bytes:
             chunks = [self.features(*self.pixels[i:i + 8192].unbind(1))
                       for i in range(0, len(self.pixels), 8192)]
             self.table = [torch.cat([c[g] for c in chunks]).half()
                           for g in range(len(self.groups))]
+            self.maps = None
 
     def group_shapes(self) -> List[Tuple[int, int]]:
         """(buckets, channels) per group, for :class:`PixelMember`."""
-        return [(len(variants), sum(self.maps[variants[0], name].shape[1] for name in names))
-                for variants, names in self.groups]
+        return list(self.shapes)
 
     def samples(self, rows: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Training samples ``rows`` (of ``pixels``): per group features, and labels."""
@@ -168,7 +170,8 @@ def predict(members: Sequence[PixelMember], bank: PixelBank, image: int,
     return votes.argmax(dim=1).view(height, width)
 
 
-def split_bank(cfg, split: str, store: FeatureStore) -> Tuple[PixelBank, List, Dict]:
+def split_bank(cfg, split: str, store: FeatureStore,
+               table_bytes: float = 2 * 1024**3) -> Tuple[PixelBank, List, Dict]:
     """The split's images from the store (found by their pixels) with their labels, their
     data samples and the dataset's metainfo."""
     images = DatasetImages(cfg, split)
@@ -183,7 +186,8 @@ def split_bank(cfg, split: str, store: FeatureStore) -> Tuple[PixelBank, List, D
         labels.append(sample.gt_sem_seg.data[0])
         samples.append(sample)
     ignore = cfg.model.decode_head.get('ignore_index', 255)
-    return PixelBank(store, indices, labels, ignore), samples, images.dataset.metainfo
+    return (PixelBank(store, indices, labels, ignore, table_bytes), samples,
+            images.dataset.metainfo)
 
 
 def run_pixel_split(cfg, store: FeatureStore, work_dir: str,
@@ -215,7 +219,7 @@ def run_pixel_split(cfg, store: FeatureStore, work_dir: str,
                           tmp)
         members.append(member)
     del train
-    test, samples, metainfo = split_bank(cfg, 'test', store)
+    test, samples, metainfo = split_bank(cfg, 'test', store, table_bytes=0)  # whole maps
     evaluator = Evaluator(cfg.test_evaluator)
     evaluator.dataset_meta = metainfo
     for i, sample in enumerate(samples):
