@@ -56,3 +56,8 @@ if ! "$VENV/bin/python" -c "import mmseg_gate, pytest" >/dev/null 2>&1 \
   pip_ --no-build-isolation -e ".[tests]"
   echo "$LOCK" > "$MARK"
 fi
+
+# guided-diffusion's own UNet, for the tests only: the independent forward the ADM mapping
+# (mmseg_gate/sources/adm.py) is checked against. Without its dependencies: its setup.py asks
+# for blobfile and mpi4py, which its unet.py never imports.
+have guided-diffusion-sdk || pip_ --no-deps --no-build-isolation guided-diffusion-sdk

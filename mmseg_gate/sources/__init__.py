@@ -1,8 +1,9 @@
 """The frozen half: feature sources behind one small contract (``base.py``)."""
 from .base import SOURCES, FeatureSource, build_source
+from .adm import ADMSource
 from .composite import CompositeSource
 from .stable_diffusion import GATEFeatureExtractor, StableDiffusionSource
 from .stored import StoredSource  # last: it reads stores, whose writer builds sources
 
-__all__ = ['SOURCES', 'FeatureSource', 'build_source', 'CompositeSource',
+__all__ = ['SOURCES', 'FeatureSource', 'build_source', 'ADMSource', 'CompositeSource',
            'StableDiffusionSource', 'GATEFeatureExtractor', 'StoredSource']

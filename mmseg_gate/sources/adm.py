@@ -1,29 +1,65 @@
-"""ADM (guided-diffusion) checkpoints as diffusers ``UNet2DModel``s -- work in progress.
+"""ADM (guided-diffusion) features, DDPM-segmentation's way, on diffusers' ``UNet2DModel``.
 
-DDPM-segmentation's features come from guided-diffusion's LSUN 256x256 ADM
-(``lsun_bedroom.pt``, ``lsun_horse.pt``). diffusers' ``UNet2DModel`` has the same
-architecture (scale-shift norm, resblock up/down, attention with 64-channel heads); this
-module maps a guided-diffusion state dict onto it, every tensor counted. guided-diffusion's
-default ``QKVAttentionLegacy`` stores ``qkv`` per head as (heads, 3, head_channels), not as
-(3, heads, head_channels): each head's q, k and v are taken from its own slice.
+The label-scarce benchmark's features come from guided-diffusion's unconditional LSUN
+256x256 ADMs (``lsun_bedroom.pt``, ``lsun_horse.pt``; the GATE authors concatenate them with
+their Stable Diffusion features). diffusers' ``UNet2DModel`` has the same architecture
+(scale-shift norm, resblock up/down sampling, attention with 64-channel heads), so the
+checkpoint is mapped onto it here, every tensor counted, and diffusers' own forward runs.
+guided-diffusion's default ``QKVAttentionLegacy`` stores ``qkv`` per head as
+(heads, 3, head_channels), not as (3, heads, head_channels): each head's q, k and v are taken
+from its own slice (a plain three-way split would scramble multi-head attention).
+
+DDPM-segmentation's extraction (``src/feature_extractors.py``, ``train_interpreter.py``): the
+image in [-1, 1] is noised to each step with one shared noise (``share_noise``: one
+(1, 3, 256, 256) draw from the seed, the same for every image and step), the UNet runs on the
+unscaled step, and forward hooks keep the outputs of chosen ``output_blocks``. The GATE
+authors' set (``--ddpm_feature_len 2816``) is blocks 5, 6, 7, 8, 12 at steps 50, 150, 250;
+DDPM-segmentation's own ``experiments/*/ddpm.json`` use 6, 7, 8, 9 at 50, 150, 250, 350.
+Each step is one variant here, so GATE's amalgamation weighs the steps as it weighs guided
+variants.
 """
-from typing import Dict, Sequence
+import math
+import os.path as osp
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
-# guided-diffusion's arguments of DDPM-segmentation's LSUN models (its README).
+from ..engine.checkpoint import read_checkpoint
+from ..engine.devices import resolve_dtype
+from .base import SOURCES, FeatureSource, Features
+from .stable_diffusion.latents import draw_noise, noised
+from .stable_diffusion.source import pad_to_multiple
+from .stable_diffusion.unet_taps import UNetTaps
+from .stable_diffusion.variants import check_timesteps
+
+# guided-diffusion's arguments of DDPM-segmentation's LSUN models (its README's MODEL_FLAGS).
 ADM_LSUN_256 = dict(image_size=256, model_channels=256, num_res_blocks=2,
                     channel_mult=(1, 1, 2, 2, 4, 4), attention_resolutions=(32, 16, 8),
                     num_head_channels=64, learn_sigma=True)
+GATE_BLOCKS = (5, 6, 7, 8, 12)  # the GATE authors' 2,816 channels
+GATE_STEPS = (50, 150, 250)
+_GET_CHECKPOINTS = (
+    "Get DDPM-segmentation's checkpoints with `bash checkpoints/ddpm/download_checkpoint.sh "
+    "lsun_horse` (or lsun_bedroom) from https://github.com/yandex-research/ddpm-segmentation, "
+    'or guided-diffusion\'s README links (lsun_horse.pt, lsun_bedroom.pt).')
+
+
+def attention_levels(image_size: int, channel_mult: Sequence[int],
+                     attention_resolutions: Sequence[int]) -> List[bool]:
+    """Whether each level has attention (guided-diffusion's scripts list the resolutions)."""
+    return [image_size // 2**level in attention_resolutions
+            for level in range(len(channel_mult))]
 
 
 def diffusers_config(image_size: int, model_channels: int, num_res_blocks: int,
                      channel_mult: Sequence[int], attention_resolutions: Sequence[int],
                      num_head_channels: int, learn_sigma: bool = True) -> Dict:
-    """``UNet2DModel`` arguments of a guided-diffusion UNet (resolutions as its scripts give
-    them: attention where ``image_size // 2**level`` is listed)."""
-    attention = [image_size // 2**level in attention_resolutions
-                 for level in range(len(channel_mult))]
+    """``UNet2DModel`` arguments of an unconditional guided-diffusion UNet."""
+    attention = attention_levels(image_size, channel_mult, attention_resolutions)
     return dict(
         sample_size=image_size, in_channels=3, out_channels=6 if learn_sigma else 3,
         layers_per_block=num_res_blocks,
@@ -37,80 +73,309 @@ def diffusers_config(image_size: int, model_channels: int, num_res_blocks: int,
         norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0)
 
 
-class _Mapper:
-    """Copies guided-diffusion tensors to diffusers names, each source tensor once."""
+# -- the key map -------------------------------------------------------------------------
+# One plan, read both ways: (diffusers prefix, guided-diffusion prefix, kind). Kinds: 'same'
+# (weight and bias as they are), 'squeeze' (a 1x1 conv1d as a linear), 'qkv' (one legacy
+# conv1d as to_q, to_k, to_v), 'optional' ('same' where the layer exists: a resnet's skip).
+Plan = List[Tuple[str, str, str]]
+_RESNET = (('norm1', 'in_layers.0'), ('conv1', 'in_layers.2'),
+           ('time_emb_proj', 'emb_layers.1'), ('norm2', 'out_layers.0'),
+           ('conv2', 'out_layers.3'))
 
-    def __init__(self, source: Dict[str, torch.Tensor], head_channels: int):
-        self.source, self.head_channels, self.target, self.used = source, head_channels, {}, set()
 
-    def take(self, name: str) -> torch.Tensor:
-        self.used.add(name)
-        return self.source[name]
+def _resnet(new: str, old: str) -> Plan:
+    return [(f'{new}.{a}', f'{old}.{b}', 'same') for a, b in _RESNET] + \
+        [(f'{new}.conv_shortcut', f'{old}.skip_connection', 'optional')]
 
-    def copy(self, new: str, old: str) -> None:
-        for suffix in ('weight', 'bias'):
-            self.target[f'{new}.{suffix}'] = self.take(f'{old}.{suffix}')
 
-    def resnet(self, new: str, old: str) -> None:
-        for a, b in (('norm1', 'in_layers.0'), ('conv1', 'in_layers.2'),
-                     ('time_emb_proj', 'emb_layers.1'), ('norm2', 'out_layers.0'),
-                     ('conv2', 'out_layers.3')):
-            self.copy(f'{new}.{a}', f'{old}.{b}')
-        if f'{old}.skip_connection.weight' in self.source:
-            self.copy(f'{new}.conv_shortcut', f'{old}.skip_connection')
+def _attention(new: str, old: str) -> Plan:
+    return [(f'{new}.group_norm', f'{old}.norm', 'same'), (new, f'{old}.qkv', 'qkv'),
+            (f'{new}.to_out.0', f'{old}.proj_out', 'squeeze')]
 
-    def attention(self, new: str, old: str) -> None:
-        self.copy(f'{new}.group_norm', f'{old}.norm')
-        weight, bias = self.take(f'{old}.qkv.weight')[..., 0], self.take(f'{old}.qkv.bias')
-        channels = weight.shape[1]
-        heads = channels // self.head_channels
-        weight = weight.view(heads, 3, self.head_channels, channels)  # the legacy order
-        bias = bias.view(heads, 3, self.head_channels)
-        for index, name in enumerate(('to_q', 'to_k', 'to_v')):
-            self.target[f'{new}.{name}.weight'] = weight[:, index].reshape(channels, channels)
-            self.target[f'{new}.{name}.bias'] = bias[:, index].reshape(channels)
-        self.target[f'{new}.to_out.0.weight'] = self.take(f'{old}.proj_out.weight')[..., 0]
-        self.target[f'{new}.to_out.0.bias'] = self.take(f'{old}.proj_out.bias')
+
+def output_block_modules(num_res_blocks: int, levels: Sequence[bool]) -> List[str]:
+    """The ``UNet2DModel`` module whose output is guided-diffusion's ``output_blocks[i]``, for
+    every i: the up block's upsampler after its last layer, else its attention or resnet."""
+    names = []
+    for up, has_attention in enumerate(reversed(levels)):
+        for j in range(num_res_blocks + 1):
+            if j == num_res_blocks and up != len(levels) - 1:
+                names.append(f'up_blocks.{up}.upsamplers.0')
+            else:
+                kind = 'attentions' if has_attention else 'resnets'
+                names.append(f'up_blocks.{up}.{kind}.{j}')
+    return names
+
+
+def key_plan(num_res_blocks: int, levels: Sequence[bool]) -> Plan:
+    """Every layer of the UNet, diffusers' name beside guided-diffusion's."""
+    plan: Plan = [('time_embedding.linear_1', 'time_embed.0', 'same'),
+                  ('time_embedding.linear_2', 'time_embed.2', 'same'),
+                  ('conv_in', 'input_blocks.0.0', 'same')]
+    block = 1
+    for level, has_attention in enumerate(levels):
+        for j in range(num_res_blocks):
+            plan += _resnet(f'down_blocks.{level}.resnets.{j}', f'input_blocks.{block}.0')
+            if has_attention:
+                plan += _attention(f'down_blocks.{level}.attentions.{j}',
+                                   f'input_blocks.{block}.1')
+            block += 1
+        if level != len(levels) - 1:
+            plan += _resnet(f'down_blocks.{level}.downsamplers.0', f'input_blocks.{block}.0')
+            block += 1
+    plan += _resnet('mid_block.resnets.0', 'middle_block.0')
+    plan += _attention('mid_block.attentions.0', 'middle_block.1')
+    plan += _resnet('mid_block.resnets.1', 'middle_block.2')
+    block = 0
+    for up, has_attention in enumerate(reversed(levels)):
+        for j in range(num_res_blocks + 1):
+            plan += _resnet(f'up_blocks.{up}.resnets.{j}', f'output_blocks.{block}.0')
+            if has_attention:
+                plan += _attention(f'up_blocks.{up}.attentions.{j}', f'output_blocks.{block}.1')
+            block += 1
+        if up != len(levels) - 1:
+            plan += _resnet(f'up_blocks.{up}.upsamplers.0',
+                            f'output_blocks.{block - 1}.{2 if has_attention else 1}')
+    return plan + [('conv_norm_out', 'out.0', 'same'), ('conv_out', 'out.2', 'same')]
 
 
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], num_res_blocks: int,
-                       channel_mult: Sequence[int], attention_levels: Sequence[bool],
-                       num_head_channels: int, where: str = 'the checkpoint') -> Dict:
-    """A guided-diffusion UNet state dict as ``UNet2DModel``'s; a tensor of the source left
-    unused is an error naming ``where``."""
-    m = _Mapper(state_dict, num_head_channels)
-    m.copy('time_embedding.linear_1', 'time_embed.0')
-    m.copy('time_embedding.linear_2', 'time_embed.2')
-    m.copy('conv_in', 'input_blocks.0.0')
-    block, levels = 1, len(channel_mult)
-    for level in range(levels):
-        for j in range(num_res_blocks):
-            m.resnet(f'down_blocks.{level}.resnets.{j}', f'input_blocks.{block}.0')
-            if attention_levels[level]:
-                m.attention(f'down_blocks.{level}.attentions.{j}', f'input_blocks.{block}.1')
-            block += 1
-        if level != levels - 1:
-            m.resnet(f'down_blocks.{level}.downsamplers.0', f'input_blocks.{block}.0')
-            block += 1
-    m.resnet('mid_block.resnets.0', 'middle_block.0')
-    m.attention('mid_block.attentions.0', 'middle_block.1')
-    m.resnet('mid_block.resnets.1', 'middle_block.2')
-    block = 0
-    for up in range(levels):
-        has_attention = attention_levels[levels - 1 - up]
-        for j in range(num_res_blocks + 1):
-            m.resnet(f'up_blocks.{up}.resnets.{j}', f'output_blocks.{block}.0')
-            if has_attention:
-                m.attention(f'up_blocks.{up}.attentions.{j}', f'output_blocks.{block}.1')
-            block += 1
-        if up != levels - 1:
-            m.resnet(f'up_blocks.{up}.upsamplers.0',
-                     f'output_blocks.{block - 1}.{2 if has_attention else 1}')
-    m.copy('conv_norm_out', 'out.0')
-    m.copy('conv_out', 'out.2')
-    unused = sorted(set(state_dict) - m.used)
+                       levels: Sequence[bool], num_head_channels: int,
+                       where: str = 'the checkpoint') -> Dict[str, torch.Tensor]:
+    """A guided-diffusion UNet state dict as ``UNet2DModel``'s. A tensor the plan does not
+    place, or one it needs and lacks, is an error naming ``where``."""
+    target, used = {}, set()
+
+    def take(name):
+        if name not in state_dict:
+            raise ValueError(f"{where} lacks '{name}': not an unconditional ADM with "
+                             f'{num_res_blocks} resblocks per level and attention at levels '
+                             f'{[i for i, a in enumerate(levels) if a]}.')
+        used.add(name)
+        return state_dict[name]
+
+    for new, old, kind in key_plan(num_res_blocks, levels):
+        if kind == 'optional' and f'{old}.weight' not in state_dict:
+            continue
+        weight, bias = take(f'{old}.weight'), take(f'{old}.bias')
+        if kind == 'qkv':
+            channels = weight.shape[1]
+            heads = channels // num_head_channels
+            weight = weight[..., 0].view(heads, 3, num_head_channels, channels)
+            bias = bias.view(heads, 3, num_head_channels)
+            for index, name in enumerate(('to_q', 'to_k', 'to_v')):
+                target[f'{new}.{name}.weight'] = weight[:, index].reshape(channels, channels)
+                target[f'{new}.{name}.bias'] = bias[:, index].reshape(channels)
+            continue
+        target[f'{new}.weight'] = weight[..., 0] if kind == 'squeeze' else weight
+        target[f'{new}.bias'] = bias
+    unused = sorted(set(state_dict) - used)
     if unused:
         raise ValueError(f'{len(unused)} tensors of {where} have no place in the ADM UNet '
-                         f'(e.g. {unused[:3]}): another architecture or a class-conditional '
-                         'model.')
-    return m.target
+                         f'(e.g. {unused[:3]}): another architecture, or a class-conditional '
+                         'model (label_emb), which DDPM-segmentation does not use.')
+    return target
+
+
+def guided_diffusion_state_dict(unet: UNet2DModel, num_res_blocks: int,
+                                levels: Sequence[bool], num_head_channels: int
+                                ) -> Dict[str, torch.Tensor]:
+    """The inverse: a ``UNet2DModel``'s weights in guided-diffusion's layout (the demo writes
+    its tiny ADM checkpoint in the real format with it)."""
+    source, state = {}, unet.state_dict()
+    for new, old, kind in key_plan(num_res_blocks, levels):
+        if kind == 'optional' and f'{new}.weight' not in state:
+            continue
+        if kind == 'qkv':
+            weights = [state[f'{new}.{n}.weight'] for n in ('to_q', 'to_k', 'to_v')]
+            biases = [state[f'{new}.{n}.bias'] for n in ('to_q', 'to_k', 'to_v')]
+            channels = weights[0].shape[1]
+            heads = channels // num_head_channels
+            source[f'{old}.weight'] = torch.stack(
+                [w.view(heads, num_head_channels, channels) for w in weights],
+                dim=1).reshape(3 * channels, channels, 1).clone()
+            source[f'{old}.bias'] = torch.stack(
+                [b.view(heads, num_head_channels) for b in biases], dim=1).reshape(-1).clone()
+            continue
+        weight = state[f'{new}.weight']
+        source[f'{old}.weight'] = (weight[..., None] if kind == 'squeeze' else weight).clone()
+        source[f'{old}.bias'] = state[f'{new}.bias'].clone()
+    return source
+
+
+def read_adm_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """A guided-diffusion state dict from ``.pt``/``.pth`` (``torch.load(weights_only=True)``:
+    tensors only, nothing runs) or ``.safetensors``."""
+    path = osp.expanduser(path)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"ADM checkpoint '{path}' does not exist. {_GET_CHECKPOINTS}")
+    if path.endswith('.safetensors'):
+        return load_file(path)
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"'{path}' is not a guided-diffusion UNet state dict (a dict of "
+                         f'tensors). {_GET_CHECKPOINTS}')
+    return state
+
+
+def load_adm(path: str, model: Dict) -> UNet2DModel:
+    """The checkpoint at ``path`` (guided-diffusion arguments ``model``) as a diffusers
+    ``UNet2DModel``, every tensor of the file in place and every parameter from the file."""
+    levels = attention_levels(model['image_size'], model['channel_mult'],
+                              model['attention_resolutions'])
+    where = f"ADM checkpoint '{path}'"
+    weights = convert_state_dict(read_adm_checkpoint(path), model['num_res_blocks'], levels,
+                                 model['num_head_channels'], where)
+    unet = UNet2DModel(**diffusers_config(**model))
+    try:
+        unet.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f'{where} does not fit the ADM architecture {model} '
+                         f'({str(err).splitlines()[0]}...): pass its own guided-diffusion '
+                         'arguments as `model=dict(...)`.') from err
+    return unet.eval().requires_grad_(False)
+
+
+@SOURCES.register_module()
+class ADMSource(FeatureSource):
+    """DDPM-segmentation's ADM features: ``output_blocks`` activations at several steps,
+    one variant per step.
+
+    Args:
+        checkpoint (str): a guided-diffusion UNet checkpoint (``lsun_horse.pt``,
+            ``lsun_bedroom.pt``: read with ``torch.load(weights_only=True)``), or the same
+            tensors as ``.safetensors``.
+        model (dict): its guided-diffusion arguments. Default: :data:`ADM_LSUN_256`.
+        blocks (Sequence[int]): indices of guided-diffusion's ``output_blocks`` to read,
+            named ``'output_blocks.<i>'``. Default: the GATE authors' (5, 6, 7, 8, 12).
+        steps (Sequence[int]): diffusion steps, one variant each. Default: (50, 150, 250).
+        input_scale (float): the ADM sees the input resized by this factor (antialiased
+            bilinear); 0.5 gives it 256x256 from a 512x512 Stable Diffusion pipeline.
+            Strides are in input pixels. Default: 1.0.
+        share_noise (bool): one noise for every image and step, drawn from ``noise_seed``
+            (DDPM-segmentation's ``share_noise``); else each call's generator draws per
+            image. Default: True.
+        noise_seed (int): seed of the shared noise (DDPM-segmentation's ``seed``: 0).
+        num_train_steps (int): length of the linear beta schedule. Default: 1000.
+        frozen_dtype (str): 'auto' (float16 on accelerators, float32 on the CPU),
+            'float32', 'float16' or 'bfloat16'. Default: 'auto'.
+    """
+
+    def __init__(self, checkpoint: str, model: Optional[Dict] = None,
+                 blocks: Sequence[int] = GATE_BLOCKS, steps: Sequence[int] = GATE_STEPS,
+                 input_scale: float = 1.0, share_noise: bool = True, noise_seed: int = 0,
+                 num_train_steps: int = 1000, frozen_dtype: str = 'auto'):
+        self.model = dict(ADM_LSUN_256, **(model or {}))
+        resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
+        if not steps:
+            raise ValueError('ADMSource needs at least one step, e.g. steps=(50, 150, 250).')
+        self.steps = [check_timesteps(t, None, num_train_steps, 'ADMSource: ')[0]
+                      for t in steps]
+        if input_scale <= 0:
+            raise ValueError(f'input_scale must be positive, got {input_scale}.')
+        levels = attention_levels(self.model['image_size'], self.model['channel_mult'],
+                                  self.model['attention_resolutions'])
+        modules = output_block_modules(self.model['num_res_blocks'], levels)
+        bad = [b for b in blocks if not 0 <= b < len(modules)]
+        if bad or not blocks:
+            raise ValueError(f'ADMSource blocks {list(blocks)}: this ADM has output_blocks '
+                             f'0..{len(modules) - 1}.')
+        self.checkpoint, self.input_scale = checkpoint, float(input_scale)
+        self.blocks = [int(b) for b in blocks]
+        self.unet = load_adm(checkpoint, self.model)
+        self.taps = UNetTaps(self.unet, [modules[b] for b in self.blocks])
+        self.taps.drop_unused_stages()
+        scale = 1000 / num_train_steps  # guided-diffusion's linear schedule for any length
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_steps,
+                                       beta_schedule='linear', beta_start=scale * 1e-4,
+                                       beta_end=scale * 0.02)
+        self.num_train_steps = num_train_steps
+        self.multiple = 2**(len(self.model['channel_mult']) - 1)
+        self.share_noise, self.noise_seed, self.dtype_name = share_noise, noise_seed, \
+            frozen_dtype
+        self.device, self.dtype = torch.device('cpu'), torch.float32
+        self.counts: Counter = Counter()
+        self.feature_info = self._probe()
+
+    def __repr__(self) -> str:
+        return (f'ADMSource({self.checkpoint!r}, blocks {self.blocks}, steps {self.steps}, '
+                f'input_scale {self.input_scale})')
+
+    @property
+    def variant_names(self) -> List[str]:
+        return [f'ADM t={t}' for t in self.steps]
+
+    def to(self, device) -> 'ADMSource':
+        device = torch.device(device)
+        dtype = resolve_dtype(self.dtype_name, device)
+        if (device, dtype) != (self.device, self.dtype):
+            self.unet.to(device=device, dtype=dtype)
+            self.device, self.dtype = device, dtype
+        return self
+
+    def check_timestep(self, timestep: Optional[int]) -> None:
+        if timestep is not None:
+            check_timesteps(timestep, None, self.num_train_steps, 'ADMSource: ')
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] at the ADM's resolution, padded to its multiple."""
+        images = images.float()
+        if self.input_scale != 1.0:
+            size = [max(1, round(s * self.input_scale)) for s in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode='bilinear', align_corners=False,
+                                   antialias=self.input_scale < 1)
+        return pad_to_multiple(images, self.multiple)
+
+    def noise(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The noise of a call: one shared draw (expanded over the images), or one per
+        image from the call's generator."""
+        if self.share_noise:
+            one = draw_noise((1, *shape[1:]), torch.Generator().manual_seed(self.noise_seed))
+            return one.expand(shape)
+        return draw_noise(shape, generator if generator is not None else
+                          torch.Generator().manual_seed(self.noise_seed))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> List[Features]:
+        """Per step (or at ``timestep`` for every variant; 0: the clean image) a dict
+        ``'output_blocks.<i>'`` -> (N, C, ceil(H / stride), ceil(W / stride))."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
+                             f'{tuple(images.shape)}.')
+        self.check_timestep(timestep)
+        height, width = images.shape[-2:]
+        self.to(images.device)
+        clean = self.model_input(images).to(self.device)
+        steps = self.steps if timestep is None else [int(timestep)] * len(self.steps)
+        noise = self.noise(clean.shape, generator) if any(steps) else None
+        self.counts['noise_samples'] += images.shape[0] if noise is not None else 0
+        samples = [clean if t == 0 else noised(self.scheduler, clean, t, noise)
+                   for t in steps]
+        batch = torch.cat(samples).to(self.dtype)
+        times = torch.tensor(steps, device=self.device).repeat_interleave(images.shape[0])
+        self.counts['unet_passes'] += batch.shape[0]
+        out = self.taps.run(batch, times)
+        strides = [info['reduction'] for info in self.feature_info]
+        num = images.shape[0]
+        return [{f'output_blocks.{b}': out[tap][v * num:(v + 1) * num, :,
+                                                 :math.ceil(height / stride),
+                                                 :math.ceil(width / stride)]
+                 for b, tap, stride in zip(self.blocks, self.taps.taps, strides)}
+                for v in range(len(steps))]
+
+    def _probe(self) -> List[dict]:
+        size = self.multiple
+        out = self.taps.run(torch.zeros(1, 3, size, size), torch.tensor([self.steps[0]]))
+        info = []
+        for block, tap in zip(self.blocks, self.taps.taps):
+            stride = size / out[tap].shape[-1] / self.input_scale
+            if abs(stride - round(stride)) > 1e-6:
+                raise ValueError(f'input_scale {self.input_scale} makes the stride of '
+                                 f'output_blocks.{block} {stride:g} input pixels; choose a '
+                                 'scale that keeps it whole (0.5, 1, 2 ...).')
+            info.append(dict(module=f'output_blocks.{block}', num_chs=out[tap].shape[1],
+                             reduction=int(round(stride)), num_variants=len(self.steps)))
+        return info

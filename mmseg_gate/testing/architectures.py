@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, PNDMScheduler,
-                       UNet2DConditionModel)
+                       UNet2DConditionModel, UNet2DModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 _SD_BLOCKS = dict(
@@ -206,10 +206,43 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
     return save_lora_file(unet, path)
 
 
+# An ADM with the LSUN models' layout (attention on the three coarsest levels, resblock
+# up/down, scale-shift norm, learned sigma) and 15 output blocks, small enough for the CPU.
+TINY_ADM = dict(image_size=32, model_channels=32, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4),
+                attention_resolutions=(8, 4, 2), num_head_channels=8, learn_sigma=True)
+
+
+def save_random_adm(path: str, model: Optional[Dict] = None, seed: int = 0) -> str:
+    """A random ADM (``model``: guided-diffusion arguments, default :data:`TINY_ADM`) saved
+    as guided-diffusion saves ``lsun_horse.pt``: a ``.pt`` of its state dict."""
+    from ..sources.adm import attention_levels, diffusers_config, guided_diffusion_state_dict
+    model = dict(model or TINY_ADM)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**diffusers_config(**model))
+    levels = attention_levels(model['image_size'], model['channel_mult'],
+                              model['attention_resolutions'])
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    torch.save(guided_diffusion_state_dict(unet, model['num_res_blocks'], levels,
+                                           model['num_head_channels']), path)
+    return path
+
+
 def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
                         lora_targets: Optional[Sequence[str]] = None) -> None:
-    """Random weights of ``arch`` for a source config's SD model, ControlNets and LoRAs,
-    written under ``folder``; the config is pointed at them."""
+    """Random weights of ``arch`` for a source config's models (SD model, ControlNets and
+    LoRAs; an ADM: the real LSUN layout, or :data:`TINY_ADM` for the tiny archs; each source
+    of a composite), written under ``folder``; the config is pointed at them."""
+    kind = source_cfg.get('type', 'StableDiffusionSource')
+    if kind == 'CompositeSource':
+        for name, source in source_cfg.sources.items():
+            write_random_models(source, osp.join(folder, name), arch, lora_rank, lora_targets)
+        return
+    if kind == 'ADMSource':
+        from ..sources.adm import ADM_LSUN_256
+        model = TINY_ADM if arch.startswith('tiny') else ADM_LSUN_256
+        source_cfg.model = dict(model)
+        source_cfg.checkpoint = save_random_adm(osp.join(folder, 'adm.pt'), model)
+        return
     source_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
     for name, controlnet in (source_cfg.get('controlnets') or {}).items():
         controlnet.model = save_random_controlnet(osp.join(folder, f'controlnet-{name}'),

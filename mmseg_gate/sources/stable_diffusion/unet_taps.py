@@ -102,6 +102,9 @@ class UNetTaps:
         last = max(stages.index(stage_of(name)) for name in [*self.taps, *also_run])
         self.stages_run = stages[:last + 1]
         self.dropped: List[str] = []
+        # Whole halvings the input needs once stages are freed (diffusers' UNets downsample
+        # in every down block but the last).
+        self.num_upsamplers = len(unet.down_blocks) - 1
 
     def drop_unused_stages(self) -> List[str]:
         """Free the stages after the last one run, and the output head: feature passes never
@@ -143,23 +146,31 @@ class UNetTaps:
                  down_block_residuals: Optional[Sequence[torch.Tensor]] = None,
                  mid_block_residual: Optional[torch.Tensor] = None,
                  added_cond_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
-        """Activations at ``taps`` for one UNet pass that stops after the last stage needed.
+        """Activations at ``taps`` for one pass of a ``UNet2DConditionModel`` that stops
+        after the last stage needed.
 
         ``down_block_residuals``/``mid_block_residual`` are ControlNet outputs,
         ``added_cond_kwargs`` holds SDXL's ``text_embeds`` and ``time_ids``: all go to
         diffusers' forward as they are.
         """
-        if self.dropped and any(d % 2**self.unet.num_upsamplers for d in sample.shape[-2:]):
-            raise ValueError(f'With stages freed, latents must be multiples of '
-                             f'{2**self.unet.num_upsamplers} (got {tuple(sample.shape[-2:])}): '
-                             "pad the input first, as GATE's extractor does.")
+        return self.run(sample, timestep, encoder_hidden_states,
+                        down_block_additional_residuals=down_block_residuals,
+                        mid_block_additional_residual=mid_block_residual,
+                        added_cond_kwargs=added_cond_kwargs)
+
+    def run(self, sample: torch.Tensor, *inputs, **unet_kwargs) -> Dict[str, torch.Tensor]:
+        """Activations at ``taps`` for one pass of any diffusers UNet (``UNet2DModel`` too)
+        on ``sample`` and the forward's other arguments, stopped after the last stage
+        needed."""
+        multiple = 2**self.num_upsamplers
+        if self.dropped and any(d % multiple for d in sample.shape[-2:]):
+            raise ValueError(f'With stages freed, inputs must be multiples of {multiple} (got '
+                             f'{tuple(sample.shape[-2:])}): pad the input first, as the '
+                             'sources do.')
         store: Dict[str, torch.Tensor] = {}
         with self._capture(store, tuple(sample.shape[-2:])), self._stop_after_last_stage():
             try:
-                self.unet(sample, timestep, encoder_hidden_states,
-                          down_block_additional_residuals=down_block_residuals,
-                          mid_block_additional_residual=mid_block_residual,
-                          added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                self.unet(sample, *inputs, return_dict=False, **unet_kwargs)
             except StopForward:
                 pass
         return {tap: store[tap] for tap in self.taps}
