@@ -70,8 +70,25 @@ def demo_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='session')
-def tiny(tiny_sd, tiny_controlnet, tiny_loras) -> dict:
-    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras)
+def tiny_adm(tmp_path_factory) -> str:
+    """A tiny random ADM checkpoint in guided-diffusion's layout (TINY_ADM)."""
+    from mmseg_gate.testing.architectures import save_random_adm
+    return save_random_adm(str(tmp_path_factory.mktemp('adm') / 'adm.pt'))
+
+
+@pytest.fixture(scope='session')
+def tiny(tiny_sd, tiny_controlnet, tiny_loras, tiny_adm) -> dict:
+    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras, adm=tiny_adm)
+
+
+@pytest.fixture(scope='session')
+def scarce_demo_options(tiny) -> list:
+    """``--cfg-options`` pointing the label-scarce demo config at the tiny models."""
+    sources = 'model.backbone.source.sources'
+    return [f"{sources}.sd.sd_model={tiny['sd_model']}",
+            f"{sources}.sd.controlnets.canny.model={tiny['controlnet']}",
+            f"{sources}.sd.loras.a={tiny['loras']['a']}",
+            f"{sources}.adm.checkpoint={tiny['adm']}"]
 
 
 @pytest.fixture(scope='session')

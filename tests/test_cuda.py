@@ -96,14 +96,12 @@ def test_content_shift_tool_on_cuda(make_demo_cfg, demo_root, tmp_path):
              '--no-progress')
 
 
-def test_label_scarce_tool_on_cuda(tiny, tmp_path):
+def test_label_scarce_tool_on_cuda(scarce_demo_options, tmp_path):
     root = tmp_path / 'scarce'
     write_ddpm_seg_layout_dataset(str(root), num_train=4, num_test=2, size=32)
     run_tool('label_scarce', osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'),
              '--splits', '1', '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-             f"model.backbone.source.sd_model={tiny['sd_model']}",
-             f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
-             f"model.backbone.source.loras.a={tiny['loras']['a']}",
+             *scarce_demo_options,
              f'train_dataloader.dataset.data_root={root}',
              f'test_dataloader.dataset.data_root={root}', 'train_cfg.max_iters=2')
 

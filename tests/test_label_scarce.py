@@ -225,11 +225,9 @@ def test_benchmark_metric_scores_as_compute_iou():
     assert scores['mIoU'] == pytest.approx(100 * (0.5 + 0) / 2, abs=1e-4)
 
 
-def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
+def test_tool_runs_the_protocol_and_resumes(scarce_root, scarce_demo_options, tmp_path):
     work = tmp_path / 'work'
-    options = [f"model.backbone.source.sd_model={tiny['sd_model']}",
-               f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
-               f"model.backbone.source.loras.a={tiny['loras']['a']}",
+    options = [*scarce_demo_options,
                f'train_dataloader.dataset.data_root={scarce_root}',
                f'test_dataloader.dataset.data_root={scarce_root}',
                'train_cfg.max_iters=3', 'default_hooks.logger.interval=1']
@@ -255,7 +253,8 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     assert cost['without_store']['image_forwards'] == 2 * (6 + 4)
     assert sorted(p.name for p in (work / 'fixed').glob('member_*')) == [
         f'member_{k}.safetensors' for k in range(3)]
-    assert cost['per_image']['passes']['unet_passes'] == 3
+    # Per image: a UNet pass per SD variant, an ADM pass per step.
+    assert cost['per_image']['passes']['unet_passes'] == 3 + 3
     assert report['features'] == str(work / 'features')
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count('done before') == 2
@@ -272,39 +271,62 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, tiny, tmp_path):
     assert not list((tmp_path / 'segmentor' / 'fixed').glob('member_*'))
 
 
-@pytest.mark.parametrize('name,classes,dataset', [('horse21', 21, 'Horse21Dataset'),
-                                                  ('bedroom28', 28, 'Bedroom28Dataset')])
-def test_real_configs_build(name, classes, dataset, tiny):
-    """The shipped recipes: SD1.5's 3,674 channels per pixel, denoising from 60; they build
-    once pointed at the tiny model (its taps and channels)."""
+@pytest.mark.parametrize('name,classes,dataset,checkpoint', [
+    ('horse21', 21, 'Horse21Dataset', 'lsun_horse.pt'),
+    ('bedroom28', 28, 'Bedroom28Dataset', 'lsun_bedroom.pt')])
+def test_real_configs_build(name, classes, dataset, checkpoint, tiny):
+    """The shipped recipes: SD1.5's 3,674 channels per pixel with only the ControlNet
+    variant denoised from 60, and DDPM-segmentation's ADM (2,816 channels per step) beside
+    them; they build once pointed at the tiny models (their taps and channels)."""
     from mmengine.config import Config
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'label_scarce', f'gate_pixel_{name}.py'))
-    head, backbone = cfg.model.decode_head, cfg.model.backbone.source
-    assert head.num_classes == classes and sum(head.in_channels) == 3674
-    assert (backbone.timestep, backbone.get('denoising_from')) == (50, None)
+    head, composite = cfg.model.decode_head, cfg.model.backbone.source
+    sd, adm = composite.sources.sd, composite.sources.adm
+    assert composite.type == 'CompositeSource' and composite.mode == 'separate'
+    assert head.num_classes == classes and sum(head.in_channels) == 3674 + 2816
+    assert (sd.timestep, sd.get('denoising_from')) == (50, None)
     # Only the ControlNet variant is denoised from 60, as the authors' commands do.
-    assert [v.get('denoising_from') for v in backbone.variants] == \
-        [60 if 'controlnets' in v else None for v in backbone.variants]
+    assert [v.get('denoising_from') for v in sd.variants] == \
+        [60 if 'controlnets' in v else None for v in sd.variants]
+    assert (adm.type, adm.checkpoint, adm.blocks, adm.steps, adm.input_scale) == (
+        'ADMSource', f'checkpoints/ddpm/{checkpoint}', (5, 6, 7, 8, 12), (50, 150, 250), 1.0)
+    # The 256x256 images as they are for ADM; SD1.5 upsamples them to 512 itself.
+    assert cfg.image_size == (256, 256) and sd.input_scale == 2.0
+    assert adm.get('model') is None and adm.share_noise and adm.noise_seed == 0
     assert cfg.train_dataloader.dataset.type == cfg.test_dataloader.dataset.type == dataset
-    backbone.update(sd_model=tiny['sd_model'],
-                    loras={k: tiny['loras']['a'] for k in backbone.loras},
-                    taps=backbone.taps[:3] + ('up_blocks.3.attentions.1', ))
-    backbone.controlnets.canny.model = tiny['controlnet']
-    head.in_channels = [64, 32, 154, 64, 64]
+    sd.update(sd_model=tiny['sd_model'], loras={k: tiny['loras']['a'] for k in sd.loras},
+              taps=sd.taps[:3] + ('up_blocks.3.attentions.1', ))
+    sd.controlnets.canny.model = tiny['controlnet']
+    from mmseg_gate.testing.architectures import TINY_ADM
+    adm.update(checkpoint=tiny['adm'], model=TINY_ADM, input_scale=0.5)
+    sd.input_scale = 1.0
+    head.in_channels = [32, 64, 64, 32, 154, 64, 64, 64, 64, 64]  # as the demo config's
     model = MODELS.build(cfg.model)
     assert model.backbone.out_channels == head.in_channels
     assert DATASETS.get(dataset) is not None
     # One image: only the ControlNet variant runs the denoising (t = 60 -> 50 by DDPM's
     # 1,000-step schedule: 10 guided passes, each with its ControlNet pass).
-    source = model.backbone.source
+    source = model.backbone.source.sources['sd']
     with torch.no_grad():
         source(torch.zeros(1, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     assert source.counts['denoising_passes'] == 10
     assert source.counts['controlnet_passes'] == 11  # 10 denoising steps + the feature pass
-    assert source.counts['unet_passes'] == len(backbone.variants)
+    assert source.counts['unet_passes'] == len(sd.variants)
     assert cfg.test_evaluator[0].type == 'BenchmarkIoUMetric'
     assert cfg.fixed_split == dict(num_train=30, num_test=30) if name == 'horse21' else \
         dict(num_train=40, num_test=20)
+
+
+def test_the_adm_source_can_be_left_out(tiny):
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'))
+    sources = cfg.model.backbone.source.sources
+    sources.sd.update(sd_model=tiny['sd_model'], loras=dict(a=tiny['loras']['a']))
+    sources.sd.controlnets.canny.model = tiny['controlnet']
+    sources.adm = None
+    from mmseg_gate.sources import build_source
+    source = build_source(cfg.model.backbone.source)
+    assert list(source.sources) == ['sd'] and source.num_variants == 3
 
 
 def test_bilinear_reads_equal_resizing_the_whole_map():

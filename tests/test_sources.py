@@ -90,3 +90,21 @@ def test_old_backbone_arguments_name_the_new_form(tiny_sd):
         GATEBackbone(sd_model=tiny_sd, prompt='a photo')
     assert isinstance(GATEBackbone(source=dict(sd_model=tiny_sd)).source,
                       StableDiffusionSource)
+
+
+def test_input_scale_runs_the_model_at_another_resolution(parts):
+    """SD1.5 at 512 on 256x256 benchmark images: the source upsamples (bilinear) and reports
+    strides in input pixels."""
+    plain = build_source(parts['sd'])
+    doubled = build_source(dict(parts['sd'], input_scale=2.0))
+    assert [f['reduction'] * 2 for f in doubled.feature_info] == \
+        [f['reduction'] for f in plain.feature_info]
+    small = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    large = torch.nn.functional.interpolate(small, size=(64, 96), mode='bilinear',
+                                            align_corners=False)
+    for ours, theirs in zip(doubled(small), plain(large)):
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value)
+            assert ours[name].shape[-1] == -(-48 // doubled.feature(name)['reduction'])
+    with pytest.raises(ValueError, match='keeps it whole'):
+        build_source(dict(parts['sd'], input_scale=3.0))

@@ -1,6 +1,7 @@
 """Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout (and a
-label-scarce one in DDPM-segmentation's, correspondence pairs in SPair-71k's), a tiny Stable Diffusion in diffusers format and a
-ControlNet for it.
+label-scarce one in DDPM-segmentation's, correspondence pairs in SPair-71k's), a tiny Stable
+Diffusion in diffusers format, a ControlNet for it and a tiny ADM in guided-diffusion's
+checkpoint layout (the label-scarce demo's second source).
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
 
@@ -25,7 +26,7 @@ from mmseg_gate.datasets.images import list_images, read_image, to_model_range
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
                                           write_ddpm_seg_layout_dataset,
                                           write_spair_layout_dataset)
-from mmseg_gate.testing.architectures import (save_random_controlnet,
+from mmseg_gate.testing.architectures import (save_random_adm, save_random_controlnet,
                                               save_random_stable_diffusion,
                                               unit_variance_scaling)
 
@@ -118,6 +119,8 @@ def main():
     write_atomically(osp.join(args.out, 'controlnet-canny'), args.force,
                      lambda path: save_random_controlnet(path, osp.join(args.out, 'tiny-sd'),
                                                          args.seed))
+    write_atomically(osp.join(args.out, 'tiny-adm'), args.force,
+                     lambda path: save_random_adm(osp.join(path, 'adm.pt'), seed=args.seed))
 
 
 if __name__ == '__main__':

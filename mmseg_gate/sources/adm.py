@@ -24,13 +24,12 @@ from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from ..engine.checkpoint import read_checkpoint
 from ..engine.devices import resolve_dtype
-from .base import SOURCES, FeatureSource, Features
+from .base import SOURCES, FeatureSource, Features, input_stride, rescaled
 from .stable_diffusion.latents import draw_noise, noised
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import UNetTaps
@@ -273,8 +272,6 @@ class ADMSource(FeatureSource):
             raise ValueError('ADMSource needs at least one step, e.g. steps=(50, 150, 250).')
         self.steps = [check_timesteps(t, None, num_train_steps, 'ADMSource: ')[0]
                       for t in steps]
-        if input_scale <= 0:
-            raise ValueError(f'input_scale must be positive, got {input_scale}.')
         levels = attention_levels(self.model['image_size'], self.model['channel_mult'],
                                   self.model['attention_resolutions'])
         modules = output_block_modules(self.model['num_res_blocks'], levels)
@@ -321,12 +318,7 @@ class ADMSource(FeatureSource):
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] at the ADM's resolution, padded to its multiple."""
-        images = images.float()
-        if self.input_scale != 1.0:
-            size = [max(1, round(s * self.input_scale)) for s in images.shape[-2:]]
-            images = F.interpolate(images, size=size, mode='bilinear', align_corners=False,
-                                   antialias=self.input_scale < 1)
-        return pad_to_multiple(images, self.multiple)
+        return pad_to_multiple(rescaled(images, self.input_scale), self.multiple)
 
     def noise(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
         """The noise of a call: one shared draw (expanded over the images), or one per
@@ -369,13 +361,8 @@ class ADMSource(FeatureSource):
     def _probe(self) -> List[dict]:
         size = self.multiple
         out = self.taps.run(torch.zeros(1, 3, size, size), torch.tensor([self.steps[0]]))
-        info = []
-        for block, tap in zip(self.blocks, self.taps.taps):
-            stride = size / out[tap].shape[-1] / self.input_scale
-            if abs(stride - round(stride)) > 1e-6:
-                raise ValueError(f'input_scale {self.input_scale} makes the stride of '
-                                 f'output_blocks.{block} {stride:g} input pixels; choose a '
-                                 'scale that keeps it whole (0.5, 1, 2 ...).')
-            info.append(dict(module=f'output_blocks.{block}', num_chs=out[tap].shape[1],
-                             reduction=int(round(stride)), num_variants=len(self.steps)))
-        return info
+        return [dict(module=f'output_blocks.{block}', num_chs=out[tap].shape[1],
+                     reduction=input_stride(size / out[tap].shape[-1], self.input_scale,
+                                            f'output_blocks.{block}'),
+                     num_variants=len(self.steps))
+                for block, tap in zip(self.blocks, self.taps.taps)]

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from mmengine.registry import Registry
 
 SOURCES = Registry('frozen feature source')
@@ -68,6 +69,28 @@ class FeatureSource(ABC):
                 return info
         raise KeyError(f"No feature '{name}'; this source has "
                        f"{[f['module'] for f in self.feature_info]}.")
+
+
+def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Images resized by ``scale`` (bilinear; antialiased when shrinking) for a source that
+    runs at another resolution than its input: SD1.5 at 512 on the label-scarce benchmark's
+    256x256 images, ADM at its 256 on a 512 input."""
+    images = images.float()
+    if scale == 1.0:
+        return images
+    size = [max(1, round(side * scale)) for side in images.shape[-2:]]
+    return F.interpolate(images, size=size, mode='bilinear', align_corners=False,
+                         antialias=scale < 1)
+
+
+def input_stride(model_stride: float, scale: float, name: str) -> int:
+    """A feature's stride in input pixels when the model sees the input scaled by
+    ``scale``; it must be whole, so that features map onto input pixels."""
+    stride = model_stride / scale if scale > 0 else float('nan')
+    if not abs(stride - round(stride)) <= 1e-6:
+        raise ValueError(f'input_scale {scale} makes the stride of {name} {stride:g} input '
+                         'pixels; choose a positive scale that keeps it whole (0.5, 1, 2 ...).')
+    return int(round(stride))
 
 
 def build_source(cfg) -> FeatureSource:

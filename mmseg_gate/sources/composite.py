@@ -14,6 +14,7 @@ combines any sources in one of three ways:
   resized to the first source's grid, so the amalgamation weighs them against each other;
   level i needs the same channels in every source.
 """
+from collections import Counter
 from typing import Dict, List, Optional
 
 import torch
@@ -29,7 +30,8 @@ class CompositeSource(FeatureSource):
     """Several sources as one.
 
     Args:
-        sources (dict): name -> a source or its config (``dict(type=..., ...)``).
+        sources (dict): name -> a source or its config (``dict(type=..., ...)``); a None
+            entry is left out (``--cfg-options model.backbone.source.sources.adm=None``).
         mode (str): 'separate', 'concat' or 'variants' (see the module docstring).
             Default: 'separate'.
     """
@@ -40,7 +42,10 @@ class CompositeSource(FeatureSource):
         if not sources:
             raise ValueError('CompositeSource needs at least one source.')
         self.mode = mode
-        self.sources = {name: build_source(cfg) for name, cfg in sources.items()}
+        self.sources = {name: build_source(cfg) for name, cfg in sources.items()
+                        if cfg is not None}
+        if not self.sources:
+            raise ValueError('CompositeSource: every source is None; keep at least one.')
         first, *others = self.sources.values()
         if mode != 'separate':
             self._check_levels(first, others)
@@ -80,6 +85,16 @@ class CompositeSource(FeatureSource):
             info.append(dict(module='+'.join(f['module'] for f in level), num_chs=channels,
                              reduction=first['reduction'], num_variants=variants))
         return info
+
+    def __repr__(self) -> str:
+        inner = ', '.join(f'{name}={source!r}' for name, source in self.sources.items())
+        return f'CompositeSource({self.mode!r}, {inner})'
+
+    @property
+    def counts(self) -> Counter:
+        """The sources' work counters, summed (a fresh sum at every read)."""
+        return sum((Counter(getattr(s, 'counts', {})) for s in self.sources.values()),
+                   Counter())
 
     @property
     def variant_names(self) -> List[str]:

@@ -67,8 +67,7 @@ def _extract_one(source, image: torch.Tensor, noise_seed: int, device,
     """The source's features of one image, its FLOPs and passes. FLOPs depend on the shape
     only, so torch's counter (slow for small models) runs once per shape."""
     from ..benchmark import COUNTS, count_flops
-    counts = getattr(source, 'counts', {})
-    before = {k: counts.get(k, 0) for k in COUNTS}
+    before = dict(getattr(source, 'counts', {}))
     out = []
 
     def call():
@@ -80,7 +79,8 @@ def _extract_one(source, image: torch.Tensor, noise_seed: int, device,
         call()
     else:
         flops_by_shape[shape] = count_flops(call)
-    passes = {k: counts.get(k, 0) - before[k] for k in COUNTS if k in counts}
+    after = getattr(source, 'counts', {})  # read again: a composite's is a fresh sum
+    passes = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTS if k in after}
     return out[0], flops_by_shape[shape], passes
 
 

@@ -208,8 +208,9 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
 
 # An ADM with the LSUN models' layout (attention on the three coarsest levels, resblock
 # up/down, scale-shift norm, learned sigma) and 15 output blocks, small enough for the CPU.
-TINY_ADM = dict(image_size=32, model_channels=32, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4),
-                attention_resolutions=(8, 4, 2), num_head_channels=8, learn_sigma=True)
+TINY_ADM = dict(image_size=32, model_channels=32, num_res_blocks=2,
+                channel_mult=(1, 1, 2, 2, 2), attention_resolutions=(8, 4, 2),
+                num_head_channels=8, learn_sigma=True)
 
 
 def save_random_adm(path: str, model: Optional[Dict] = None, seed: int = 0) -> str:

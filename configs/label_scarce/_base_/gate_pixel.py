@@ -1,18 +1,21 @@
-# DDPM-segmentation's label-scarce protocol on GATE features (the authors'
-# `scarce_segmentation_gate` recipe): SD1.5 at 512x512, t = 50 (the ControlNet variant of
-# each dataset config is denoised from t = 60 with its guidance, as theirs), the upsampler
-# outputs of up blocks 0-2, the last
-# transformer output of up block 3 and the up blocks' aggregated cross-attention maps
-# (strides 32 and 16, 77 tokens each: the authors' `up_cross`), amalgamated by learned weights
-# with the sparsity regulariser, then an ensemble of 10 pixel MLPs on features resized to
-# 256x256. Labels stay at the benchmark's 256x256; predictions are scored there.
+# DDPM-segmentation's label-scarce protocol on GATE features, as the authors'
+# `scarce_segmentation_gate` runs it: SD1.5 at 512x512, t = 50 (the ControlNet variant of each
+# dataset config is denoised from t = 60 with its guidance, as theirs), the upsampler outputs
+# of up blocks 0-2, the last transformer output of up block 3 and the up blocks' aggregated
+# cross-attention maps (strides 32 and 16, 77 tokens each: the authors' `up_cross`), beside
+# DDPM-segmentation's ADM features; an ensemble of 10 pixel classifiers, each amalgamating
+# the variants per pixel, on features read at the labels' 256x256, where predictions are
+# scored. The README's table lists what still differs from their pipeline.
 custom_imports = dict(imports=['mmseg_gate'], allow_failed_imports=False)
 default_scope = 'mmseg'
 runner_type = 'GATERunner'
 
 pixel_mean = [127.5, 127.5, 127.5]
 pixel_std = [127.5, 127.5, 127.5]
-image_size = (512, 512)  # what the diffusion model sees
+# The benchmark's images stay at their 256x256 (the Resize is the identity on them): ADM
+# sees them as DDPM-segmentation does, and the SD source upsamples them to its 512x512
+# itself (input_scale=2).
+image_size = (256, 256)
 norm_cfg = dict(type='BN', requires_grad=True)
 num_classes = 21
 data_preprocessor = dict(type='SegDataPreProcessor', mean=pixel_mean, std=pixel_std,
@@ -25,14 +28,36 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='GATEBackbone',
+        # Two frozen sources side by side, as the authors concatenate them: Stable Diffusion
+        # with GATE's variants, and DDPM-segmentation's ADM (its three steps as variants).
+        # Each keeps its own amalgamation. Drop the ADM (SD-only features) with
+        # `--cfg-options model.backbone.source.sources.adm=None`.
         source=dict(
-            type='StableDiffusionSource',
-            sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
-            taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
-                  'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
-            attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
-            timestep=50,
-            frozen_dtype='auto'),
+            type='CompositeSource',
+            mode='separate',
+            sources=dict(
+                sd=dict(
+                    type='StableDiffusionSource',
+                    sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+                    taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                          'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
+                    attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
+                    timestep=50,
+                    input_scale=2.0,
+                    frozen_dtype='auto'),
+                # guided-diffusion's LSUN ADM (each dataset config names its checkpoint):
+                # output blocks 5, 6, 7, 8, 12 (2,816 channels) at steps 50, 150, 250 with
+                # DDPM-segmentation's shared noise (seed 0), on the 256x256 images as they
+                # are.
+                adm=dict(
+                    type='ADMSource',
+                    checkpoint='checkpoints/ddpm/lsun_horse.pt',
+                    blocks=(5, 6, 7, 8, 12),
+                    steps=(50, 150, 250),
+                    input_scale=1.0,
+                    share_noise=True,
+                    noise_seed=0,
+                    frozen_dtype='auto'))),
         noise_seed=0,
         input_mean=pixel_mean,
         input_std=pixel_std,
@@ -40,8 +65,10 @@ model = dict(
         norm_cfg=norm_cfg),
     decode_head=dict(
         type='PixelClassifierHead',
-        # SD1.5: 640 + 320 + 154 (cross-attention maps) + 1280 + 1280 = 3674 per pixel.
-        in_channels=[640, 320, 154, 1280, 1280],  # the backbone's outputs, finest first
+        # The backbone's outputs, finest first (by stride; SD's before ADM's within one):
+        # SD1.5 640 + 320 + 154 (cross-attention maps) + 1280 + 1280 = 3,674 and ADM
+        # 256 + 512 + 1024 + 512 + 512 = 2,816 per pixel.
+        in_channels=[256, 640, 320, 154, 512, 1280, 1024, 512, 512, 1280],
         num_classes=num_classes,
         feature_size=256,
         num_classifiers=10,
@@ -55,8 +82,8 @@ model = dict(
 
 dataset_type = 'Horse21Dataset'
 data_root = 'datasets/horse_21'
-# The image is resized for the diffusion model before the label is read: the label keeps
-# the benchmark's 256x256, where the loss and the metric are computed. `LoadAnyImage` is
+# Images and labels keep the benchmark's 256x256, where the loss and the metric are
+# computed. `LoadAnyImage` is
 # MMCV's LoadImageFromFile on the project's reader (16-bit, palette, RGBA right; a broken
 # file named).
 train_pipeline = [

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, FeatureSource
+from ..base import SOURCES, FeatureSource, input_stride, rescaled
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
@@ -112,6 +112,10 @@ class StableDiffusionSource(FeatureSource):
             LoRA compute, one UNet of memory per LoRA). Default: 'adapters'.
         noise_seed (int): seed of the noise when a call passes no generator (variants with a
             ``noise_seed`` of their own always draw from it). Default: 0.
+        input_scale (float): the model sees the input resized by this factor (bilinear):
+            2.0 gives SD1.5 512x512 from the label-scarce benchmark's 256x256 images, so
+            that a second source (ADM) sees them unresampled. Strides are in input pixels.
+            Default: 1.0.
     """
 
     def __init__(self,
@@ -129,7 +133,8 @@ class StableDiffusionSource(FeatureSource):
                  frozen_dtype: str = 'auto',
                  batch_variants: bool = True,
                  lora_mode: str = 'adapters',
-                 noise_seed: int = 0):
+                 noise_seed: int = 0,
+                 input_scale: float = 1.0):
         controlnets, loras = dict(controlnets or {}), dict(loras or {})
         self.timestep, self.denoising_from = check_timesteps(timestep, denoising_from, 1000)
         self.variants: List[Variant] = parse_variants(variants, prompt, list(controlnets),
@@ -174,6 +179,7 @@ class StableDiffusionSource(FeatureSource):
         self.size_multiple = self.vae_factor * 2**parts.unet.num_upsamplers
         self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
                                                                  noise_seed)
+        self.input_scale = float(input_scale)
         self.device, self.dtype = torch.device('cpu'), self.vae.dtype
         self.counts: Counter = Counter()
         self.feature_info = self._probe()
@@ -263,8 +269,9 @@ class StableDiffusionSource(FeatureSource):
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise_seed)
         height, width = images.shape[-2:]
-        feats = self.extract_padded(pad_to_multiple(images.float(), self.size_multiple),
-                                    timestep, generator)
+        feats = self.extract_padded(
+            pad_to_multiple(rescaled(images, self.input_scale), self.size_multiple), timestep,
+            generator)
         strides = {f['module']: f['reduction'] for f in self.feature_info}
         return [{name: f[..., :math.ceil(height / strides[name]),
                          :math.ceil(width / strides[name])] for name, f in variant.items()}
@@ -485,7 +492,8 @@ class StableDiffusionSource(FeatureSource):
                                       added_cond_kwargs=self.added_conditions(embed, latent))
             if attention:
                 out[ATTENTION_MAPS] = attention.aggregate(tuple(latent.shape[-2:]))
-        return [dict(module=name, num_chs=f.shape[1], reduction=size // f.shape[-1],
+        return [dict(module=name, num_chs=f.shape[1],
+                     reduction=input_stride(size // f.shape[-1], self.input_scale, name),
                      num_variants=len(self.variants)) for name, f in out.items()]
 
 
