@@ -8,9 +8,10 @@ features extracted once into a store (``mmseg_gate.store``, ``tools/extract_feat
 """
 from . import datasets, engine, evaluation  # noqa: F401  (registrations, safe loading)
 from .models import GATEBackbone
-from .sources import (CompositeSource, FeatureSource, GATEFeatureExtractor,
+from .sources import (ADMSource, CompositeSource, FeatureSource, GATEFeatureExtractor,
                       StableDiffusionSource, StoredSource, build_source)
 
 __version__ = '0.2.0'
-__all__ = ['GATEBackbone', 'FeatureSource', 'StableDiffusionSource', 'CompositeSource',
-           'GATEFeatureExtractor', 'StoredSource', 'build_source', '__version__']
+__all__ = ['GATEBackbone', 'FeatureSource', 'StableDiffusionSource', 'ADMSource',
+           'CompositeSource', 'GATEFeatureExtractor', 'StoredSource', 'build_source',
+           '__version__']
