@@ -298,8 +298,7 @@ def test_real_configs_build(name, classes, dataset, checkpoint, tiny):
               taps=sd.taps[:3] + ('up_blocks.3.attentions.1', ))
     sd.controlnets.canny.model = tiny['controlnet']
     from mmseg_gate.testing.architectures import TINY_ADM
-    adm.update(checkpoint=tiny['adm'], model=TINY_ADM, input_scale=0.5)
-    sd.input_scale = 1.0
+    adm.update(checkpoint=tiny['adm'], model=TINY_ADM)
     head.in_channels = [32, 64, 64, 32, 154, 64, 64, 64, 64, 64]  # as the demo config's
     model = MODELS.build(cfg.model)
     assert model.backbone.out_channels == head.in_channels
@@ -361,7 +360,7 @@ def test_per_pixel_amalgamation_in_every_member():
 
 
 def test_sparsity_lambda_walks_as_the_authors():
-    from mmseg_gate.protocols.pixel_training import SparsityWalk
+    from mmseg_gate.models.amalgamation import SparsityWalk
     walk = SparsityWalk(np.random.default_rng(0))
     values = []
     for iteration in range(400):

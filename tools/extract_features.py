@@ -39,7 +39,7 @@ def parse_args():
     parser.add_argument('--out', required=True, help='the store folder')
     parser.add_argument('--split', nargs='+', help='dataloaders of an MMSeg config '
                         '(default: train test) or splits of a correspondence config '
-                        '(default: train val test)')
+                        '(default: all it reads: train val test, and test_full)')
     parser.add_argument('--images', help='a folder of images instead of the datasets')
     parser.add_argument('--image-size', type=int, help='with --images: resize to SxS')
     parser.add_argument('--dtype', default='float16', choices=['float16', 'float32'])

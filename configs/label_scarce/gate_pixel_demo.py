@@ -30,8 +30,9 @@ model = dict(
                     dict(prompt='a photo', lora='a'),
                 ]),
             # A tiny random ADM in guided-diffusion's checkpoint layout (tools/make_demo.py,
-            # mmseg_gate.testing.architectures.TINY_ADM): the LSUN models' layout at 32x32,
-            # which the 64x64 images are resized to, as 512 is to 256 in the real configs.
+            # mmseg_gate.testing.architectures.TINY_ADM): the LSUN models' layout at CPU
+            # size, on the 64x64 images as they are; the SD source upsamples them 2x, as in
+            # the real configs.
             adm=dict(checkpoint='data/demo/tiny-adm/adm.pt',
                      model=dict(image_size=32, model_channels=32, num_res_blocks=2,
                                 channel_mult=(1, 1, 2, 2, 2), attention_resolutions=(8, 4, 2),

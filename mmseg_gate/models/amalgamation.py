@@ -15,6 +15,7 @@ leaves its convolutions without gradient forever.
 """
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule, Sequential, constant_init
@@ -184,6 +185,29 @@ def sparsity_loss(sparsity: torch.Tensor, task_loss: torch.Tensor,
     ``-weight * L / s * ds`` (theirs, ``weight * s * L.detach() / (-s.detach())``, has the same
     gradient and a value of ``-weight * L``, which would hide the task loss in the logs)."""
     return weight * task_loss.detach() * (1 - sparsity / sparsity.detach())
+
+
+class SparsityWalk:
+    """The authors' lambda of the sparsity term (label-scarce and correspondence alike): 0
+    at first; every 5 iterations the loss drop since the last check is compared with the best
+    drop so far (decaying by 0.9 per check); the current lambda is kept as the base when it
+    did better (or, 1 time in 20, regardless), and the next lambda is the base plus -1e-5, 0
+    or +1e-5, never below 0."""
+
+    def __init__(self, rng: np.random.Generator, step: float = 1e-5):
+        self.rng, self.step = rng, step
+        self.value = self.base = self.best_drop = 0.0
+        self.last_loss = None
+
+    def update(self, iteration: int, loss: float) -> None:
+        if (iteration + 1) % 5:
+            return
+        drop = 0.0 if self.last_loss is None else self.last_loss - loss
+        self.last_loss = loss
+        if self.rng.integers(20) == 0 or drop > self.best_drop:
+            self.base, self.best_drop = self.value, drop
+        self.best_drop *= 0.9
+        self.value = max(0.0, self.base + self.step * int(self.rng.integers(-1, 2)))
 
 
 def amalgamation_diversity(weights: torch.Tensor) -> torch.Tensor:

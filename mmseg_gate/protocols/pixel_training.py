@@ -24,7 +24,7 @@ from mmengine.evaluator import Evaluator
 from safetensors.torch import load_file, save_file
 
 from ..fileio import atomic_file
-from ..models.amalgamation import sparsity_loss
+from ..models.amalgamation import SparsityWalk, sparsity_loss
 from ..models.pixel_ensemble import PixelMember
 from ..store import FeatureStore, pixel_key
 from ..store.images import DatasetImages
@@ -88,28 +88,6 @@ class PixelBank:
                                                     self.size) for name in names], dim=1)
                              for v in variants], dim=1)
                 for variants, names in self.groups]
-
-
-class SparsityWalk:
-    """The authors' lambda: 0 at first; every 5 iterations the loss drop since the last
-    check is compared with the best drop so far (decaying by 0.9 per check); the current
-    lambda is kept as the base when it did better (or, 1 time in 20, regardless), and the
-    next lambda is the base plus -1e-5, 0 or +1e-5, never below 0."""
-
-    def __init__(self, rng: np.random.Generator, step: float = 1e-5):
-        self.rng, self.step = rng, step
-        self.value = self.base = self.best_drop = 0.0
-        self.last_loss = None
-
-    def update(self, iteration: int, loss: float) -> None:
-        if (iteration + 1) % 5:
-            return
-        drop = 0.0 if self.last_loss is None else self.last_loss - loss
-        self.last_loss = loss
-        if self.rng.integers(20) == 0 or drop > self.best_drop:
-            self.base, self.best_drop = self.value, drop
-        self.best_drop *= 0.9
-        self.value = max(0.0, self.base + self.step * int(self.rng.integers(-1, 2)))
 
 
 def train_member(member: PixelMember, bank: PixelBank, seed: int, batch_size: int = 64,

@@ -144,7 +144,7 @@ def extraction_plan(cfg, splits: Optional[Sequence[str]] = None,
         source, seed = cfg.source, cfg.get('train', {}).get('seed', 0)
         if images is None:
             from ..protocols.correspondence.features import spair_images
-            return source, seed, spair_images(cfg.data, splits or ('train', 'val', 'test'))
+            return source, seed, spair_images(cfg.data, splits)  # default: every split
     else:
         raise ValueError('The config names no frozen source: it needs model.backbone.source '
                          '(an MMSeg config) or source (a correspondence config).')

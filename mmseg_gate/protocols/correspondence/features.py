@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...datasets.images import read_square
-from ...datasets.spair import load_pairs
+from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
 from ...store.images import ImageList
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
@@ -49,22 +49,43 @@ class FeatureCache:
         return feats
 
 
+SPLIT_FILES = ('spair', 'dhf')
+
+
 def protocol_pairs(data) -> Dict[str, List[dict]]:
-    """The pairs of each split the protocol reads (``data``: the config's ``data``)."""
-    return dict(train=load_pairs(data.root, data.train_split),
-                val=load_pairs(data.root, data.val_split,
-                               per_category=data.get('val_per_category')),
-                test=load_pairs(data.root, data.test_split,
-                                per_category=data.get('test_per_category')))
+    """The pairs of each split the protocol reads (``data``: the config's ``data``):
+    ``split_files='spair'``, SPair's own Layout lists (``train_split``, ``val_split``,
+    ``test_split``, the first ``val_per_category`` / ``test_per_category`` of each category);
+    ``'dhf'``, Diffusion Hyperfeatures' split files (``dhf_files``, in ``dhf_folder``,
+    default ``<root>/JPEGImages``, where the GATE authors put them), and with
+    ``full_test=True`` SPair's whole test split beside them as ``test_full``."""
+    kind = data.get('split_files', 'spair')
+    if kind not in SPLIT_FILES:
+        raise ValueError(f"data.split_files must be one of {SPLIT_FILES}, got {kind!r}.")
+    if kind == 'spair':
+        return dict(train=load_pairs(data.root, data.train_split),
+                    val=load_pairs(data.root, data.val_split,
+                                   per_category=data.get('val_per_category')),
+                    test=load_pairs(data.root, data.test_split,
+                                    per_category=data.get('test_per_category')))
+    images = osp.join(data.root, 'JPEGImages')
+    folder = data.get('dhf_folder') or images
+    files = dict(DHF_FILES, **(data.get('dhf_files') or {}))
+    pairs = {split: load_dhf_pairs(osp.join(folder, files[split]), images)
+             for split in ('train', 'val', 'test')}
+    if data.get('full_test'):
+        pairs['test_full'] = load_pairs(data.root, 'test')
+    return pairs
 
 
-def spair_images(data, splits: Sequence[str] = ('train', 'val', 'test'),
+def spair_images(data, splits: Optional[Sequence[str]] = None,
                  pairs: Optional[Dict[str, List[dict]]] = None) -> ImageList:
     """Every image of the splits' pairs (``pairs``: :func:`protocol_pairs`, read if not
-    given), as :class:`FeatureCache` reads it; keys are paths relative to the data root."""
+    given; ``splits``: all of them by default), as :class:`FeatureCache` reads it; keys are
+    paths relative to the data root."""
     pairs = pairs or protocol_pairs(data)
-    paths = list(dict.fromkeys(p[f'{side}_path'] for split in splits for p in pairs[split]
-                               for side in ('src', 'trg')))
+    paths = list(dict.fromkeys(p[f'{side}_path'] for split in (splits or pairs)
+                               for p in pairs[split] for side in ('src', 'trg')))
     return ImageList([osp.relpath(p, data.root) for p in paths], paths,
                      lambda i: read_square(paths[i], data.image_size, crop=False)[0])
 

@@ -1,18 +1,20 @@
 """Keypoints on feature grids, the training loss over keypoint pairs, and matching.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-def to_grid(kps: torch.Tensor, image_size: Tuple[int, int], grid: Tuple[int, int]
-            ) -> torch.Tensor:
-    """[x, y] in pixels of a (W, H) image -> [x, y] on an (h, w) grid (pixel centres).
-    SPair's keypoints are integers: computed in float."""
+def to_grid(kps: torch.Tensor, image_size: Tuple[int, int], grid: Tuple[int, int],
+            pixel_centres: bool = True) -> torch.Tensor:
+    """[x, y] in pixels of a (W, H) image -> [x, y] on an (h, w) grid: with
+    ``pixel_centres``, pixel centres map onto cell centres; without, coordinates are scaled
+    as they are (Diffusion Hyperfeatures' and the GATE authors' ``rescale_points``). SPair's
+    keypoints are integers: computed in float."""
     kps = kps.float()
     scale = kps.new_tensor([grid[1] / image_size[0], grid[0] / image_size[1]])
-    return (kps + 0.5) * scale - 0.5
+    return (kps + 0.5) * scale - 0.5 if pixel_centres else kps * scale
 
 
 def keypoint_loss(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
@@ -36,20 +38,39 @@ def keypoint_loss(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Ten
 
 
 def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
-          src_size: Tuple[int, int], trg_size: Tuple[int, int], upsample: int = 4
-          ) -> torch.Tensor:
+          src_size: Tuple[int, int], trg_size: Tuple[int, int], upsample: int = 4,
+          size: Optional[int] = None, pixel_centres: bool = True) -> torch.Tensor:
     """Predicted target keypoints ([x, y] in target pixels, on the CPU) of ``src_kps``
     (source pixels) by cosine nearest neighbour; ``source``/``target`` are (C, h, w) feature
-    maps on any device."""
-    _, h, w = source.shape
-    grid = to_grid(src_kps.to(source.device).float(), src_size, (h, w))
-    normalised = (grid + 0.5) / grid.new_tensor([w, h]) * 2 - 1
-    vectors = F.grid_sample(source[None].float(), normalised[None, None], mode='bilinear',
-                            align_corners=False)[0, :, 0]  # (C, K)
-    fine = F.interpolate(target[None].float(), scale_factor=upsample, mode='bilinear',
-                         align_corners=False)[0]
+    maps on any device.
+
+    Default: each source keypoint's feature is read bilinearly at its position and compared
+    with the target map upsampled ``upsample`` times, positions as pixel centres. With
+    ``size`` (the GATE authors' and Diffusion Hyperfeatures' 512) both maps are upsampled to
+    ``size`` x ``size``, the source keypoint's vector is the one at its rounded position there
+    and the prediction is scaled back; ``pixel_centres=False`` scales coordinates as they do
+    (no half-pixel offset)."""
+    if size is None:
+        _, h, w = source.shape
+        grid = to_grid(src_kps.to(source.device).float(), src_size, (h, w), pixel_centres)
+        normalised = (grid + 0.5) / grid.new_tensor([w, h]) * 2 - 1
+        vectors = F.grid_sample(source[None].float(), normalised[None, None], mode='bilinear',
+                                align_corners=False)[0, :, 0]  # (C, K)
+        fine = F.interpolate(target[None].float(), scale_factor=upsample, mode='bilinear',
+                             align_corners=False)[0]
+    else:
+        fine_source = F.interpolate(source[None].float(), size=(size, size), mode='bilinear',
+                                    align_corners=False)[0]
+        grid = to_grid(src_kps.to(source.device).float(), src_size, (size, size),
+                       pixel_centres)
+        x = grid[:, 0].round().clamp(0, size - 1).long()
+        y = grid[:, 1].round().clamp(0, size - 1).long()
+        vectors = fine_source[:, y, x]
+        fine = F.interpolate(target[None].float(), size=(size, size), mode='bilinear',
+                             align_corners=False)[0]
     fh, fw = fine.shape[1:]
     similarity = F.normalize(vectors, dim=0).T @ F.normalize(fine.flatten(1), dim=0)
     best = similarity.argmax(dim=1)
     points = torch.stack([best % fw, best // fw], dim=1).float().cpu()
-    return (points + 0.5) * points.new_tensor([trg_size[0] / fw, trg_size[1] / fh]) - 0.5
+    scale = points.new_tensor([trg_size[0] / fw, trg_size[1] / fh])
+    return (points + 0.5) * scale - 0.5 if pixel_centres else points * scale

@@ -91,8 +91,9 @@ class StableDiffusionSource(FeatureSource):
             condition=dict(type='canny', low_threshold=100, high_threshold=200))``.
         loras (dict, optional): name -> LoRA safetensors file (diffusers/peft or kohya).
         taps (Sequence[str]): UNet submodule names to read: block outputs, or modules with
-            token outputs (``...attn1``, ``...attn2.to_q``, ``...ff``), which come back as maps.
-            Default: the upsamplers of up blocks 0, 1, 2.
+            token outputs (``...attn1``, ``...attn2.to_q``, ``...ff``), which come back as maps;
+            empty with ``attention_maps``: the maps alone (the GATE authors' separate
+            attention run for correspondence). Default: the upsamplers of up blocks 0, 1, 2.
         timestep (int): noise level of the features, of 1000 (0: the clean latent); the
             default of every variant. Default: 50.
         denoising_from (int, optional): start from noise at this higher timestep and denoise

@@ -83,9 +83,10 @@ class UNetTaps:
     def __init__(self, unet, taps: Sequence[str], also_run: Sequence[str] = ()):
         self.unet = unet
         self.taps = list(taps)
-        if not self.taps:
+        if not self.taps and not also_run:
             raise ValueError("`taps` is empty; name at least one UNet module, e.g. "
-                             "'up_blocks.1.upsamplers.0'.")
+                             "'up_blocks.1.upsamplers.0' (or read cross-attention maps "
+                             'only: taps=() with attention_maps).')
         modules = dict(unet.named_modules())
         stages = stage_names(unet)
         for tap in self.taps:
