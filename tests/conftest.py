@@ -77,8 +77,16 @@ def tiny_adm(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='session')
-def tiny(tiny_sd, tiny_controlnet, tiny_loras, tiny_adm) -> dict:
-    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras, adm=tiny_adm)
+def tiny_dinov2(tmp_path_factory) -> str:
+    """A tiny random DINOv2 in transformers' format (TINY_DINOV2)."""
+    from mmseg_gate.testing.architectures import save_random_dinov2
+    return save_random_dinov2(str(tmp_path_factory.mktemp('dinov2') / 'dinov2'))
+
+
+@pytest.fixture(scope='session')
+def tiny(tiny_sd, tiny_controlnet, tiny_loras, tiny_adm, tiny_dinov2) -> dict:
+    return dict(sd_model=tiny_sd, controlnet=tiny_controlnet, loras=tiny_loras, adm=tiny_adm,
+                dinov2=tiny_dinov2)
 
 
 @pytest.fixture(scope='session')

@@ -12,7 +12,7 @@ import torch
 from mmseg_gate.datasets.spair import load_pairs
 from mmseg_gate.protocols.correspondence import (keypoint_loss, match, pck, summarize_pck,
                                                  to_grid)
-from mmseg_gate.testing.demo_data import write_spair_layout_dataset
+from mmseg_gate.testing.demo_data import write_dhf_split_files, write_spair_layout_dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -20,7 +20,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 @pytest.fixture(scope='module')
 def spair_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp('spair') / 'SPair-71k')
-    write_spair_layout_dataset(root, dict(trn=4, val=2, test=2), size=32, num_keypoints=5)
+    write_spair_layout_dataset(root, dict(trn=4, val=2, test=4), size=32, num_keypoints=5)
+    write_dhf_split_files(root, per_file=dict(test=2))  # test-360: a subset of test
     return root
 
 
@@ -89,29 +90,133 @@ def test_matching_finds_a_moved_pattern():
     assert torch.allclose(grid, torch.tensor([[-0.375, -0.375], [7.375, 7.375]]))
 
 
-def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
+def test_dhf_split_files_read_as_the_layout(spair_root, tmp_path):
+    from mmseg_gate.datasets.spair import load_dhf_pairs
+    images = osp.join(spair_root, 'JPEGImages')
+    dhf = load_dhf_pairs(osp.join(images, 'spair_71k_train.json'), images)
+    layout = load_pairs(spair_root, 'trn')
+    keys = ('src_path', 'trg_path', 'src_kps', 'trg_kps', 'src_bndbox', 'trg_bndbox',
+            'src_imsize', 'trg_imsize', 'category')
+    assert [[p[k] for k in keys] for p in dhf] == [[p[k] for k in keys] for p in layout]
+    assert len(load_dhf_pairs(osp.join(images, 'spair_71k_test-360.json'), images)) == 2
+    entries = json.loads(open(osp.join(images, 'spair_71k_train.json')).read())
+
+    def broken(name, content):
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return str(path)
+
+    with pytest.raises(ValueError, match=r'bad\.json.*not valid JSON'):
+        load_dhf_pairs(broken('bad.json', '[{"source_path": '), images)
+    with pytest.raises(ValueError, match='not the list'):
+        load_dhf_pairs(broken('dict.json', {'pairs': entries}), images)
+    uneven = [dict(entries[0], target_points=entries[0]['target_points'][:-1])]
+    with pytest.raises(ValueError, match=r"Pair 0 of '.*uneven\.json' has 5 source and 4"):
+        load_dhf_pairs(broken('uneven.json', uneven), images)
+    outside = [entries[0], dict(entries[1], source_points=[[500, 3]] * 5)]
+    with pytest.raises(ValueError, match=r'Pair 1 .*outside the 32x32 image'):
+        load_dhf_pairs(broken('outside.json', outside), images)
+    missing = [dict(entries[0], target_path='cat/nowhere.jpg')]
+    with pytest.raises(FileNotFoundError, match=r'nowhere\.jpg'):
+        load_dhf_pairs(broken('missing.json', missing), images)
+    lacking = [{k: v for k, v in entries[0].items() if k != 'category'}]
+    with pytest.raises(ValueError, match=r"lacks \['category'\]"):
+        load_dhf_pairs(broken('lacking.json', lacking), images)
+
+
+def test_the_authors_aggregator():
+    """Their AggregationNetwork: one amalgamation of the concatenated conv features, the
+    attention maps concatenated unweighted, a 3x3 conv ('conv') or none ('nn')."""
+    from mmseg_gate.protocols.correspondence.model import GATEAggregationNetwork
+    info = [dict(module='conv.a', num_chs=6, num_variants=3),
+            dict(module='conv.b', num_chs=4, num_variants=3),
+            dict(module='attn.cross_attention_maps', num_chs=5, num_variants=1)]
+    torch.manual_seed(0)
+    feats = [dict(**{'conv.a': torch.randn(2, 6, 4, 4), 'conv.b': torch.randn(2, 4, 2, 2)})
+             for _ in range(3)] + [{'attn.cross_attention_maps': torch.rand(2, 5, 4, 4)}]
+    nn_net = GATEAggregationNetwork(info, output='nn', grid=8).eval()
+    conv_net = GATEAggregationNetwork(info, output='conv', grid=8).eval()
+    out = nn_net(feats)
+    assert out.shape == (2, 15, 8, 8) and conv_net(feats).shape == (2, 15, 8, 8)
+    assert nn_net.amalgamation.assigners[0].fc.out_features == 10  # a weight per channel
+    # The attention maps bypass the amalgamation: nearest-resized, unweighted, last.
+    maps = torch.nn.functional.interpolate(feats[-1]['attn.cross_attention_maps'], size=(8, 8))
+    torch.testing.assert_close(out[:, 10:], maps)
+    # The weighted sum: softmax weights over the three variants, per image and channel.
+    weights = nn_net.amalgamation.last_weights[0]  # (V, N, C)
+    stacked = torch.stack([torch.cat([torch.nn.functional.interpolate(v[n], size=(8, 8))
+                                      for n in ('conv.a', 'conv.b')], dim=1)
+                           for v in feats[:3]])
+    torch.testing.assert_close(out[:, :10], (weights[..., None, None] * stacked).sum(0))
+    torch.testing.assert_close(weights.sum(0), torch.ones(2, 10))
+    assert isinstance(conv_net.out_conv, torch.nn.Conv2d) and conv_net.out_conv.bias is None
+    assert conv_net.out_conv.kernel_size == (3, 3) and conv_net.out_conv.in_channels == 15
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in nn_net.out_conv.modules())
+    with pytest.raises(ValueError, match="bypass feature 'attn.cross_attention_maps'"):
+        nn_net(feats[:3] + [feats[-1], feats[-1]])
+    with pytest.raises(ValueError, match='output must be one of'):
+        GATEAggregationNetwork(info, output='mlp')
+
+
+def test_matching_at_512_as_the_authors():
+    """Both maps upsampled to 512 x 512, keypoints scaled without a half-pixel offset."""
+    torch.manual_seed(0)
+    features = torch.randn(16, 64, 64)
+    src = torch.tensor([[100., 50.], [255., 100.], [400., 300.]])  # a 500 x 334 image
+    pred = match(features, features, src, (500, 334), (500, 334), size=512,
+                 pixel_centres=False)
+    # The same map: each keypoint finds its own position at 512 (rounded) and comes back.
+    at_512 = (src * torch.tensor([512 / 500, 512 / 334])).round().clamp(0, 511)
+    torch.testing.assert_close(pred, at_512 * torch.tensor([500 / 512, 334 / 512]))
+    grid = to_grid(torch.tensor([[100., 50.]]), (200, 100), (64, 64), pixel_centres=False)
+    torch.testing.assert_close(grid, torch.tensor([[32., 32.]]))
+
+
+def _options(tiny, root, *extra):
+    sources = 'source.sources'
+    both = ('conv', 'attn')
+    return [f"{sources}.{s}.sd_model={tiny['sd_model']}" for s in both] + \
+        [f"{sources}.{s}.controlnets.canny.model={tiny['controlnet']}" for s in both] + \
+        [f"{sources}.conv.loras.a={tiny['loras']['a']}",
+         f"{sources}.conv.loras.b={tiny['loras']['b']}",
+         f"{sources}.attn.loras.a={tiny['loras']['a']}",
+         f'data.root={root}', 'data.image_size=32', 'aggregator.grid=4', 'matching.size=32',
+         'num_match_pictures=2', *extra]
+
+
+def _run_tool(config, work, options, *args, features=None):
+    more = ['--features', str(features)] if features else []
+    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'correspondence.py'),
+                           *args, config, '--work-dir', str(work), '--no-progress', *more,
+                           '--cfg-options', *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize('layout', ['dhf', 'spair'])
+def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path, layout):
     work = tmp_path / 'work'
-    options = [f"source.sd_model={tiny['sd_model']}",
-               f"source.controlnets.canny.model={tiny['controlnet']}",
-               f"source.loras.a={tiny['loras']['a']}",
-               f"source.loras.b={tiny['loras']['b']}",
-               f'data.root={spair_root}', 'data.image_size=32', 'train.steps=4',
-               'train.val_every=2', 'train.sparsity=0.001', 'num_match_pictures=2']
+    options = _options(tiny, spair_root, f'data.split_files={layout}', 'train.steps=4',
+                       'train.val_every=2')
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
 
     def run(*args):
-        return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'correspondence.py'),
-                               *args, config, '--work-dir', str(work), '--no-progress',
-                               '--cfg-options', *options],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        return _run_tool(config, work, options, *args)
 
     result = run('train')
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((work / 'results_train.json').read_text())
-    assert report['split'] == 'test' and report['model_selection']['split'] == 'val'
-    assert report['overall']['pairs'] == 2 and set(report['per_category']) == {'cat', 'dog'}
+    held_out = ['test-360', 'test'] if layout == 'dhf' else ['test']
+    assert report['split'] == held_out[0] and list(report['tests']) == held_out
+    assert report['model_selection']['split'] == ('val-360' if layout == 'dhf' else 'val')
+    assert report['tests']['test']['pairs'] == 4 and set(report['per_category']) == {
+        'cat', 'dog'}
     training = json.loads((work / 'training.json').read_text())
-    assert [h['step'] for h in training['history']] == [2, 4]
+    history = training['history']
+    assert [h['step'] for h in history] == [2, 4]
+    # The paper's way: the best per-image and per-bbox PCK over validations, independently.
+    assert report['paper']['pck_img'] == max(h['pck_img'] for h in history)
+    assert report['paper']['pck_bbox'] == max(h['pck_bbox'] for h in history)
+    assert not (work / 'last_checkpoint.pt').exists()  # a finished run leaves none
     # Every image of the pairs extracted once into the store the later modes reuse.
     images = {p[f'{side}_path'] for split in ('trn', 'val', 'test')
               for p in load_pairs(spair_root, split) for side in ('src', 'trg')}
@@ -122,10 +227,12 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     assert 0 < cost['without_store']['image_forwards'] <= cost['image_requests']
     from PIL import Image
     assert Image.open(work / 'matches_train.png').size[1] == 2 * 192
+    if layout == 'spair':
+        return
     again = run('test')  # the saved best loads completely and gives the same numbers
     assert again.returncode == 0, again.stderr[-3000:]
     tested = json.loads((work / 'results_test.json').read_text())
-    assert tested['overall'] == report['overall']
+    assert tested['tests'] == report['tests']
     assert tested['frozen_half']['with_store']['image_forwards'] == 0  # the store reused
     assert run('zero-shot').returncode == 0
     unstored = run('zero-shot', '--no-store')  # the features computed in memory instead
@@ -136,26 +243,124 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path):
     assert broken.returncode != 0 and 'best.safetensors' in broken.stderr
 
 
+def test_a_killed_training_resumes_exactly(spair_root, tiny, tmp_path):
+    import signal
+    import time
+    config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
+    options = _options(tiny, spair_root, 'train.steps=24', 'train.val_every=2')
+    features = tmp_path / 'features'
+    whole = _run_tool(config, tmp_path / 'whole', options, 'train', features=features)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    work = tmp_path / 'killed'
+    command = [sys.executable, osp.join(ROOT, 'tools', 'correspondence.py'), 'train', config,
+               '--work-dir', str(work), '--no-progress', '--features', str(features),
+               '--cfg-options', *options]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if (work / 'last_checkpoint.pt').exists():
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait() == -signal.SIGKILL
+    resumed = _run_tool(config, work, options, 'train', features=features)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resuming' in resumed.stdout
+    for name in ('best.safetensors', 'training.json'):
+        assert (work / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
+    first = json.loads((tmp_path / 'whole' / 'results_train.json').read_text())
+    second = json.loads((work / 'results_train.json').read_text())
+    assert first['tests'] == second['tests'] and first['paper'] == second['paper']
+
+
+def test_training_on_two_processes(spair_root, tiny, tmp_path):
+    config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
+    work = tmp_path / 'work'
+    env = dict(os.environ, PYTHON=sys.executable, PORT='29631', PYTHONPATH='',
+               OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_correspondence.sh'), config, '2',
+         '--work-dir', str(work), '--no-progress', '--cfg-options',
+         *_options(tiny, spair_root, 'train.steps=4', 'train.val_every=2')],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("the paper's way") == 1  # rank 0 reports
+    training = json.loads((work / 'training.json').read_text())
+    assert [h['step'] for h in training['history']] == [2, 4]
+    report = json.loads((work / 'results_train.json').read_text())
+    assert list(report['tests']) == ['test-360', 'test']
+
+
+def test_gate_with_dinov2_trains_and_runs_zero_shot(spair_root, tiny, tmp_path):
+    config = osp.join(ROOT, 'configs', 'correspondence', 'gate_dinov2_spair_demo.py')
+    options = _options(tiny, spair_root, f"source.sources.dino.model={tiny['dinov2']}",
+                       'train.steps=2', 'train.val_every=2')
+    features = tmp_path / 'features'
+    trained = _run_tool(config, tmp_path / 'work', options, 'train', features=features)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((tmp_path / 'work' / 'results_train.json').read_text())
+    assert report['tests']['test-360']['pairs'] == 2
+    zero = _run_tool(config, tmp_path / 'work', options, 'zero-shot', features=features)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert json.loads((tmp_path / 'work' / 'results_zero_shot.json').read_text())[
+        'frozen_half']['with_store']['image_forwards'] == 0  # one store for both modes
+
+
+def test_zero_shot_fusion_normalises_and_weights_each_source():
+    from mmseg_gate.protocols.correspondence import raw_features
+    torch.manual_seed(0)
+    sd = [{'conv.a': torch.randn(1, 3, 4, 4)} for _ in range(2)]
+    dino = [{'dino.last_hidden_state': torch.randn(1, 5, 2, 2) * 100}]
+    fused = raw_features(sd + dino, weights=dict(dino=0.5))
+    assert fused.shape == (1, 8, 4, 4)
+    torch.testing.assert_close(fused[:, :3].norm(dim=1), torch.ones(1, 4, 4))
+    torch.testing.assert_close(fused[:, 3:].norm(dim=1), torch.full((1, 4, 4), 0.5))
+    alone = raw_features(sd)  # one source: the variants' mean, as before
+    torch.testing.assert_close(alone, torch.stack(
+        [torch.nn.functional.normalize(v['conv.a'], dim=1) for v in sd]).mean(0))
+
+
 def test_the_real_config_builds(tiny):
-    """The shipped recipe's extractor builds once pointed at the tiny model."""
+    """The shipped recipe (the authors' six variants and their separate attention run, their
+    aggregation network) builds once pointed at the tiny model."""
     from mmengine.config import Config
 
     from mmseg_gate import build_source
-    from mmseg_gate.protocols.correspondence import CorrespondenceAggregator
+    from mmseg_gate.protocols.correspondence.model import build_aggregator
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence', 'gate_spair.py'))
-    assert cfg.data.image_size == 512 and cfg.source.timestep == 50
-    assert (cfg.train.lr, cfg.train.temperature, cfg.aggregator.projection_dim) == (
-        5e-4, 0.07, 384)
-    source_cfg = dict(cfg.source)
-    source_cfg.update(sd_model=tiny['sd_model'], loras=dict(tiny['loras']),
-                      controlnets=dict(canny=dict(model=tiny['controlnet'])),
-                      taps=source_cfg['taps'][:3] + ('up_blocks.3.attentions.1', ))
-    source = build_source(source_cfg)
+    conv, attn = cfg.source.sources.conv, cfg.source.sources.attn
+    assert cfg.data.image_size == 512 and conv.timestep == attn.timestep == 50
+    assert cfg.data.split_files == 'dhf' and cfg.data.full_test
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.temperature, cfg.train.steps,
+            cfg.train.steps_per_epoch, cfg.train.sparsity) == (
+        5e-4, 0.01, 0.07, 10000, 5000, 'random_walk')
+    assert (cfg.aggregator.type, cfg.aggregator.output, cfg.aggregator.grid) == (
+        'GATEAggregationNetwork', 'conv', 64)
+    assert cfg.matching == dict(size=512, pixel_centres=False)
+    assert attn.taps == () and attn.variants == [
+        dict(controlnets=dict(canny=1.0), lora='a', denoising_from=60)]
+    for part in (conv, attn):
+        part.update(sd_model=tiny['sd_model'], controlnets=dict(canny=dict(
+            model=tiny['controlnet'])), loras={k: tiny['loras']['a'] for k in part.loras})
+    conv.taps = conv.taps[:3] + ('up_blocks.3.attentions.1', )
+    source = build_source(cfg.source)
     # The authors' six: seed repeats of the prompt and of the denoised ControlNet variant.
     assert [(v.noise_seed, v.denoising_from, bool(v.controlnets), v.lora) for v in
-            source.variants] == [(None, None, False, None), (1, None, False, None),
-                                    (None, None, False, 'a'), (None, None, False, 'b'),
-                                    (None, 60, True, None), (1, 60, True, None)]
-    aggregator = CorrespondenceAggregator(source.feature_info, **cfg.aggregator)
+            source.sources['conv'].variants] == [
+        (None, None, False, None), (1, None, False, None), (None, None, False, 'a'),
+        (None, None, False, 'b'), (None, 60, True, None), (1, 60, True, None)]
+    assert [f['module'] for f in source.feature_info][-1] == 'attn.cross_attention_maps'
+    aggregator = build_aggregator(dict(cfg.aggregator, grid=8), source.feature_info)
     feats = source(torch.rand(2, 3, 64, 64) * 2 - 1)
-    assert aggregator(feats).shape == (2, 384, 8, 8)
+    width = sum(f['num_chs'] for f in source.feature_info)  # the taps' channels + 154
+    assert aggregator(feats).shape == (2, width, 8, 8) and width == aggregator.out_channels
+    hyper = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence',
+                                     'gate_spair_hyperfeatures.py'))
+    assert build_aggregator(hyper.aggregator, source.feature_info)(feats).shape[1] == 384
+    assert Config.fromfile(osp.join(ROOT, 'configs', 'correspondence',
+                                    'gate_spair_nn.py')).aggregator.output == 'nn'
+    fused = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence',
+                                     'gate_dinov2_spair.py'))
+    assert fused.source.sources.dino.type == 'DINOv2Source'
+    assert fused.aggregator.bypass == ('attn.cross_attention_maps', 'dino.last_hidden_state')

@@ -1,7 +1,8 @@
 """Write the embedded demo: a learnable synthetic dataset in ADE20K's folder layout (and a
 label-scarce one in DDPM-segmentation's, correspondence pairs in SPair-71k's), a tiny Stable
 Diffusion in diffusers format, a ControlNet for it and a tiny ADM in guided-diffusion's
-checkpoint layout (the label-scarce demo's second source).
+checkpoint layout (the label-scarce demo's second source) and a tiny random DINOv2 in
+transformers' format (the GATE + DINOv2 correspondence demo).
 
     python tools/make_demo.py [--out data/demo] [--force] [--vae-steps 300]
 
@@ -25,8 +26,9 @@ from diffusers import AutoencoderKL
 from mmseg_gate.datasets.images import list_images, read_image, to_model_range
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
                                           write_ddpm_seg_layout_dataset,
-                                          write_spair_layout_dataset)
+                                          write_dhf_split_files, write_spair_layout_dataset)
 from mmseg_gate.testing.architectures import (save_random_adm, save_random_controlnet,
+                                              save_random_dinov2,
                                               save_random_stable_diffusion,
                                               unit_variance_scaling)
 
@@ -112,8 +114,11 @@ def main():
                                                    args.num_scarce_test, seed=args.seed))
     write_atomically(
         osp.join(args.out, 'spair'), args.force,
-        lambda path: write_spair_layout_dataset(path, dict(trn=40, val=10, test=20),
-                                                seed=args.seed))
+        lambda path: (write_spair_layout_dataset(path, dict(trn=40, val=10, test=20),
+                                                 seed=args.seed),
+                      # Diffusion Hyperfeatures' split files of the same pairs (the test
+                      # file: the first half of the test split, as test-360 is a subset).
+                      write_dhf_split_files(path, per_file=dict(test=10))))
     write_atomically(osp.join(args.out, 'tiny-sd'), args.force,
                      lambda path: write_tiny_model(path, dataset_root, args.vae_steps, args.seed))
     write_atomically(osp.join(args.out, 'controlnet-canny'), args.force,
@@ -121,6 +126,8 @@ def main():
                                                          args.seed))
     write_atomically(osp.join(args.out, 'tiny-adm'), args.force,
                      lambda path: save_random_adm(osp.join(path, 'adm.pt'), seed=args.seed))
+    write_atomically(osp.join(args.out, 'tiny-dinov2'), args.force,
+                     lambda path: save_random_dinov2(path, seed=args.seed))
 
 
 if __name__ == '__main__':

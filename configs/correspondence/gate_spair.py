@@ -1,50 +1,81 @@
-# Semantic correspondence on SPair-71k with GATE features (the authors' `correspondence_gate`
-# recipe): SD1.5 at 512x512, t = 50, the upsampler outputs of up blocks 0-2, the last
-# transformer output of up block 3 and the up blocks' cross-attention maps; the authors' six
-# variants (below). Their cross-attention maps come from a separate ControlNet + LoRA run with
-# the category prompt; here every variant brings its own (README, differences).
-# Aggregation: GATE's amalgamation per level + Diffusion Hyperfeatures' bottlenecks (384
-# channels) and level mixing; symmetric keypoint loss at temperature 0.07, AdamW 5e-4, weight
-# decay 0.01, 10,000 steps of one pair, validation every 500 steps.
+# Semantic correspondence on SPair-71k as the GATE authors' `correspondence_gate` runs it.
+# Frozen half, two Stable Diffusion 1.5 sources at 512x512, t = 50:
+# - `conv`: their six variants -- the fine-grained prompt with two noise seeds, "a photo" with
+#   LoRA a and with LoRA b, "a photo" with the Canny ControlNet denoised from t = 60, with two
+#   noise seeds -- each giving the upsampler outputs of up blocks 0-2 and the last transformer
+#   output of up block 3 (1280 + 1280 + 640 + 320 = 3,520 channels);
+# - `attn`: their separate run for the cross-attention maps (ControlNet + LoRA + the category
+#   prompt, denoised from t = 60): the up blocks' maps at strides 32 and 16, 77 tokens each
+#   (154 channels), no other taps.
+# Their aggregation network ("conv"): one amalgamation of the six variants' 3,520 channels at
+# 64x64, the attention maps concatenated unweighted, a 3x3 convolution; the symmetric keypoint
+# loss at temperature 0.07, AdamW 5e-4 / 0.01, 2 epochs of 5,000 pairs, their sparsity term,
+# a validation on val-360 every 500 steps; matching at 512x512. Diffusion Hyperfeatures' split
+# files (train, val-360, test-360) and SPair's whole test split.
 #   python tools/correspondence.py train configs/correspondence/gate_spair.py
 #   python tools/correspondence.py zero-shot configs/correspondence/gate_spair.py
 _categories = ('aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, dog, horse, '
                'motorbike, person, potted plant, sheep, train, tv monitor')
+_sd_model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+_controlnets = dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
+                               condition=dict(type='canny')))
 source = dict(
-    type='StableDiffusionSource',
-    sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
-    prompt=f'a photo of {_categories}, high quality, best quality, highly realistic, '
-    'masterpiece, high resolution',
-    controlnets=dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
-                                condition=dict(type='canny'))),
-    loras=dict(a='work_dirs/lora/spair/lora_step1500.safetensors',
-               b='work_dirs/lora/spair/lora_step3000.safetensors'),
-    # The authors' six: the fine-grained prompt with two noise seeds, "a photo" with each
-    # LoRA, "a photo" with the Canny ControlNet denoised from t = 60, with two noise seeds.
-    variants=[
-        dict(),
-        dict(noise_seed=1),
-        dict(prompt='a photo', lora='a'),
-        dict(prompt='a photo', lora='b'),
-        dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60),
-        dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60, noise_seed=1),
-    ],
-    taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0', 'up_blocks.2.upsamplers.0',
-          'up_blocks.3.attentions.2'),
-    attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
-    timestep=50,
-    frozen_dtype='auto')
+    type='CompositeSource',
+    mode='separate',
+    sources=dict(
+        conv=dict(
+            type='StableDiffusionSource',
+            sd_model=_sd_model,
+            prompt=f'a photo of {_categories}, high quality, best quality, highly realistic, '
+            'masterpiece, high resolution',
+            controlnets=_controlnets,
+            loras=dict(a='work_dirs/lora/spair/lora_step1500.safetensors',
+                       b='work_dirs/lora/spair/lora_step3000.safetensors'),
+            variants=[
+                dict(),
+                dict(noise_seed=1),
+                dict(prompt='a photo', lora='a'),
+                dict(prompt='a photo', lora='b'),
+                dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60),
+                dict(prompt='a photo', controlnets=dict(canny=1.0), denoising_from=60,
+                     noise_seed=1),
+            ],
+            taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
+                  'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
+            timestep=50,
+            frozen_dtype='auto'),
+        attn=dict(
+            type='StableDiffusionSource',
+            sd_model=_sd_model,
+            prompt=f'a photo of {_categories}',
+            controlnets=_controlnets,
+            loras=dict(a='work_dirs/lora/spair/lora_step1500.safetensors'),
+            variants=[dict(controlnets=dict(canny=1.0), lora='a', denoising_from=60)],
+            taps=(),
+            attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
+            timestep=50,
+            frozen_dtype='auto')))
 data = dict(
     root='data/SPair-71k',
     image_size=512,
+    # Diffusion Hyperfeatures' split files, in SPair-71k/JPEGImages as the authors keep them
+    # ('spair': SPair's own Layout lists, train_split / val_split / test_split below).
+    split_files='dhf',
+    dhf_files=dict(train='spair_71k_train.json', val='spair_71k_val-360.json',
+                   test='spair_71k_test-360.json'),
+    dhf_folder=None,  # default: <root>/JPEGImages
+    full_test=True,  # also report SPair's whole test split (12,234 pairs)
     train_split='trn',
     val_split='val',
-    val_per_category=20,  # 360 validation pairs for model selection, as DHF
+    val_per_category=20,
     test_split='test',
-    test_per_category=None)  # all 12,234 test pairs
-aggregator = dict(projection_dim=384, num_assigners=1)
-train = dict(steps=10000, lr=5e-4, weight_decay=0.01, temperature=0.07, sparsity=0.0,
-             val_every=500, seed=0)
+    test_per_category=None)
+aggregator = dict(type='GATEAggregationNetwork', output='conv', grid=64, resize_mode='nearest',
+                  bypass=('attn.cross_attention_maps', ))
+# Theirs: both maps upsampled to 512x512, keypoints scaled without a half-pixel offset.
+matching = dict(size=512, pixel_centres=False)
+train = dict(steps=10000, steps_per_epoch=5000, lr=5e-4, weight_decay=0.01, temperature=0.07,
+             sparsity='random_walk', val_every=500, seed=0)
 alpha = 0.1
 feature_cache = 256  # images whose features are kept in memory
 num_match_pictures = 6

@@ -228,6 +228,23 @@ def save_random_adm(path: str, model: Optional[Dict] = None, seed: int = 0) -> s
     return path
 
 
+# DINOv2's layout (patch 14, class token, layer scale) at CPU size; ViT-B/14 is
+# hidden_size=768, 12 layers, 12 heads.
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                   intermediate_size=64, patch_size=14, image_size=56)
+DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, patch_size=14, image_size=518)
+
+
+def save_random_dinov2(folder: str, arch: Optional[Dict] = None, seed: int = 0) -> str:
+    """A random ``Dinov2Model`` saved as the hub's folders are (config + safetensors)."""
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(**(arch or TINY_DINOV2))).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
 def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
                         lora_targets: Optional[Sequence[str]] = None) -> None:
     """Random weights of ``arch`` for a source config's models (SD model, ControlNets and
@@ -237,6 +254,10 @@ def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
     if kind == 'CompositeSource':
         for name, source in source_cfg.sources.items():
             write_random_models(source, osp.join(folder, name), arch, lora_rank, lora_targets)
+        return
+    if kind == 'DINOv2Source':
+        source_cfg.model = save_random_dinov2(
+            osp.join(folder, 'dinov2'), TINY_DINOV2 if arch.startswith('tiny') else DINOV2_BASE)
         return
     if kind == 'ADMSource':
         from ..sources.adm import ADM_LSUN_256

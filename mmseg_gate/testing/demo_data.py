@@ -116,3 +116,35 @@ def write_spair_layout_dataset(root: str, pairs_per_split: Dict[str, int], size:
         os.makedirs(osp.join(root, 'Layout', 'large'), exist_ok=True)
         with open(osp.join(root, 'Layout', 'large', f'{split}.txt'), 'w') as f:
             f.write('\n'.join(names) + '\n')
+
+
+def write_dhf_split_files(root: str, splits: Dict[str, str] = None,
+                          per_file: Dict[str, int] = None) -> Dict[str, str]:
+    """Diffusion Hyperfeatures' split files (``spair_71k_train.json``,
+    ``spair_71k_val-360.json``, ``spair_71k_test-360.json``) of the SPair-layout pairs under
+    ``root``, written into ``root/JPEGImages`` as the GATE authors keep them: the pairs of
+    SPair split ``splits[name]`` (default trn, val, test), the first ``per_file[name]`` of
+    them if given. Returns the files written."""
+    splits = splits or dict(train='trn', val='val', test='test')
+    names = dict(train='spair_71k_train.json', val='spair_71k_val-360.json',
+                 test='spair_71k_test-360.json')
+    written = {}
+    for name, split in splits.items():
+        layout = osp.join(root, 'Layout', 'large', f'{split}.txt')
+        with open(layout) as f:
+            pair_names = [line.strip() for line in f if line.strip()]
+        pair_names = pair_names[:(per_file or {}).get(name)]
+        entries = []
+        for pair_name in pair_names:
+            with open(osp.join(root, 'PairAnnotation', split, pair_name + '.json')) as f:
+                pair = json.load(f)
+            entries.append(dict(
+                source_path=f"{pair['category']}/{pair['src_imname']}",
+                target_path=f"{pair['category']}/{pair['trg_imname']}",
+                source_points=pair['src_kps'], target_points=pair['trg_kps'],
+                category=pair['category'], source_bounding_box=pair['src_bndbox'],
+                target_bounding_box=pair['trg_bndbox']))
+        written[name] = osp.join(root, 'JPEGImages', names[name])
+        with open(written[name], 'w') as f:
+            json.dump(entries, f)
+    return written

@@ -90,12 +90,14 @@ def spair_images(data, splits: Optional[Sequence[str]] = None,
                      lambda i: read_square(paths[i], data.image_size, crop=False)[0])
 
 
-def raw_features(feats: Features, names: Sequence[str] = None) -> torch.Tensor:
+def raw_features(feats: Features, names: Sequence[str] = None,
+                 weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
     """Training-free features: each feature L2-normalised over channels, resized to the
     finest one's grid and concatenated per variant, then averaged over the variants holding
-    the same features; variants holding different ones (the sources of a composite kept
-    apart) are averaged in their own groups and the groups concatenated, as SD-DINO joins
-    Stable Diffusion's and DINOv2's normalised features."""
+    the same features. Variants holding different ones (the sources of a composite kept
+    apart) form groups: each group's vector is L2-normalised and weighted (``weights``: source
+    name -> weight, default 1) and the groups concatenated -- SD-DINO's fusion of Stable
+    Diffusion's and DINOv2's normalised features."""
     names = list(names or dict.fromkeys(n for v in feats for n in v))
     size = max((v[n].shape[2:] for v in feats for n in names if n in v),
                key=lambda s: s[0] * s[1])
@@ -105,7 +107,12 @@ def raw_features(feats: Features, names: Sequence[str] = None) -> torch.Tensor:
         groups.setdefault(held, []).append(torch.cat([
             F.interpolate(F.normalize(variant[n].float(), dim=1), size=size, mode='bilinear',
                           align_corners=False) for n in held], dim=1))
-    return torch.cat([torch.stack(group).mean(dim=0) for group in groups.values()], dim=1)
+    if len(groups) == 1:
+        return torch.stack(next(iter(groups.values()))).mean(dim=0)
+    weights = weights or {}
+    return torch.cat([weights.get(held[0].split('.')[0], 1.0)
+                      * F.normalize(torch.stack(group).mean(dim=0), dim=1)
+                      for held, group in groups.items()], dim=1)
 
 
 def batch_features(*feats: Features) -> Features:

@@ -1,6 +1,6 @@
 """PCK@alpha per image and per bounding box, per keypoint and per pair, per category.
 """
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,14 +38,17 @@ def summarize_pck(correct: List[Tuple[str, Dict[str, np.ndarray]]]) -> Dict:
 
 
 def evaluate(pairs: List[dict], features: Callable[[str], torch.Tensor], alpha: float = 0.1,
-             progress: bool = True) -> Tuple[Dict, List[torch.Tensor]]:
-    """PCK over ``pairs`` with ``features(path) -> (C, h, w)``; also the predictions."""
+             progress: bool = True, matching: Optional[Dict] = None
+             ) -> Tuple[Dict, List[torch.Tensor]]:
+    """PCK over ``pairs`` with ``features(path) -> (C, h, w)`` and :func:`~.matching.match`
+    options ``matching``; also the predictions."""
     from tqdm import tqdm
     correct, predictions = [], []
     for pair in tqdm(pairs, desc='matching', unit='pair', disable=not progress):
         pred = match(features(pair['src_path']), features(pair['trg_path']),
                      torch.tensor(pair['src_kps'], dtype=torch.float32),
-                     tuple(pair['src_imsize'][:2]), tuple(pair['trg_imsize'][:2]))
+                     tuple(pair['src_imsize'][:2]), tuple(pair['trg_imsize'][:2]),
+                     **(matching or {}))
         predictions.append(pred)
         correct.append((pair['category'], pck(pred, pair, alpha)))
     return summarize_pck(correct), predictions
