@@ -14,6 +14,7 @@ as built and the straightforward way (``tools/benchmark.py`` runs each in its ow
 """
 import statistics
 import time
+from collections import Counter
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -119,16 +120,19 @@ def timed(forward, device, iters: int, baseline: int):
     return round(statistics.median(times), 4), memory
 
 
-def measure(forward, frozen_half, counts, device, iters: int, batch: int,
+def measure(forward, frozen_half, source, device, iters: int, batch: int,
             baseline: int) -> dict:
     """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first),
-    and the FLOPs of its ``frozen_half`` (the features alone)."""
+    and the FLOPs of its ``frozen_half`` (the features alone); the work is read from the
+    ``source``'s ``counts`` (a composite's sums its sources')."""
     with torch.no_grad():
         forward()  # warm-up, also moves the frozen parts to the device
         flops = count_flops(forward)
         frozen_flops = count_flops(frozen_half)
-        counts.clear()
+        before = Counter(getattr(source, 'counts', {}))
         latency, memory = timed(forward, device, iters, baseline)
+        counts = Counter(getattr(source, 'counts', {}))
+        counts.subtract(before)
     per_image = iters * batch
     return dict(flops=flops, frozen_flops=frozen_flops, latency_s_median=latency,
                 peak_mem_bytes=memory.peak, process_peak_mem_bytes=memory.process_peak,
@@ -136,7 +140,8 @@ def measure(forward, frozen_half, counts, device, iters: int, batch: int,
 
 
 def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
-    """GATE as built: shared VAE encode and ControlNet passes, batched truncated UNet."""
+    """GATE as built: shared VAE encode and ControlNet passes, batched truncated UNet; any
+    other source (a composite, ADM, DINOv2) as it is, without the UNet's own figures."""
     baseline = resident_bytes()
     backbone = MODELS.build(cfg.model.backbone).to(device).eval()
     source = backbone.source
@@ -144,7 +149,10 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
     result = measure(lambda: backbone(images),
                      lambda: source(backbone.to_vae_range(images),
                                     generator=torch.Generator()),
-                     source.counts, device, iters, batch, baseline)
+                     source, device, iters, batch, baseline)
+    if not isinstance(source, StableDiffusionSource):
+        return dict(config=cfg.filename, shape=list(shape), batch=batch, device=str(device),
+                    source=repr(source), variants=source.num_variants, **result, iters=iters)
     latents = encode_latents(source.vae, torch.zeros(
         batch, 3, *(-(-s // source.size_multiple) * source.size_multiple for s in shape),
         device=device))
@@ -169,7 +177,7 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
                         backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
                                                               dropout_ratio=0.5)),
                         backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
-    return measure(lambda: fusion(naive(images)), lambda: naive(images), naive.counts, device,
+    return measure(lambda: fusion(naive(images)), lambda: naive(images), naive, device,
                    iters, batch, baseline)
 
 

@@ -43,3 +43,25 @@ def test_benchmark_json_reports_every_way():
     assert report['fused']['flops'] < report['flops'] < naive['flops']  # fused: no LoRA maths
     assert report['flops_ratio'] == round(report['fused']['flops'] / naive['flops'], 4)
     assert report['stages_run'][-1] == 'up_blocks.2'
+
+
+def test_benchmark_takes_composite_and_correspondence_configs():
+    """The label-scarce recipe (SD beside ADM) and the GATE + DINOv2 correspondence recipe,
+    with random weights of the tiny architectures."""
+    for config, passes in (('label_scarce/gate_pixel_demo.py', 3 + 3),
+                           ('correspondence/gate_dinov2_spair_demo.py', 6 + 1)):
+        result = subprocess.run(
+            [sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+             osp.join(ROOT, 'configs', config), '--shape', '64', '64', '--device', 'cpu',
+             '--iters', '1', '--random-init', '--arch', 'tiny', '--lora-rank', '4'],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env=dict(os.environ, HF_HUB_OFFLINE='1'))
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report['unet_passes'] == passes and report['frozen_flops'] > 0, config
+        assert report['source'].startswith('CompositeSource')
+    refused = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+         osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'), '--shape', '64',
+         '64', '--naive'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and 'without --naive' in refused.stderr

@@ -64,6 +64,22 @@ def test_pck_at_the_threshold_edge():
     assert summary['per_category']['cat']['pck_bbox'] == pytest.approx(25.0)
 
 
+def test_pck_is_an_mmengine_metric():
+    from mmengine.evaluator import Evaluator
+
+    import mmseg_gate  # noqa: F401  (registers PCKMetric)
+    evaluator = Evaluator([dict(type='PCKMetric', alpha=0.1)])
+    pair = dict(trg_kps=[[10, 10], [10, 10]], trg_imsize=[200, 100, 3],
+                trg_bndbox=[0, 0, 50, 80], category='cat')
+    evaluator.process([dict(pair, pred_kps=torch.tensor([[30.01, 10.], [10., 30.]]))])
+    evaluator.process([dict(pair, category='dog', pred_kps=torch.tensor([[10., 10.]] * 2))])
+    scores = evaluator.evaluate(2)
+    assert scores['spair/pck_img'] == pytest.approx(75.0)  # 3 of 4 within 20 px
+    assert scores['spair/pck_bbox'] == pytest.approx(50.0)  # 2 of 4 within 8 px
+    assert scores['spair/cat/pck_img'] == pytest.approx(50.0)
+    assert scores['spair/dog/pck_bbox_per_pair'] == pytest.approx(100.0)
+
+
 def test_loss_prefers_matching_features():
     torch.manual_seed(0)
     source = torch.randn(8, 6, 6)

@@ -70,6 +70,13 @@ def run_mode(config_path: str, mode: str, args) -> dict:
 def main():
     args = parse_args()
     cfg = Config.fromfile(args.config)
+    if cfg.get('model') is None and cfg.get('source') is not None:
+        # A correspondence config: its frozen source in GATE's backbone.
+        cfg.model = dict(backbone=dict(type='GATEBackbone', source=cfg.source))
+    kind = cfg.model.backbone.source.get('type', 'StableDiffusionSource')
+    if args.naive and kind != 'StableDiffusionSource':
+        raise SystemExit(f'--naive compares against the authors\' way for a Stable Diffusion '
+                         f'source; this config\'s source is a {kind}: run without --naive.')
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.mode in ('efficient', 'fused'):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...datasets.images import read_image
-from .metric import pck
+from ...evaluation.pck import pck
 
 
 def draw_matches(pairs: List[dict], predictions: List[torch.Tensor], alpha: float = 0.1,
