@@ -30,7 +30,7 @@ from .testing.naive import NaiveGATE
 
 # The work the sources count, reported per image.
 COUNTS = ('vae_encodes', 'noise_samples', 'controlnet_passes', 'unet_passes',
-          'denoising_passes')
+          'denoising_passes', 'transformer_passes')
 
 
 def _count_cpu_attention() -> None:

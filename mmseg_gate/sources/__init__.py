@@ -3,9 +3,10 @@ from .base import SOURCES, FeatureSource, build_source
 from .adm import ADMSource
 from .composite import CompositeSource
 from .dinov2 import DINOv2Source
+from .dit import DiTSource
 from .stable_diffusion import GATEFeatureExtractor, StableDiffusionSource
 from .stored import StoredSource  # last: it reads stores, whose writer builds sources
 
 __all__ = ['SOURCES', 'FeatureSource', 'build_source', 'ADMSource', 'CompositeSource',
-           'DINOv2Source',
+           'DINOv2Source', 'DiTSource',
            'StableDiffusionSource', 'GATEFeatureExtractor', 'StoredSource']

@@ -1,0 +1,323 @@
+"""Diffusion-transformer features: Stable Diffusion 3.x (``SD3Transformer2DModel``) and FLUX.1
+(``FluxTransformer2DModel``) as frozen sources.
+
+Each variant is a prompt (ControlNets and LoRAs per variant are not supported yet: asking for
+them is an error). A call encodes the image once with the VAE (shift and scale as the
+pipelines do), noises it as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img
+at ``strength = t / 1000`` over 1,000 scheduler steps: the scheduler's shift (SD3's fixed
+shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mixes the noise
+in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
+(the blocks after it are freed). A tap is a block, ``'transformer_blocks.<i>'`` (SD3's joint
+blocks, FLUX's double-stream blocks) or ``'single_transformer_blocks.<i>'`` (FLUX); its image
+tokens come back as an (N, C, h, w) map at the patch stride (16 input pixels for both); its
+text tokens are not a map and are never returned. Prompts are encoded once, by the
+pipelines' own ``encode_prompt`` (CLIP-L/G and T5 for SD3, CLIP-L and T5 for FLUX, prompts of
+any length as they encode them); the text encoders are dropped afterwards. FLUX's latents are
+packed 2x2 into tokens with their position ids, and its guidance embedding gets
+``guidance_scale`` (FLUX.1-dev; FLUX.1-schnell has none).
+"""
+import math
+from collections import Counter
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
+from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          T5EncoderModel, T5TokenizerFast)
+
+from ..engine.devices import resolve_dtype
+from .base import SOURCES, FeatureSource, Features, input_stride, rescaled
+from .stable_diffusion.latents import draw_noise, encode_latents
+from .stable_diffusion.loading import drop_vae_decoder, load_weights
+from .stable_diffusion.source import pad_to_multiple
+from .stable_diffusion.unet_taps import StopForward
+
+KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
+_GET_DIT = ('Get a model in diffusers format, e.g. `hf download '
+            'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 --include '
+            '"*.json" "*.txt" "*.model" "*.safetensors" --exclude "*.fp16.*"` (or '
+            "black-forest-labs/FLUX.1-dev), and set the source's `model`.")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's token layout: (N, C, H, W) latents as (N, H/2 * W/2, 4C) tokens, each 2x2 patch
+    one token (row-major)."""
+    n, c, h, w = latents.shape
+    patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def image_ids(height: int, width: int) -> torch.Tensor:
+    """FLUX's position ids of (height x width) image tokens: (0, row, column) each."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def flux_mu(scheduler, image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift: linear in the number of image tokens between the
+    scheduler config's base and max (the pipelines' ``calculate_shift``)."""
+    cfg = scheduler.config
+    base_len, max_len = cfg.get('base_image_seq_len', 256), cfg.get('max_image_seq_len', 4096)
+    base, top = cfg.get('base_shift', 0.5), cfg.get('max_shift', 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return image_seq_len * slope + base - slope * base_len
+
+
+@SOURCES.register_module()
+class DiTSource(FeatureSource):
+    """SD3.x or FLUX.1 transformer features per prompt variant (module docstring).
+
+    Args:
+        model (str): a diffusers folder (or hub id) of a ``StableDiffusion3Pipeline`` or
+            ``FluxPipeline``.
+        prompt (str): the default prompt of every variant. Default: ''.
+        variants (Sequence[dict], optional): ``dict(prompt=...)`` per variant. Default: one.
+        taps (Sequence[str]): blocks to read. Default: SD3 the middle joint block; FLUX the
+            last double-stream block.
+        timestep (int): noise level of 1,000 (img2img strength t / 1000; 0: the clean
+            latent). Default: 50.
+        guidance_scale (float): FLUX's guidance embedding (models that have one).
+            Default: 3.5.
+        max_sequence_length (int, optional): T5 tokens (the pipelines' default: SD3 256,
+            FLUX 512).
+        input_scale (float): the model sees the input resized by this factor. Default: 1.
+        frozen_dtype (str): 'auto' (float16 on accelerators; bfloat16 suits FLUX), 'float32',
+            'float16' or 'bfloat16'. Default: 'auto'.
+        noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
+    """
+
+    def __init__(self, model: str, prompt: str = '', variants: Optional[Sequence[dict]] = None,
+                 taps: Optional[Sequence[str]] = None, timestep: int = 50,
+                 guidance_scale: float = 3.5, max_sequence_length: Optional[int] = None,
+                 input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0):
+        resolve_dtype(frozen_dtype, torch.device('cpu'))
+        variants = [dict(v) for v in (variants or [dict()])]
+        for i, variant in enumerate(variants):
+            extra = sorted(set(variant) - {'prompt'})
+            if extra:
+                raise ValueError(f'DiTSource variant {i}: {extra} are not supported on '
+                                 'diffusion transformers yet (prompts only).')
+        self.prompts = [v.get('prompt', prompt) for v in variants]
+        self.timestep = self._checked(timestep)
+        try:
+            index = DiffusionPipeline.load_config(model)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"'{model}' is not a diffusers pipeline folder ({err}). "
+                                    f'{_GET_DIT}') from err
+        self.kind = KINDS.get(index.get('_class_name'))
+        if self.kind is None:
+            raise ValueError(f"'{model}' holds a {index.get('_class_name')}; DiTSource reads "
+                             f'{sorted(KINDS)}.')
+        self.model_name = model
+        transformer_class = SD3Transformer2DModel if self.kind == 'sd3' \
+            else FluxTransformer2DModel
+        self.transformer = load_weights(transformer_class, model, 'transformer', _GET_DIT)
+        self.vae = load_weights(AutoencoderKL, model, 'vae', _GET_DIT)
+        drop_vae_decoder(self.vae)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            model, subfolder='scheduler')
+        self.embeddings = self._encode_prompts(model, max_sequence_length)
+        self.guidance_scale = guidance_scale
+        names = self._block_names()
+        double = len(self.transformer.transformer_blocks)
+        self.taps = list(taps or [names[len(names) // 2] if self.kind == 'sd3'
+                                  else f'transformer_blocks.{double - 1}'])
+        for tap in self.taps:
+            if tap not in names:
+                raise KeyError(f"Tap '{tap}' is not a block of this transformer: taps are "
+                               f'whole blocks ({names[0]} ... {names[-1]}), whose image tokens '
+                               'come back as maps; text tokens are not a spatial map and '
+                               'cannot be tapped.')
+        self.last = max(names.index(t) for t in self.taps)
+        self._free_after(names[self.last])
+        self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
+        self.patch = (self.transformer.config.patch_size if self.kind == 'sd3' else 2)
+        self.input_scale = float(input_scale)
+        self.stride = input_stride(self.vae_factor * self.patch, self.input_scale,
+                                   'the transformer tokens')
+        self.dtype_name, self.noise_seed = frozen_dtype, noise_seed
+        self.device, self.dtype = torch.device('cpu'), torch.float32
+        self.counts: Counter = Counter()
+        width = self.transformer.config.num_attention_heads * \
+            self.transformer.config.attention_head_dim
+        self.feature_info = [dict(module=t, num_chs=width, reduction=self.stride,
+                                  num_variants=len(self.prompts)) for t in self.taps]
+
+    @staticmethod
+    def _checked(timestep) -> int:
+        if isinstance(timestep, bool) or not isinstance(timestep, int) or \
+                not 0 <= timestep < 1000:
+            raise ValueError(f'DiTSource timestep must be an integer in [0, 1000) (img2img '
+                             f'strength t / 1000), got {timestep!r}.')
+        return timestep
+
+    def __repr__(self) -> str:
+        return f'DiTSource({self.model_name!r}, {self.kind}, taps {self.taps})'
+
+    @property
+    def variant_names(self) -> List[str]:
+        return [f'prompt {p!r}' for p in self.prompts]
+
+    def check_timestep(self, timestep: Optional[int]) -> None:
+        if timestep is not None:
+            self._checked(timestep)
+
+    def _block_names(self) -> List[str]:
+        names = [f'transformer_blocks.{i}'
+                 for i in range(len(self.transformer.transformer_blocks))]
+        if self.kind == 'flux':
+            names += [f'single_transformer_blocks.{i}'
+                      for i in range(len(self.transformer.single_transformer_blocks))]
+        return names
+
+    def _free_after(self, last: str) -> None:
+        """Blocks after the last tap never run: free them."""
+        kind, index = last.rsplit('.', 1)
+        blocks = getattr(self.transformer, kind)
+        setattr(self.transformer, kind, torch.nn.ModuleList(list(blocks)[:int(index) + 1]))
+        if kind == 'transformer_blocks' and self.kind == 'flux':
+            self.transformer.single_transformer_blocks = torch.nn.ModuleList()
+
+    def _encode_prompts(self, model: str, max_sequence_length: Optional[int]) -> Dict:
+        """Each distinct prompt through the pipeline's own ``encode_prompt``; the text
+        encoders are not kept."""
+        if self.kind == 'sd3':
+            parts = dict(text_encoder=load_weights(CLIPTextModelWithProjection, model,
+                                                   'text_encoder', _GET_DIT),
+                         text_encoder_2=load_weights(CLIPTextModelWithProjection, model,
+                                                     'text_encoder_2', _GET_DIT),
+                         text_encoder_3=load_weights(T5EncoderModel, model, 'text_encoder_3',
+                                                     _GET_DIT),
+                         tokenizer=CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
+                         tokenizer_2=CLIPTokenizer.from_pretrained(model,
+                                                                   subfolder='tokenizer_2'),
+                         tokenizer_3=T5TokenizerFast.from_pretrained(model,
+                                                                     subfolder='tokenizer_3'))
+            pipe = StableDiffusion3Pipeline(transformer=None, scheduler=self.scheduler,
+                                            vae=None, **parts)
+        else:
+            parts = dict(text_encoder=load_weights(CLIPTextModel, model, 'text_encoder',
+                                                   _GET_DIT),
+                         text_encoder_2=load_weights(T5EncoderModel, model, 'text_encoder_2',
+                                                     _GET_DIT),
+                         tokenizer=CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
+                         tokenizer_2=T5TokenizerFast.from_pretrained(model,
+                                                                     subfolder='tokenizer_2'))
+            pipe = FluxPipeline(transformer=None, scheduler=self.scheduler, vae=None, **parts)
+        length = dict(max_sequence_length=max_sequence_length) if max_sequence_length else {}
+        embeddings = {}
+        with torch.no_grad():
+            for prompt in dict.fromkeys(self.prompts):
+                if self.kind == 'sd3':
+                    out = pipe.encode_prompt(prompt, prompt, prompt, device='cpu',
+                                             do_classifier_free_guidance=False, **length)
+                    embeddings[prompt] = dict(encoder_hidden_states=out[0],
+                                              pooled_projections=out[2])
+                else:
+                    out = pipe.encode_prompt(prompt, prompt, device='cpu', **length)
+                    embeddings[prompt] = dict(encoder_hidden_states=out[0],
+                                              pooled_projections=out[1], txt_ids=out[2])
+        del pipe, parts  # the text encoders are not needed again
+        return embeddings
+
+    def to(self, device) -> 'DiTSource':
+        device = torch.device(device)
+        dtype = resolve_dtype(self.dtype_name, device)
+        if (device, dtype) != (self.device, self.dtype):
+            self.transformer.to(device=device, dtype=dtype)
+            self.vae.to(device=device, dtype=dtype)
+            self.device, self.dtype = device, dtype
+        return self
+
+    def noise_timestep(self, timestep: int, image_seq_len: int) -> torch.Tensor:
+        """The scheduler timestep img2img at strength t / 1000 (over 1,000 steps) starts
+        from, with the scheduler's shift (FLUX: for ``image_seq_len`` tokens)."""
+        steps = 1000
+        if self.kind == 'flux':
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            self.scheduler.set_timesteps(sigmas=sigmas, mu=flux_mu(self.scheduler,
+                                                                     image_seq_len))
+        else:
+            self.scheduler.set_timesteps(steps)
+        start = int(max(steps - min(steps * timestep / 1000, steps), 0))
+        return self.scheduler.timesteps[start:start + 1]
+
+    @contextmanager
+    def _reading(self, store: Dict[str, torch.Tensor]):
+        """Forward hooks keeping the taps' image tokens; the last tapped block stops the
+        pass."""
+        modules = dict(self.transformer.named_modules())
+        final = self._block_names()[self.last]
+
+        def keep(name):
+            def hook(_module, _inputs, output):
+                store[name] = output[1]  # (text tokens, image tokens): the image stream
+                if name == final:
+                    raise StopForward
+            return hook
+        handles = [modules[t].register_forward_hook(keep(t)) for t in self.taps]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> List[Features]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
+                             f'{tuple(images.shape)}.')
+        timestep = self.timestep if timestep is None else self._checked(timestep)
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.noise_seed)
+        self.to(images.device)
+        height, width = images.shape[-2:]
+        pixels = pad_to_multiple(rescaled(images, self.input_scale),
+                                 self.vae_factor * self.patch).to(self.device, self.dtype)
+        self.counts['vae_encodes'] += images.shape[0]
+        clean = encode_latents(self.vae, pixels)
+        n, _, lh, lw = clean.shape
+        grid = (lh // self.patch, lw // self.patch)
+        if timestep == 0:
+            latents, t = clean, torch.zeros(1)
+        else:
+            t = self.noise_timestep(timestep, grid[0] * grid[1])
+            noise = draw_noise(clean.shape, generator).to(clean)
+            self.counts['noise_samples'] += n
+            latents = self.scheduler.scale_noise(clean, t, noise)
+        outputs = []
+        for prompt in self.prompts:
+            embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                     for k, v in self.embeddings[prompt].items()}
+            inputs = dict(encoder_hidden_states=embed['encoder_hidden_states'].expand(
+                n, -1, -1), pooled_projections=embed['pooled_projections'].expand(n, -1),
+                          timestep=t.to(self.device, self.dtype).expand(n), return_dict=False)
+            if self.kind == 'flux':
+                inputs.update(hidden_states=pack_latents(latents),
+                              img_ids=image_ids(*grid).to(self.device, self.dtype),
+                              txt_ids=embed['txt_ids'].to(self.dtype),
+                              timestep=inputs['timestep'] / 1000)
+                if self.transformer.config.guidance_embeds:
+                    inputs['guidance'] = torch.full((n, ), self.guidance_scale,
+                                                    device=self.device, dtype=self.dtype)
+            else:
+                inputs['hidden_states'] = latents
+            store: Dict[str, torch.Tensor] = {}
+            self.counts['transformer_passes'] += n
+            with self._reading(store):
+                try:
+                    self.transformer(**inputs)
+                except StopForward:
+                    pass
+            outputs.append({
+                name: store[name].transpose(1, 2).reshape(n, -1, *grid)[
+                    ..., :math.ceil(height / self.stride), :math.ceil(width / self.stride)]
+                for name in self.taps})
+        return outputs

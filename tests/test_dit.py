@@ -1,0 +1,104 @@
+"""Diffusion-transformer sources (SD3, FLUX) against diffusers' own pipelines: the img2img
+pipelines' noising and latent layout, and block outputs read by a hook on diffusers' full
+forward of a freshly loaded transformer."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (FluxImg2ImgPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Img2ImgPipeline)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from mmseg_gate.sources import build_source
+from mmseg_gate.testing.dit_architectures import save_random_flux, save_random_sd3
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp('dit')
+    return dict(sd3=save_random_sd3(str(root / 'sd3')),
+                flux=save_random_flux(str(root / 'flux')))
+
+
+def _reference(kind, folder, images, taps, timestep, prompt, seed=0):
+    """What diffusers computes: the img2img pipeline's timesteps (its own schedule and
+    get_timesteps) and noising (its scheduler's scale_noise) of the VAE posterior's mode
+    (the pipelines sample it; features use the mode), FLUX's token packing and ids (the
+    pipeline's own), then a full forward of a fresh transformer, hooked."""
+    pipe_class = StableDiffusion3Img2ImgPipeline if kind == 'sd3' else FluxImg2ImgPipeline
+    pipe = pipe_class.from_pretrained(folder)
+    n = images.shape[0]
+    height, width = images.shape[-2:]
+    if kind == 'sd3':
+        pipe.scheduler.set_timesteps(1000)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt,
+                                                  do_classifier_free_guidance=False)
+    else:
+        seq = (height // 16) * (width // 16)
+        mu = calculate_shift(seq, pipe.scheduler.config.base_image_seq_len,
+                             pipe.scheduler.config.max_image_seq_len,
+                             pipe.scheduler.config.base_shift, pipe.scheduler.config.max_shift)
+        retrieve_timesteps(pipe.scheduler, 1000, 'cpu',
+                           sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=mu)
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt, prompt)
+    timesteps, _ = pipe.get_timesteps(1000, timestep / 1000, 'cpu')
+    t = timesteps[:1].repeat(n)
+    generator = torch.Generator().manual_seed(seed)
+    image = pipe.image_processor.preprocess((images + 1) / 2)  # back to [-1, 1], as given
+    with torch.no_grad():
+        clean = pipe.vae.encode(image).latent_dist.mode()
+    clean = (clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    latents = pipe.scheduler.scale_noise(clean, t, torch.randn(clean.shape,
+                                                               generator=generator))
+    if kind == 'flux':
+        _, c, h, w = latents.shape
+        latents = pipe._pack_latents(latents, n, c, h, w)
+        image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, 'cpu', torch.float32)
+    transformer_class = SD3Transformer2DModel if kind == 'sd3' else FluxTransformer2DModel
+    transformer = transformer_class.from_pretrained(folder, subfolder='transformer').eval()
+    kept = {}
+    for tap in taps:
+        transformer.get_submodule(tap).register_forward_hook(
+            lambda _m, _i, out, tap=tap: kept.__setitem__(tap, out[1]))
+    with torch.no_grad():
+        if kind == 'sd3':
+            transformer(hidden_states=latents, timestep=t,
+                        encoder_hidden_states=embeds.expand(n, -1, -1),
+                        pooled_projections=pooled.expand(n, -1))
+        else:
+            transformer(hidden_states=latents, timestep=t / 1000,
+                        guidance=torch.full((n, ), 3.5),
+                        pooled_projections=pooled.expand(n, -1),
+                        encoder_hidden_states=embeds.expand(n, -1, -1), txt_ids=text_ids,
+                        img_ids=image_ids)
+    grid = (height // 16, width // 16)
+    return {tap: value.transpose(1, 2).reshape(n, -1, *grid) for tap, value in kept.items()}
+
+
+@pytest.mark.parametrize('kind,taps', [
+    ('sd3', ('transformer_blocks.0', 'transformer_blocks.1')),
+    ('flux', ('transformer_blocks.1', 'single_transformer_blocks.0'))])
+def test_taps_equal_diffusers_hooked_forward(models, kind, taps):
+    source = build_source(dict(type='DiTSource', model=models[kind], prompt='a photo of a cat',
+                               taps=taps, timestep=300))
+    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ours = source(images, generator=torch.Generator().manual_seed(0))[0]
+    expected = _reference(kind, models[kind], images, taps, 300, 'a photo of a cat')
+    for tap in taps:
+        assert ours[tap].shape == expected[tap].shape == (2, 32, 4, 5)
+        torch.testing.assert_close(ours[tap], expected[tap], rtol=1e-4, atol=1e-4)
+    # Early exit: the blocks after the last tap are freed.
+    if kind == 'sd3':
+        assert len(source.transformer.transformer_blocks) == 2
+    else:
+        assert len(source.transformer.single_transformer_blocks) == 1
+
+
+def test_taps_and_variants_are_checked(models):
+    with pytest.raises(KeyError, match='text tokens are not a spatial map'):
+        build_source(dict(type='DiTSource', model=models['sd3'],
+                          taps=('transformer_blocks.1.attn', )))
+    with pytest.raises(ValueError, match=r"\['controlnets'\] are not supported"):
+        build_source(dict(type='DiTSource', model=models['flux'],
+                          variants=[dict(controlnets=dict(canny=1.0))]))
+    with pytest.raises(ValueError, match=r'\[0, 1000\)'):
+        build_source(dict(type='DiTSource', model=models['sd3'], timestep=1000))
