@@ -102,3 +102,40 @@ def test_taps_and_variants_are_checked(models):
                           variants=[dict(controlnets=dict(canny=1.0))]))
     with pytest.raises(ValueError, match=r'\[0, 1000\)'):
         build_source(dict(type='DiTSource', model=models['sd3'], timestep=1000))
+
+
+@pytest.mark.parametrize('config', ['gate_upernet_ade20k_sd35.py',
+                                    'gate_upernet_ade20k_flux.py'])
+def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_path, config):
+    """The shipped model (DiT source, MMSeg's MultiLevelNeck, stock UPerHead) on the tiny
+    architectures and the demo data: a few training iterations."""
+    import os.path as osp
+
+    from mmengine.config import Config
+    from mmseg.registry import RUNNERS
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    shipped = Config.fromfile(osp.join(root, 'configs', config))
+    assert shipped.model.backbone.source.type == 'DiTSource'
+    assert shipped.model.neck.type == 'MultiLevelNeck'
+    assert shipped.model.neck.scales == [4, 2, 1, 0.5]
+    assert shipped.model.decode_head.type == 'UPerHead'
+    cfg = make_demo_cfg(tmp_path, 2)
+    model = shipped.model
+    model.backbone.source.model = models['sd3' if 'sd35' in config else 'flux']
+    model.backbone.source.taps = ('transformer_blocks.1', )
+    model.backbone.source.frozen_dtype = 'float32'
+    model.backbone.norm_cfg = dict(type='BN', requires_grad=True)
+    model.neck.update(in_channels=[32], out_channels=16)
+    for head in (model.decode_head, model.auxiliary_head):
+        head.update(num_classes=cfg.model.decode_head.num_classes, channels=16,
+                    norm_cfg=dict(type='BN', requires_grad=True))
+    model.decode_head.in_channels = [16] * 4
+    model.auxiliary_head.in_channels = 16
+    model.data_preprocessor = cfg.model.data_preprocessor
+    model.test_cfg = cfg.model.test_cfg
+    cfg.model = model
+    runner = RUNNERS.build(cfg)
+    runner.train()
+    assert runner.iter == 2
+    scalars = runner.message_hub.log_scalars
+    assert np.isfinite(scalars['train/loss'].current())
