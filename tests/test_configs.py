@@ -9,7 +9,10 @@ from mmengine.config import Config
 from mmseg.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
+# The diffusion-transformer configs (one stride, a neck) are built and trained in test_dit.py.
+DIT_CONFIGS = ('gate_upernet_ade20k_sd35.py', 'gate_upernet_ade20k_flux.py')
+CONFIGS = sorted(c for c in glob.glob(osp.join(ROOT, 'configs', '*.py'))
+                 if osp.basename(c) not in DIT_CONFIGS)
 
 
 def test_configs_found():
