@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 
 from ..engine.checkpoint import read_checkpoint
 from ..engine.devices import resolve_dtype
-from .base import SOURCES, FeatureSource, Features, input_stride, rescaled
+from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
+                   rescaled)
 from .stable_diffusion.latents import draw_noise, noised
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import UNetTaps
@@ -305,11 +306,7 @@ class ADMSource(FeatureSource):
         return [f'ADM t={t}' for t in self.steps]
 
     def to(self, device) -> 'ADMSource':
-        device = torch.device(device)
-        dtype = resolve_dtype(self.dtype_name, device)
-        if (device, dtype) != (self.device, self.dtype):
-            self.unet.to(device=device, dtype=dtype)
-            self.device, self.dtype = device, dtype
+        move_frozen(self, [self.unet], device)
         return self
 
     def check_timestep(self, timestep: Optional[int]) -> None:
@@ -334,9 +331,7 @@ class ADMSource(FeatureSource):
                  generator: Optional[torch.Generator] = None) -> List[Features]:
         """Per step (or at ``timestep`` for every variant; 0: the clean image) a dict
         ``'output_blocks.<i>'`` -> (N, C, ceil(H / stride), ceil(W / stride))."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
-                             f'{tuple(images.shape)}.')
+        check_images(images)
         self.check_timestep(timestep)
         height, width = images.shape[-2:]
         self.to(images.device)

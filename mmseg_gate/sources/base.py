@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from mmengine.registry import Registry
 
+from ..engine.devices import resolve_dtype
+
 SOURCES = Registry('frozen feature source')
 Features = Dict[str, torch.Tensor]
 
@@ -69,6 +71,25 @@ class FeatureSource(ABC):
                 return info
         raise KeyError(f"No feature '{name}'; this source has "
                        f"{[f['module'] for f in self.feature_info]}.")
+
+
+def check_images(images: torch.Tensor) -> None:
+    """The contract's input: (N, 3, H, W) in [-1, 1]."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
+                         f'{tuple(images.shape)}.')
+
+
+def move_frozen(source, modules, device) -> None:
+    """Move a source's frozen ``modules`` to ``device`` in the dtype its ``dtype_name``
+    chooses there (:func:`resolve_dtype`), recording both on the source; a no-op when they
+    are there already."""
+    device = torch.device(device)
+    dtype = resolve_dtype(source.dtype_name, device)
+    if (device, dtype) != (source.device, source.dtype):
+        for module in modules:
+            module.to(device=device, dtype=dtype)
+        source.device, source.dtype = device, dtype
 
 
 def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:

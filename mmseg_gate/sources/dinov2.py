@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..engine.devices import resolve_dtype
-from .base import SOURCES, FeatureSource, Features, input_stride, rescaled
+from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
+                   rescaled)
 from .stable_diffusion.source import pad_to_multiple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,11 +107,7 @@ class DINOv2Source(FeatureSource):
         return ['DINOv2']
 
     def to(self, device) -> 'DINOv2Source':
-        device = torch.device(device)
-        dtype = resolve_dtype(self.dtype_name, device)
-        if (device, dtype) != (self.device, self.dtype):
-            self.network.to(device=device, dtype=dtype)
-            self.device, self.dtype = device, dtype
+        move_frozen(self, [self.network], device)
         return self
 
     def check_timestep(self, timestep: Optional[int]) -> None:
@@ -124,9 +121,7 @@ class DINOv2Source(FeatureSource):
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> List[Features]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
-                             f'{tuple(images.shape)}.')
+        check_images(images)
         self.to(images.device)
         pixels = self.pixel_values(images.float().cpu()).to(self.device, self.dtype)
         out = self.network(pixel_values=pixels, output_hidden_states=True)

@@ -30,7 +30,8 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
                           T5EncoderModel, T5TokenizerFast)
 
 from ..engine.devices import resolve_dtype
-from .base import SOURCES, FeatureSource, Features, input_stride, rescaled
+from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
+                   rescaled)
 from .stable_diffusion.latents import draw_noise, encode_latents
 from .stable_diffusion.loading import drop_vae_decoder, load_weights
 from .stable_diffusion.source import pad_to_multiple
@@ -227,12 +228,7 @@ class DiTSource(FeatureSource):
         return embeddings
 
     def to(self, device) -> 'DiTSource':
-        device = torch.device(device)
-        dtype = resolve_dtype(self.dtype_name, device)
-        if (device, dtype) != (self.device, self.dtype):
-            self.transformer.to(device=device, dtype=dtype)
-            self.vae.to(device=device, dtype=dtype)
-            self.device, self.dtype = device, dtype
+        move_frozen(self, [self.transformer, self.vae], device)
         return self
 
     def noise_timestep(self, timestep: int, image_seq_len: int) -> torch.Tensor:
@@ -271,9 +267,7 @@ class DiTSource(FeatureSource):
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> List[Features]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
-                             f'{tuple(images.shape)}.')
+        check_images(images)
         timestep = self.timestep if timestep is None else self._checked(timestep)
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise_seed)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, FeatureSource, input_stride, rescaled
+from ..base import SOURCES, FeatureSource, check_images, input_stride, rescaled
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
@@ -261,9 +261,7 @@ class StableDiffusionSource(FeatureSource):
         ``timestep`` (default: each variant's own) is validated at every call; see
         :meth:`noise_plan` for what it means. ``generator`` draws the noise of the variants
         without a ``noise_seed`` of their own (default: one seeded with ``noise_seed``)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'Images must be (N, 3, H, W) in [-1, 1], got shape '
-                             f'{tuple(images.shape)}.')
+        check_images(images)
         if isinstance(timestep, torch.Generator):
             raise TypeError('The second argument is the timestep; pass the noise generator as '
                             '`generator=` (extractor(images, timestep=None, generator=...)).')
