@@ -69,12 +69,13 @@ def main():
     if not report:
         return  # another process reports
     alpha = report['alpha']
-    if 'paper' in report:
+    if 'paper' in report:  # train mode
         paper = report['paper']
         print(f"[correspondence] the paper's way (best over {paper['validations']} validations "
               f"on {paper['split']}, each taken on its own): PCK@{alpha} img "
               f"{paper['pck_img']:.2f} (step {paper['pck_img_step']}), bbox "
               f"{paper['pck_bbox']:.2f} (step {paper['pck_bbox_step']})")
+    if 'model_selection' in report:
         chosen = report['model_selection']
         print(f"[correspondence] selected on {chosen['split']}: step {chosen['step']} (bbox "
               f"{chosen['pck_bbox']:.2f}), tested on held-out pairs:")

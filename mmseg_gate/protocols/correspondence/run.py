@@ -102,7 +102,8 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
         with open(osp.join(work_dir, 'training.json')) as f:
             log = json.load(f)
         # The paper's way: the best val PCK per image and per bbox over all validations.
-        report['paper'] = dict(split=_split_name(data, 'val'), **log['paper'])
+        if log.get('paper'):
+            report['paper'] = dict(split=_split_name(data, 'val'), **log['paper'])
         # Selected on val, reported on the held-out splits above.
         report['model_selection'] = dict(split=_split_name(data, 'val'), **log['best'])
     test_pairs = pairs['test']
