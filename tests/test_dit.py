@@ -19,7 +19,7 @@ def models(tmp_path_factory):
                 flux=save_random_flux(str(root / 'flux')))
 
 
-def _reference(kind, folder, images, taps, timestep, prompt, seed=0):
+def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None):
     """What diffusers computes: the img2img pipeline's timesteps (its own schedule and
     get_timesteps) and noising (its scheduler's scale_noise) of the VAE posterior's mode
     (the pipelines sample it; features use the mode), FLUX's token packing and ids (the
@@ -55,6 +55,9 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0):
         image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, 'cpu', torch.float32)
     transformer_class = SD3Transformer2DModel if kind == 'sd3' else FluxTransformer2DModel
     transformer = transformer_class.from_pretrained(folder, subfolder='transformer').eval()
+    if lora is not None:  # diffusers' own loading of the file
+        pipe.transformer = transformer
+        pipe.load_lora_weights(lora)
     kept = {}
     for tap in taps:
         transformer.get_submodule(tap).register_forward_hook(
@@ -97,6 +100,8 @@ def test_taps_and_variants_are_checked(models):
     with pytest.raises(KeyError, match='text tokens are not a spatial map'):
         build_source(dict(type='DiTSource', model=models['sd3'],
                           taps=('transformer_blocks.1.attn', )))
+    with pytest.raises(ValueError, match="LoRA 'b' is not one of the `loras`"):
+        build_source(dict(type='DiTSource', model=models['sd3'], variants=[dict(lora='b')]))
     with pytest.raises(ValueError, match=r"\['controlnets'\] are not supported"):
         build_source(dict(type='DiTSource', model=models['flux'],
                           variants=[dict(controlnets=dict(canny=1.0))]))
@@ -139,3 +144,29 @@ def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_
     assert runner.iter == 2
     scalars = runner.message_hub.log_scalars
     assert np.isfinite(scalars['train/loss'].current())
+
+
+@pytest.mark.parametrize('kind', ['sd3', 'flux'])
+def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    transformer_class = SD3Transformer2DModel if kind == 'sd3' else FluxTransformer2DModel
+    transformer = transformer_class.from_pretrained(models[kind], subfolder='transformer')
+    torch.manual_seed(3)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=['to_q', 'to_k', 'to_v', 'to_out.0']))
+    pipeline = StableDiffusion3Pipeline if kind == 'sd3' else FluxPipeline
+    pipeline.save_lora_weights(str(tmp_path), get_peft_model_state_dict(transformer))
+    lora = str(tmp_path / 'pytorch_lora_weights.safetensors')
+    taps = ('transformer_blocks.1', )
+    source = build_source(dict(type='DiTSource', model=models[kind], prompt='a photo',
+                               loras=dict(a=lora), taps=taps, timestep=300,
+                               variants=[dict(), dict(lora='a')]))
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plain, adapted = source(images, generator=torch.Generator().manual_seed(0))
+    expected = _reference(kind, models[kind], images, taps, 300, 'a photo', lora=str(tmp_path))
+    torch.testing.assert_close(adapted[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
+    without = _reference(kind, models[kind], images, taps, 300, 'a photo')
+    torch.testing.assert_close(plain[taps[0]], without[taps[0]], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain[taps[0]], adapted[taps[0]], atol=1e-3)
+    assert source.variant_names == ["prompt 'a photo'", "prompt 'a photo' + lora a"]

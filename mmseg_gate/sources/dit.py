@@ -1,9 +1,12 @@
 """Diffusion-transformer features: Stable Diffusion 3.x (``SD3Transformer2DModel``) and FLUX.1
 (``FluxTransformer2DModel``) as frozen sources.
 
-Each variant is a prompt (ControlNets and LoRAs per variant are not supported yet: asking for
-them is an error). A call encodes the image once with the VAE (shift and scale as the
-pipelines do), noises it as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img
+Each variant is a prompt, optionally with a LoRA (``loras=dict(name=file)``, a variant's
+``lora='name'`` and ``lora_scale``: diffusers' DiT LoRA files, loaded as peft adapters with
+every tensor of the file counted; each variant's pass runs with its adapter alone).
+ControlNets on diffusion transformers are not supported yet: asking for them is an error.
+
+A call encodes the image once with the VAE (shift and scale as the pipelines do), noises it as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img
 at ``strength = t / 1000`` over 1,000 scheduler steps: the scheduler's shift (SD3's fixed
 shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mixes the noise
 in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
@@ -17,6 +20,7 @@ packed 2x2 into tokens with their position ids, and its guidance embedding gets
 ``guidance_scale`` (FLUX.1-dev; FLUX.1-schnell has none).
 """
 import math
+import os.path as osp
 from collections import Counter
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
@@ -26,6 +30,7 @@ import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
+from safetensors.torch import load_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5EncoderModel, T5TokenizerFast)
 
@@ -34,6 +39,7 @@ from .base import (SOURCES, FeatureSource, Features, check_images, input_stride,
                    rescaled)
 from .stable_diffusion.latents import draw_noise, encode_latents
 from .stable_diffusion.loading import drop_vae_decoder, load_weights
+from .stable_diffusion.lora import activate_adapter, check_lora_landed
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import StopForward
 
@@ -78,7 +84,10 @@ class DiTSource(FeatureSource):
         model (str): a diffusers folder (or hub id) of a ``StableDiffusion3Pipeline`` or
             ``FluxPipeline``.
         prompt (str): the default prompt of every variant. Default: ''.
-        variants (Sequence[dict], optional): ``dict(prompt=...)`` per variant. Default: one.
+        variants (Sequence[dict], optional): ``dict(prompt=..., lora=None, lora_scale=1.0)``
+            per variant. Default: one.
+        loras (dict, optional): name -> LoRA safetensors file of this transformer (diffusers'
+            format, ``transformer.*`` keys, as ``save_lora_weights`` writes).
         taps (Sequence[str]): blocks to read. Default: SD3 the middle joint block; FLUX the
             last double-stream block.
         timestep (int): noise level of 1,000 (img2img strength t / 1000; 0: the clean
@@ -94,17 +103,25 @@ class DiTSource(FeatureSource):
     """
 
     def __init__(self, model: str, prompt: str = '', variants: Optional[Sequence[dict]] = None,
+                 loras: Optional[Dict[str, str]] = None,
                  taps: Optional[Sequence[str]] = None, timestep: int = 50,
                  guidance_scale: float = 3.5, max_sequence_length: Optional[int] = None,
                  input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0):
         resolve_dtype(frozen_dtype, torch.device('cpu'))
         variants = [dict(v) for v in (variants or [dict()])]
+        loras = dict(loras or {})
         for i, variant in enumerate(variants):
-            extra = sorted(set(variant) - {'prompt'})
+            extra = sorted(set(variant) - {'prompt', 'lora', 'lora_scale'})
             if extra:
                 raise ValueError(f'DiTSource variant {i}: {extra} are not supported on '
-                                 'diffusion transformers yet (prompts only).')
+                                 'diffusion transformers yet (prompts and LoRAs only).')
+            if variant.get('lora') is not None and variant['lora'] not in loras:
+                raise ValueError(f"DiTSource variant {i}: LoRA {variant['lora']!r} is not one "
+                                 f'of the `loras` ({sorted(loras)}).')
         self.prompts = [v.get('prompt', prompt) for v in variants]
+        self.variant_loras = [v.get('lora') for v in variants]
+        self.lora_scales = {v['lora']: v.get('lora_scale', 1.0) for v in variants
+                            if v.get('lora') is not None}
         self.timestep = self._checked(timestep)
         try:
             index = DiffusionPipeline.load_config(model)
@@ -124,6 +141,8 @@ class DiTSource(FeatureSource):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             model, subfolder='scheduler')
         self.embeddings = self._encode_prompts(model, max_sequence_length)
+        for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
+            self._load_lora(name, loras[name])
         self.guidance_scale = guidance_scale
         names = self._block_names()
         double = len(self.transformer.transformer_blocks)
@@ -150,6 +169,21 @@ class DiTSource(FeatureSource):
         self.feature_info = [dict(module=t, num_chs=width, reduction=self.stride,
                                   num_variants=len(self.prompts)) for t in self.taps]
 
+    def _load_lora(self, name: str, path: str) -> None:
+        """A LoRA file as adapter ``name`` of the transformer, every tensor counted."""
+        if not osp.isfile(path):
+            raise FileNotFoundError(f"LoRA file '{path}' does not exist.")
+        state = {k: v for k, v in load_file(path).items() if k.startswith('transformer.')}
+        if not state:
+            raise ValueError(f"LoRA '{path}' holds no 'transformer.*' tensors: not a LoRA of "
+                             'a diffusion transformer in diffusers\' format.')
+        try:
+            self.transformer.load_lora_adapter(state, prefix='transformer', adapter_name=name)
+        except Exception as err:  # peft/diffusers errors do not name the file
+            raise ValueError(f"LoRA '{path}' could not be loaded into the transformer "
+                             f'({type(err).__name__}: {err}).') from err
+        check_lora_landed(self.transformer, name, state, 'transformer', path)
+
     @staticmethod
     def _checked(timestep) -> int:
         if isinstance(timestep, bool) or not isinstance(timestep, int) or \
@@ -163,7 +197,8 @@ class DiTSource(FeatureSource):
 
     @property
     def variant_names(self) -> List[str]:
-        return [f'prompt {p!r}' for p in self.prompts]
+        return [f'prompt {p!r}' + (f' + lora {lora}' if lora else '')
+                for p, lora in zip(self.prompts, self.variant_loras)]
 
     def check_timestep(self, timestep: Optional[int]) -> None:
         if timestep is not None:
@@ -287,7 +322,8 @@ class DiTSource(FeatureSource):
             self.counts['noise_samples'] += n
             latents = self.scheduler.scale_noise(clean, t, noise)
         outputs = []
-        for prompt in self.prompts:
+        for prompt, lora in zip(self.prompts, self.variant_loras):
+            activate_adapter([self.transformer], lora, self.lora_scales)
             embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                      for k, v in self.embeddings[prompt].items()}
             inputs = dict(encoder_hidden_states=embed['encoder_hidden_states'].expand(
