@@ -170,3 +170,45 @@ def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
     torch.testing.assert_close(plain[taps[0]], without[taps[0]], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain[taps[0]], adapted[taps[0]], atol=1e-3)
     assert source.variant_names == ["prompt 'a photo'", "prompt 'a photo' + lora a"]
+
+
+def test_content_shift_tool_on_a_dit(models, tmp_path):
+    """The guideline on SD3: prompt-only against a LoRA variant, scores and feature pictures
+    (img2img reconstructions are Stable Diffusion's only, for now)."""
+    import json
+    import os.path as osp
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    transformer = SD3Transformer2DModel.from_pretrained(models['sd3'], subfolder='transformer')
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=['to_q', 'to_k', 'to_v', 'to_out.0']))
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path), get_peft_model_state_dict(
+        transformer))
+    config = tmp_path / 'dit.py'
+    config.write_text(
+        f"_base_ = [{osp.join(root, 'configs', 'gate_upernet_ade20k_sd35.py')!r}]\n"
+        f"model = dict(backbone=dict(source=dict(model={models['sd3']!r}, "
+        f"loras=dict(a={str(tmp_path / 'pytorch_lora_weights.safetensors')!r}), "
+        "variants=[dict(), dict(lora='a')], "
+        "taps=('transformer_blocks.0', 'transformer_blocks.1'), frozen_dtype='float32')))\n")
+    images = []
+    for i in range(2):
+        path = tmp_path / f'{i}.png'
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                        ).save(path)
+        images.append(str(path))
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [sys.executable, osp.join(root, 'tools', 'content_shift.py'), str(config), *images,
+         '--size', '64', '--timesteps', '50', '200', '--out', str(out), '--no-progress',
+         '--device', 'cpu'], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / 'content_shift.json').read_text())
+    assert len(report['variants']) == 2 and report['variants'][1].endswith('+ lora a')
+    assert '`transformer_blocks.1` | 200 |' in (out / 'content_shift.md').read_text()
+    assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
