@@ -1,7 +1,8 @@
 # GATE features of Stable Diffusion 3.5 (medium: 24 joint blocks, 1,536 channels) + UPerNet on
-# ADE20K, 512x512 crops, 80k iterations, batch 2: one prompt variant (LoRA variants can be added:
-# `loras=dict(a=FILE)`, `variants=[dict(), dict(lora='a')]`; ControlNets on diffusion
-# transformers are not supported yet). A DiT tap has one stride (16 pixels), so
+# ADE20K, 512x512 crops, 80k iterations, batch 2: one prompt variant (GATE's LoRA and SD3
+# ControlNet variants can be added: `loras=dict(a=FILE)`, `controlnets=dict(canny=dict(
+# model=...))`, `variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))]`; no
+# LoRA or ControlNet for SD3.5 is shipped with this config). A DiT tap has one stride (16 pixels), so
 # MMSeg's own MultiLevelNeck -- the neck its ViT configs use: a 1x1 lateral conv, bilinear
 # resizing by 4, 2, 1 and 0.5, a 3x3 conv -- makes the pyramid at strides 4-32 that the stock
 # UPerHead takes. The block is mid-depth (12 of 24); compare blocks with

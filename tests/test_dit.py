@@ -19,7 +19,8 @@ def models(tmp_path_factory):
                 flux=save_random_flux(str(root / 'flux')))
 
 
-def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None):
+def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
+               controlnet=None):
     """What diffusers computes: the img2img pipeline's timesteps (its own schedule and
     get_timesteps) and noising (its scheduler's scale_noise) of the VAE posterior's mode
     (the pipelines sample it; features use the mode), FLUX's token packing and ids (the
@@ -58,6 +59,22 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None):
     if lora is not None:  # diffusers' own loading of the file
         pipe.transformer = transformer
         pipe.load_lora_weights(lora)
+    residuals = {}
+    if controlnet is not None:  # SD3: a Canny map of the image, VAE-encoded, through it
+        import cv2
+        from diffusers import SD3ControlNetModel
+        net = SD3ControlNetModel.from_pretrained(controlnet).eval()
+        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        edges = [cv2.Canny(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), 100, 200)
+                 for p in pixels]
+        cond = torch.from_numpy(np.stack(edges)).float()[:, None].repeat(1, 3, 1, 1) / 255
+        with torch.no_grad():
+            control = pipe.vae.encode(cond * 2 - 1).latent_dist.mode()
+            control = control * pipe.vae.config.scaling_factor  # zero-pooled kind: no shift
+            residuals['block_controlnet_hidden_states'] = net(
+                hidden_states=latents, timestep=t, encoder_hidden_states=embeds.expand(n, -1, -1),
+                pooled_projections=torch.zeros_like(pooled).expand(n, -1),
+                controlnet_cond=control, conditioning_scale=1.0, return_dict=False)[0]
     kept = {}
     for tap in taps:
         transformer.get_submodule(tap).register_forward_hook(
@@ -66,7 +83,7 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None):
         if kind == 'sd3':
             transformer(hidden_states=latents, timestep=t,
                         encoder_hidden_states=embeds.expand(n, -1, -1),
-                        pooled_projections=pooled.expand(n, -1))
+                        pooled_projections=pooled.expand(n, -1), **residuals)
         else:
             transformer(hidden_states=latents, timestep=t / 1000,
                         guidance=torch.full((n, ), 3.5),
@@ -102,9 +119,12 @@ def test_taps_and_variants_are_checked(models):
                           taps=('transformer_blocks.1.attn', )))
     with pytest.raises(ValueError, match="LoRA 'b' is not one of the `loras`"):
         build_source(dict(type='DiTSource', model=models['sd3'], variants=[dict(lora='b')]))
-    with pytest.raises(ValueError, match=r"\['controlnets'\] are not supported"):
+    with pytest.raises(ValueError, match=r"ControlNets \['canny'\] are not in"):
         build_source(dict(type='DiTSource', model=models['flux'],
                           variants=[dict(controlnets=dict(canny=1.0))]))
+    with pytest.raises(ValueError, match=r"\['ip_adapter'\] are not supported"):
+        build_source(dict(type='DiTSource', model=models['flux'],
+                          variants=[dict(ip_adapter='x')]))
     with pytest.raises(ValueError, match=r'\[0, 1000\)'):
         build_source(dict(type='DiTSource', model=models['sd3'], timestep=1000))
 
@@ -212,3 +232,27 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
     assert len(report['variants']) == 2 and report['variants'][1].endswith('+ lora a')
     assert '`transformer_blocks.1` | 200 |' in (out / 'content_shift.md').read_text()
     assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
+
+
+def test_an_sd3_controlnet_variant_equals_diffusers(models, tmp_path):
+    from mmseg_gate.testing.dit_architectures import save_random_sd3_controlnet
+    controlnet = save_random_sd3_controlnet(str(tmp_path / 'cn'), models['sd3'])
+    taps = ('transformer_blocks.2', )
+    source = build_source(dict(
+        type='DiTSource', model=models['sd3'], prompt='a photo', taps=taps, timestep=300,
+        controlnets=dict(canny=dict(model=controlnet, condition=dict(type='canny'))),
+        variants=[dict(), dict(controlnets=dict(canny=1.0))]))
+    # A structured image, so that Canny finds edges.
+    ramp = torch.linspace(-1, 1, 64)
+    images = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64),
+                          (ramp[None, :] * ramp[:, None] > 0).float() * 2 - 1])[None]
+    plain, guided = source(images, generator=torch.Generator().manual_seed(0))
+    assert source.counts['controlnet_passes'] == 1
+    expected = _reference('sd3', models['sd3'], images, taps, 300, 'a photo',
+                          controlnet=controlnet)
+    torch.testing.assert_close(guided[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain[taps[0]], guided[taps[0]], atol=1e-3)
+    with pytest.raises(ValueError, match='FLUX ControlNets are not supported'):
+        build_source(dict(type='DiTSource', model=models['flux'],
+                          controlnets=dict(canny=dict(model=controlnet)),
+                          variants=[dict(controlnets=dict(canny=1.0))]))

@@ -3,11 +3,18 @@
 
 Each variant is a prompt, optionally with a LoRA (``loras=dict(name=file)``, a variant's
 ``lora='name'`` and ``lora_scale``: diffusers' DiT LoRA files, loaded as peft adapters with
-every tensor of the file counted; each variant's pass runs with its adapter alone).
-ControlNets on diffusion transformers are not supported yet: asking for them is an error.
+every tensor of the file counted; each variant's pass runs with its adapter alone) and, on
+SD3, ControlNets (``controlnets=dict(canny=dict(model=..., condition=...))``, a variant's
+``controlnets=dict(canny=1.0)``): ``SD3ControlNetModel`` on the condition's VAE latent
+(the posterior mode; shift and pooled projection as the SD3 ControlNet pipeline treats each
+kind),
+its block residuals handed to the transformer's forward, which adds each after its block
+(a tapped block's own output is read before its residual: the residual shows from the next
+block on). FLUX ControlNets are not supported yet: asking for one is an error.
 
-A call encodes the image once with the VAE (shift and scale as the pipelines do), noises it as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img
-at ``strength = t / 1000`` over 1,000 scheduler steps: the scheduler's shift (SD3's fixed
+A call encodes the image once with the VAE (shift and scale as the pipelines do), noises it
+as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img at ``strength = t /
+1000`` over 1,000 scheduler steps: the scheduler's shift (SD3's fixed
 shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mixes the noise
 in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
 (the blocks after it are freed). A tap is a block, ``'transformer_blocks.<i>'`` (SD3's joint
@@ -28,8 +35,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline)
+                       FluxPipeline, FluxTransformer2DModel, SD3ControlNetModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
 from safetensors.torch import load_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5EncoderModel, T5TokenizerFast)
@@ -37,6 +44,7 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
+from .stable_diffusion.conditions import ConditionDetector
 from .stable_diffusion.latents import draw_noise, encode_latents
 from .stable_diffusion.loading import drop_vae_decoder, load_weights
 from .stable_diffusion.lora import activate_adapter, check_lora_landed
@@ -84,10 +92,12 @@ class DiTSource(FeatureSource):
         model (str): a diffusers folder (or hub id) of a ``StableDiffusion3Pipeline`` or
             ``FluxPipeline``.
         prompt (str): the default prompt of every variant. Default: ''.
-        variants (Sequence[dict], optional): ``dict(prompt=..., lora=None, lora_scale=1.0)``
-            per variant. Default: one.
+        variants (Sequence[dict], optional): ``dict(prompt=..., lora=None, lora_scale=1.0,
+            controlnets=dict(name=scale))`` per variant. Default: one.
         loras (dict, optional): name -> LoRA safetensors file of this transformer (diffusers'
             format, ``transformer.*`` keys, as ``save_lora_weights`` writes).
+        controlnets (dict, optional): SD3 only: name -> ``dict(model=folder or hub id,
+            condition=dict(type='canny'))``.
         taps (Sequence[str]): blocks to read. Default: SD3 the middle joint block; FLUX the
             last double-stream block.
         timestep (int): noise level of 1,000 (img2img strength t / 1000; 0: the clean
@@ -104,22 +114,28 @@ class DiTSource(FeatureSource):
 
     def __init__(self, model: str, prompt: str = '', variants: Optional[Sequence[dict]] = None,
                  loras: Optional[Dict[str, str]] = None,
+                 controlnets: Optional[Dict[str, dict]] = None,
                  taps: Optional[Sequence[str]] = None, timestep: int = 50,
                  guidance_scale: float = 3.5, max_sequence_length: Optional[int] = None,
                  input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0):
         resolve_dtype(frozen_dtype, torch.device('cpu'))
         variants = [dict(v) for v in (variants or [dict()])]
-        loras = dict(loras or {})
+        loras, controlnets = dict(loras or {}), dict(controlnets or {})
         for i, variant in enumerate(variants):
-            extra = sorted(set(variant) - {'prompt', 'lora', 'lora_scale'})
+            extra = sorted(set(variant) - {'prompt', 'lora', 'lora_scale', 'controlnets'})
             if extra:
                 raise ValueError(f'DiTSource variant {i}: {extra} are not supported on '
-                                 'diffusion transformers yet (prompts and LoRAs only).')
+                                 'diffusion transformers yet (prompts, LoRAs, ControlNets).')
+            unknown = sorted(set(variant.get('controlnets') or {}) - set(controlnets))
+            if unknown:
+                raise ValueError(f'DiTSource variant {i}: ControlNets {unknown} are not in '
+                                 f'`controlnets` ({sorted(controlnets)}).')
             if variant.get('lora') is not None and variant['lora'] not in loras:
                 raise ValueError(f"DiTSource variant {i}: LoRA {variant['lora']!r} is not one "
                                  f'of the `loras` ({sorted(loras)}).')
         self.prompts = [v.get('prompt', prompt) for v in variants]
         self.variant_loras = [v.get('lora') for v in variants]
+        self.variant_controlnets = [dict(v.get('controlnets') or {}) for v in variants]
         self.lora_scales = {v['lora']: v.get('lora_scale', 1.0) for v in variants
                             if v.get('lora') is not None}
         self.timestep = self._checked(timestep)
@@ -140,6 +156,18 @@ class DiTSource(FeatureSource):
         drop_vae_decoder(self.vae)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             model, subfolder='scheduler')
+        if controlnets and self.kind != 'sd3':
+            raise ValueError('DiTSource: FLUX ControlNets are not supported yet (SD3 only).')
+        self.controlnets = {name: load_weights(SD3ControlNetModel, cfg['model'], None, _GET_DIT)
+                            for name, cfg in controlnets.items()}
+        for name, net in self.controlnets.items():
+            if net.config.extra_conditioning_channels:
+                raise ValueError(f"DiTSource: ControlNet '{name}' takes "
+                                 f'{net.config.extra_conditioning_channels} extra conditioning '
+                                 'channel(s) (an SD3.5 ControlNet); only ControlNets on the '
+                                 'condition latent alone are supported yet.')
+        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
+                          for name, cfg in controlnets.items()}
         self.embeddings = self._encode_prompts(model, max_sequence_length)
         for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
             self._load_lora(name, loras[name])
@@ -197,8 +225,37 @@ class DiTSource(FeatureSource):
 
     @property
     def variant_names(self) -> List[str]:
-        return [f'prompt {p!r}' + (f' + lora {lora}' if lora else '')
-                for p, lora in zip(self.prompts, self.variant_loras)]
+        return [f'prompt {p!r}' + ''.join(f' + {name}' for name in nets)
+                + (f' + lora {lora}' if lora else '')
+                for p, lora, nets in zip(self.prompts, self.variant_loras,
+                                         self.variant_controlnets)]
+
+    def control_latents(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
+        """ControlNet ``name``'s condition of ``pixels`` as the SD3 ControlNet pipeline feeds
+        it: the detector's map in [-1, 1], VAE-encoded (posterior mode), scaled, shifted
+        unless the ControlNet is one that zeroes its pooled projection (InstantX's)."""
+        cond = self.detectors[name](pixels.float()).to(self.device, self.dtype) * 2 - 1
+        latent = self.vae.encode(cond).latent_dist.mode()
+        shift = 0.0 if self.controlnets[name].config.force_zeros_for_pooled_projection \
+            else (self.vae.config.shift_factor or 0.0)
+        return (latent - shift) * self.vae.config.scaling_factor
+
+    def _residuals(self, nets: Dict[str, float], latents, t, embed, conditions):
+        """The summed block residuals of a variant's ControlNets (None without any)."""
+        total = None
+        for name, scale in nets.items():
+            net = self.controlnets[name]
+            pooled = embed['pooled_projections']
+            self.counts['controlnet_passes'] += latents.shape[0]
+            samples = net(hidden_states=latents, timestep=t, controlnet_cond=conditions[name],
+                          conditioning_scale=scale,
+                          encoder_hidden_states=embed['encoder_hidden_states']
+                          if net.config.joint_attention_dim is not None else None,
+                          pooled_projections=torch.zeros_like(pooled)
+                          if net.config.force_zeros_for_pooled_projection else pooled,
+                          return_dict=False)[0]
+            total = list(samples) if total is None else [a + b for a, b in zip(total, samples)]
+        return total
 
     def check_timestep(self, timestep: Optional[int]) -> None:
         if timestep is not None:
@@ -263,7 +320,7 @@ class DiTSource(FeatureSource):
         return embeddings
 
     def to(self, device) -> 'DiTSource':
-        move_frozen(self, [self.transformer, self.vae], device)
+        move_frozen(self, [self.transformer, self.vae, *self.controlnets.values()], device)
         return self
 
     def noise_timestep(self, timestep: int, image_seq_len: int) -> torch.Tensor:
@@ -321,8 +378,11 @@ class DiTSource(FeatureSource):
             noise = draw_noise(clean.shape, generator).to(clean)
             self.counts['noise_samples'] += n
             latents = self.scheduler.scale_noise(clean, t, noise)
+        used = dict.fromkeys(n for nets in self.variant_controlnets for n in nets)
+        conditions = {name: self.control_latents(name, pixels) for name in used}
         outputs = []
-        for prompt, lora in zip(self.prompts, self.variant_loras):
+        for prompt, lora, nets in zip(self.prompts, self.variant_loras,
+                                      self.variant_controlnets):
             activate_adapter([self.transformer], lora, self.lora_scales)
             embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                      for k, v in self.embeddings[prompt].items()}
@@ -339,6 +399,9 @@ class DiTSource(FeatureSource):
                                                     device=self.device, dtype=self.dtype)
             else:
                 inputs['hidden_states'] = latents
+                if nets:
+                    inputs['block_controlnet_hidden_states'] = self._residuals(
+                        nets, latents, inputs['timestep'], inputs, conditions)
             store: Dict[str, torch.Tensor] = {}
             self.counts['transformer_passes'] += n
             with self._reading(store):

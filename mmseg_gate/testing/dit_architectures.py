@@ -8,7 +8,8 @@ import tempfile
 
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+                       FluxTransformer2DModel, SD3ControlNetModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           T5Config, T5EncoderModel, T5TokenizerFast)
 
@@ -51,6 +52,24 @@ def save_random_sd3(folder: str, seed: int = 0) -> str:
             text_encoder_3=T5EncoderModel(T5Config(**_TINY_T5)),
             tokenizer_3=save_t5_tokenizer(osp.join(tmp, 'c')))
         pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_random_sd3_controlnet(folder: str, sd3_folder: str, seed: int = 0) -> str:
+    """An SD3 ControlNet for the tiny SD3 (``SD3ControlNetModel.from_transformer``, 2
+    blocks, InstantX's kind: the condition latent alone, zeroed pooled projection) whose
+    zero-initialised output layers are not zero (it does something)."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel.from_pretrained(sd3_folder, subfolder='transformer')
+    controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=2,
+                                                     num_extra_conditioning_channels=0)
+    with torch.no_grad():
+        for block in controlnet.controlnet_blocks:
+            block.weight.normal_(0, 0.05)
+            block.bias.normal_(0, 0.05)
+        for param in controlnet.pos_embed_input.parameters():
+            param.normal_(0, 0.05)
+    controlnet.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
