@@ -1,5 +1,5 @@
 # GATE features of Stable Diffusion 3.5 (medium: 24 joint blocks, 1,536 channels) + UPerNet on
-# ADE20K, 512x512 crops, 80k iterations, batch 2: one prompt variant (GATE's LoRA and SD3
+# ADE20K, 512x512 crops, 80k iterations, batch 2: one prompt variant (GATE's LoRA and
 # ControlNet variants can be added: `loras=dict(a=FILE)`, `controlnets=dict(canny=dict(
 # model=...))`, `variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))]`; no
 # LoRA or ControlNet for SD3.5 is shipped with this config). A DiT tap has one stride (16 pixels), so

@@ -60,21 +60,36 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
         pipe.transformer = transformer
         pipe.load_lora_weights(lora)
     residuals = {}
-    if controlnet is not None:  # SD3: a Canny map of the image, VAE-encoded, through it
+    if controlnet is not None:  # a Canny map of the image, VAE-encoded, through it
         import cv2
-        from diffusers import SD3ControlNetModel
-        net = SD3ControlNetModel.from_pretrained(controlnet).eval()
+        from diffusers import FluxControlNetModel, SD3ControlNetModel
         pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         edges = [cv2.Canny(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), 100, 200)
                  for p in pixels]
         cond = torch.from_numpy(np.stack(edges)).float()[:, None].repeat(1, 3, 1, 1) / 255
         with torch.no_grad():
             control = pipe.vae.encode(cond * 2 - 1).latent_dist.mode()
-            control = control * pipe.vae.config.scaling_factor  # zero-pooled kind: no shift
-            residuals['block_controlnet_hidden_states'] = net(
-                hidden_states=latents, timestep=t, encoder_hidden_states=embeds.expand(n, -1, -1),
-                pooled_projections=torch.zeros_like(pooled).expand(n, -1),
-                controlnet_cond=control, conditioning_scale=1.0, return_dict=False)[0]
+            if kind == 'sd3':  # InstantX's kind: no shift, zero pooled projection
+                net = SD3ControlNetModel.from_pretrained(controlnet).eval()
+                residuals['block_controlnet_hidden_states'] = net(
+                    hidden_states=latents, timestep=t,
+                    encoder_hidden_states=embeds.expand(n, -1, -1),
+                    pooled_projections=torch.zeros_like(pooled).expand(n, -1),
+                    controlnet_cond=control * pipe.vae.config.scaling_factor,
+                    conditioning_scale=1.0, return_dict=False)[0]
+            else:
+                net = FluxControlNetModel.from_pretrained(controlnet).eval()
+                control = (control - pipe.vae.config.shift_factor) * \
+                    pipe.vae.config.scaling_factor
+                _, c, h, w = control.shape
+                double, single = net(
+                    hidden_states=latents, controlnet_cond=pipe._pack_latents(control, n, c, h, w),
+                    conditioning_scale=1.0, timestep=t / 1000, guidance=torch.full((n, ), 3.5),
+                    pooled_projections=pooled.expand(n, -1),
+                    encoder_hidden_states=embeds.expand(n, -1, -1), txt_ids=text_ids,
+                    img_ids=image_ids, return_dict=False)
+                residuals.update(controlnet_block_samples=double,
+                                 controlnet_single_block_samples=single)
     kept = {}
     for tap in taps:
         transformer.get_submodule(tap).register_forward_hook(
@@ -89,7 +104,7 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
                         guidance=torch.full((n, ), 3.5),
                         pooled_projections=pooled.expand(n, -1),
                         encoder_hidden_states=embeds.expand(n, -1, -1), txt_ids=text_ids,
-                        img_ids=image_ids)
+                        img_ids=image_ids, **residuals)
     grid = (height // 16, width // 16)
     return {tap: value.transpose(1, 2).reshape(n, -1, *grid) for tap, value in kept.items()}
 
@@ -234,12 +249,15 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
     assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
 
 
-def test_an_sd3_controlnet_variant_equals_diffusers(models, tmp_path):
-    from mmseg_gate.testing.dit_architectures import save_random_sd3_controlnet
-    controlnet = save_random_sd3_controlnet(str(tmp_path / 'cn'), models['sd3'])
-    taps = ('transformer_blocks.2', )
+@pytest.mark.parametrize('kind', ['sd3', 'flux'])
+def test_a_controlnet_variant_equals_diffusers(models, tmp_path, kind):
+    from mmseg_gate.testing.dit_architectures import (save_random_flux_controlnet,
+                                                      save_random_sd3_controlnet)
+    save = save_random_sd3_controlnet if kind == 'sd3' else save_random_flux_controlnet
+    controlnet = save(str(tmp_path / 'cn'), models[kind])
+    taps = ('transformer_blocks.1', ) if kind == 'flux' else ('transformer_blocks.2', )
     source = build_source(dict(
-        type='DiTSource', model=models['sd3'], prompt='a photo', taps=taps, timestep=300,
+        type='DiTSource', model=models[kind], prompt='a photo', taps=taps, timestep=300,
         controlnets=dict(canny=dict(model=controlnet, condition=dict(type='canny'))),
         variants=[dict(), dict(controlnets=dict(canny=1.0))]))
     # A structured image, so that Canny finds edges.
@@ -248,11 +266,7 @@ def test_an_sd3_controlnet_variant_equals_diffusers(models, tmp_path):
                           (ramp[None, :] * ramp[:, None] > 0).float() * 2 - 1])[None]
     plain, guided = source(images, generator=torch.Generator().manual_seed(0))
     assert source.counts['controlnet_passes'] == 1
-    expected = _reference('sd3', models['sd3'], images, taps, 300, 'a photo',
+    expected = _reference(kind, models[kind], images, taps, 300, 'a photo',
                           controlnet=controlnet)
     torch.testing.assert_close(guided[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain[taps[0]], guided[taps[0]], atol=1e-3)
-    with pytest.raises(ValueError, match='FLUX ControlNets are not supported'):
-        build_source(dict(type='DiTSource', model=models['flux'],
-                          controlnets=dict(canny=dict(model=controlnet)),
-                          variants=[dict(controlnets=dict(canny=1.0))]))

@@ -10,7 +10,10 @@ SD3, ControlNets (``controlnets=dict(canny=dict(model=..., condition=...))``, a 
 kind),
 its block residuals handed to the transformer's forward, which adds each after its block
 (a tapped block's own output is read before its residual: the residual shows from the next
-block on). FLUX ControlNets are not supported yet: asking for one is an error.
+block on); on FLUX, ``FluxControlNetModel`` (InstantX's kind: the packed condition latent,
+double- and single-stream residuals). XLabs' FLUX ControlNets (a hint block), union
+ControlNets (modes) and SD3.5 ControlNets with extra conditioning channels are not supported
+yet: asking for one is an error.
 
 A call encodes the image once with the VAE (shift and scale as the pipelines do), noises it
 as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img at ``strength = t /
@@ -35,8 +38,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, SD3ControlNetModel,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+                       FluxControlNetModel, FluxPipeline, FluxTransformer2DModel,
+                       SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 from safetensors.torch import load_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5EncoderModel, T5TokenizerFast)
@@ -156,16 +159,20 @@ class DiTSource(FeatureSource):
         drop_vae_decoder(self.vae)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             model, subfolder='scheduler')
-        if controlnets and self.kind != 'sd3':
-            raise ValueError('DiTSource: FLUX ControlNets are not supported yet (SD3 only).')
-        self.controlnets = {name: load_weights(SD3ControlNetModel, cfg['model'], None, _GET_DIT)
+        controlnet_class = SD3ControlNetModel if self.kind == 'sd3' else FluxControlNetModel
+        self.controlnets = {name: load_weights(controlnet_class, cfg['model'], None, _GET_DIT)
                             for name, cfg in controlnets.items()}
         for name, net in self.controlnets.items():
-            if net.config.extra_conditioning_channels:
-                raise ValueError(f"DiTSource: ControlNet '{name}' takes "
-                                 f'{net.config.extra_conditioning_channels} extra conditioning '
-                                 'channel(s) (an SD3.5 ControlNet); only ControlNets on the '
-                                 'condition latent alone are supported yet.')
+            unsupported = ('extra conditioning channels (an SD3.5 ControlNet)'
+                           if getattr(net.config, 'extra_conditioning_channels', 0) else
+                           'a hint block (an XLabs ControlNet)'
+                           if getattr(net, 'input_hint_block', None) is not None else
+                           'modes (a union ControlNet)'
+                           if getattr(net.config, 'num_mode', None) else None)
+            if unsupported:
+                raise ValueError(f"DiTSource: ControlNet '{name}' has {unsupported}; only "
+                                 'ControlNets on the condition latent alone are supported '
+                                 'yet.')
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
         self.embeddings = self._encode_prompts(model, max_sequence_length)
@@ -236,26 +243,44 @@ class DiTSource(FeatureSource):
         unless the ControlNet is one that zeroes its pooled projection (InstantX's)."""
         cond = self.detectors[name](pixels.float()).to(self.device, self.dtype) * 2 - 1
         latent = self.vae.encode(cond).latent_dist.mode()
+        if self.kind == 'flux':
+            return pack_latents((latent - (self.vae.config.shift_factor or 0.0))
+                                * self.vae.config.scaling_factor)
         shift = 0.0 if self.controlnets[name].config.force_zeros_for_pooled_projection \
             else (self.vae.config.shift_factor or 0.0)
         return (latent - shift) * self.vae.config.scaling_factor
 
-    def _residuals(self, nets: Dict[str, float], latents, t, embed, conditions):
-        """The summed block residuals of a variant's ControlNets (None without any)."""
+    def _residuals(self, nets: Dict[str, float], inputs: Dict, conditions) -> Dict:
+        """The transformer's ControlNet arguments for a variant's ControlNets (each
+        ControlNet's residuals, summed over ControlNets as diffusers' multi-ControlNets do)."""
         total = None
         for name, scale in nets.items():
             net = self.controlnets[name]
-            pooled = embed['pooled_projections']
-            self.counts['controlnet_passes'] += latents.shape[0]
-            samples = net(hidden_states=latents, timestep=t, controlnet_cond=conditions[name],
-                          conditioning_scale=scale,
-                          encoder_hidden_states=embed['encoder_hidden_states']
-                          if net.config.joint_attention_dim is not None else None,
-                          pooled_projections=torch.zeros_like(pooled)
-                          if net.config.force_zeros_for_pooled_projection else pooled,
-                          return_dict=False)[0]
-            total = list(samples) if total is None else [a + b for a, b in zip(total, samples)]
-        return total
+            self.counts['controlnet_passes'] += inputs['hidden_states'].shape[0]
+            if self.kind == 'sd3':
+                pooled = inputs['pooled_projections']
+                samples = [net(
+                    hidden_states=inputs['hidden_states'], timestep=inputs['timestep'],
+                    controlnet_cond=conditions[name], conditioning_scale=scale,
+                    encoder_hidden_states=inputs['encoder_hidden_states']
+                    if net.config.joint_attention_dim is not None else None,
+                    pooled_projections=torch.zeros_like(pooled)
+                    if net.config.force_zeros_for_pooled_projection else pooled,
+                    return_dict=False)[0]]
+            else:
+                extra = {k: inputs[k] for k in ('hidden_states', 'timestep', 'img_ids',
+                                                'txt_ids', 'pooled_projections',
+                                                'encoder_hidden_states')}
+                if net.config.guidance_embeds:
+                    extra['guidance'] = torch.full_like(inputs['timestep'], self.guidance_scale)
+                samples = list(net(controlnet_cond=conditions[name], conditioning_scale=scale,
+                                   return_dict=False, **extra))
+            total = samples if total is None else [
+                None if a is None else [x + y for x, y in zip(a, b)]
+                for a, b in zip(total, samples)]
+        keys = ('block_controlnet_hidden_states', ) if self.kind == 'sd3' else \
+            ('controlnet_block_samples', 'controlnet_single_block_samples')
+        return dict(zip(keys, total))
 
     def check_timestep(self, timestep: Optional[int]) -> None:
         if timestep is not None:
@@ -399,9 +424,8 @@ class DiTSource(FeatureSource):
                                                     device=self.device, dtype=self.dtype)
             else:
                 inputs['hidden_states'] = latents
-                if nets:
-                    inputs['block_controlnet_hidden_states'] = self._residuals(
-                        nets, latents, inputs['timestep'], inputs, conditions)
+            if nets:
+                inputs.update(self._residuals(nets, inputs, conditions))
             store: Dict[str, torch.Tensor] = {}
             self.counts['transformer_passes'] += n
             with self._reading(store):

@@ -7,9 +7,9 @@ import os.path as osp
 import tempfile
 
 import torch
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, SD3ControlNetModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline)
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
+                       FluxPipeline, FluxTransformer2DModel, SD3ControlNetModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           T5Config, T5EncoderModel, T5TokenizerFast)
 
@@ -69,6 +69,26 @@ def save_random_sd3_controlnet(folder: str, sd3_folder: str, seed: int = 0) -> s
             block.bias.normal_(0, 0.05)
         for param in controlnet.pos_embed_input.parameters():
             param.normal_(0, 0.05)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_random_flux_controlnet(folder: str, flux_folder: str, seed: int = 0) -> str:
+    """A FLUX ControlNet for the tiny FLUX (``FluxControlNetModel.from_transformer``: one
+    double- and one single-stream block, InstantX's kind) whose zero-initialised layers are
+    not zero."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel.from_pretrained(flux_folder, subfolder='transformer')
+    config = transformer.config
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads)
+    with torch.no_grad():
+        for layer in (*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks,
+                      controlnet.controlnet_x_embedder):
+            layer.weight.normal_(0, 0.05)
+            layer.bias.normal_(0, 0.05)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return folder
 
