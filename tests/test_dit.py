@@ -208,8 +208,8 @@ def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
 
 
 def test_content_shift_tool_on_a_dit(models, tmp_path):
-    """The guideline on SD3: prompt-only against a LoRA variant, scores and feature pictures
-    (img2img reconstructions are Stable Diffusion's only, for now)."""
+    """The guideline on SD3: prompt-only against a LoRA and a ControlNet variant, scores and
+    feature pictures (img2img reconstructions are Stable Diffusion's only, for now)."""
     import json
     import os.path as osp
     import subprocess
@@ -224,12 +224,15 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
                                        target_modules=['to_q', 'to_k', 'to_v', 'to_out.0']))
     StableDiffusion3Pipeline.save_lora_weights(str(tmp_path), get_peft_model_state_dict(
         transformer))
+    from mmseg_gate.testing.dit_architectures import save_random_sd3_controlnet
+    controlnet = save_random_sd3_controlnet(str(tmp_path / 'cn'), models['sd3'])
     config = tmp_path / 'dit.py'
     config.write_text(
         f"_base_ = [{osp.join(root, 'configs', 'gate_upernet_ade20k_sd35.py')!r}]\n"
         f"model = dict(backbone=dict(source=dict(model={models['sd3']!r}, "
         f"loras=dict(a={str(tmp_path / 'pytorch_lora_weights.safetensors')!r}), "
-        "variants=[dict(), dict(lora='a')], "
+        f"controlnets=dict(canny=dict(model={controlnet!r})), "
+        "variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))], "
         "taps=('transformer_blocks.0', 'transformer_blocks.1'), frozen_dtype='float32')))\n")
     images = []
     for i in range(2):
@@ -244,7 +247,8 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
          '--device', 'cpu'], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / 'content_shift.json').read_text())
-    assert len(report['variants']) == 2 and report['variants'][1].endswith('+ lora a')
+    assert len(report['variants']) == 3 and report['variants'][1].endswith('+ lora a')
+    assert report['variants'][2].endswith('+ canny')
     assert '`transformer_blocks.1` | 200 |' in (out / 'content_shift.md').read_text()
     assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
 
