@@ -40,6 +40,7 @@ import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
                        FluxControlNetModel, FluxPipeline, FluxTransformer2DModel,
                        SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from safetensors.torch import load_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5EncoderModel, T5TokenizerFast)
@@ -75,16 +76,6 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     ids[..., 1] = torch.arange(height)[:, None]
     ids[..., 2] = torch.arange(width)[None, :]
     return ids.reshape(height * width, 3)
-
-
-def flux_mu(scheduler, image_seq_len: int) -> float:
-    """FLUX's resolution-dependent shift: linear in the number of image tokens between the
-    scheduler config's base and max (the pipelines' ``calculate_shift``)."""
-    cfg = scheduler.config
-    base_len, max_len = cfg.get('base_image_seq_len', 256), cfg.get('max_image_seq_len', 4096)
-    base, top = cfg.get('base_shift', 0.5), cfg.get('max_shift', 1.15)
-    slope = (top - base) / (max_len - base_len)
-    return image_seq_len * slope + base - slope * base_len
 
 
 @SOURCES.register_module()
@@ -354,8 +345,11 @@ class DiTSource(FeatureSource):
         steps = 1000
         if self.kind == 'flux':
             sigmas = np.linspace(1.0, 1 / steps, steps)
-            self.scheduler.set_timesteps(sigmas=sigmas, mu=flux_mu(self.scheduler,
-                                                                     image_seq_len))
+            cfg = self.scheduler.config
+            mu = calculate_shift(image_seq_len, cfg.get('base_image_seq_len', 256),
+                                 cfg.get('max_image_seq_len', 4096), cfg.get('base_shift', 0.5),
+                                 cfg.get('max_shift', 1.15))
+            self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         else:
             self.scheduler.set_timesteps(steps)
         start = int(max(steps - min(steps * timestep / 1000, steps), 0))
