@@ -80,7 +80,8 @@ def image_ids(height: int, width: int) -> torch.Tensor:
 
 @SOURCES.register_module()
 class DiTSource(FeatureSource):
-    """SD3.x or FLUX.1 transformer features per prompt variant (module docstring).
+    """SD3.x or FLUX.1 transformer features per variant (prompt, LoRA, ControlNets; module
+    docstring).
 
     Args:
         model (str): a diffusers folder (or hub id) of a ``StableDiffusion3Pipeline`` or
@@ -90,8 +91,9 @@ class DiTSource(FeatureSource):
             controlnets=dict(name=scale))`` per variant. Default: one.
         loras (dict, optional): name -> LoRA safetensors file of this transformer (diffusers'
             format, ``transformer.*`` keys, as ``save_lora_weights`` writes).
-        controlnets (dict, optional): SD3 only: name -> ``dict(model=folder or hub id,
-            condition=dict(type='canny'))``.
+        controlnets (dict, optional): name -> ``dict(model=folder or hub id,
+            condition=dict(type='canny'))`` (``SD3ControlNetModel`` / ``FluxControlNetModel``
+            weights).
         taps (Sequence[str]): blocks to read. Default: SD3 the middle joint block; FLUX the
             last double-stream block.
         timestep (int): noise level of 1,000 (img2img strength t / 1000; 0: the clean
