@@ -120,9 +120,15 @@ def test_truncated_and_missing_shards_are_named_and_repaired(source_cfg, source,
     os.remove(shard)
     with pytest.raises(StoreError, match='000001.safetensors.*missing'):
         FeatureStore(folder)
+    # What a kill inside safetensors' own write leaves (its writer goes through a hidden
+    # '.tmpXXXXXX' file), and one of ours: both removed by the rerun.
+    for leftover in ('.tmpCUPjDz', '000001.safetensors.gate-tmp'):
+        open(osp.join(folder, 'shards', leftover), 'wb').write(b'partial')
     repaired = extract_features(source_cfg, images, folder, progress=False,
                                 make_source=lambda cfg: source)
     assert open(shard, 'rb').read() == data and len(repaired) == 3
+    assert sorted(os.listdir(osp.join(folder, 'shards'))) == [
+        f'{i:06d}.safetensors' for i in range(3)]
 
 
 def test_a_bad_image_is_named_and_the_finished_ones_stay(source_cfg, source, tmp_path):

@@ -10,6 +10,7 @@ written atomically; the manifest is complete only once every shard exists.
 import json
 import os
 import os.path as osp
+import re
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -51,6 +52,19 @@ def _features_to_tensors(features: List[Dict[str, torch.Tensor]], dtype: torch.d
                                  '): extract with --dtype float32.')
             tensors[f'{v}/{name}'] = stored
     return tensors
+
+
+SHARD_FILE = re.compile(r'\d{6}\.safetensors')
+
+
+def remove_partial_writes(shards: str) -> None:
+    """Delete whatever a killed extraction left in ``shards`` besides shards: our own
+    temporaries, and those of safetensors' writer, which writes through a hidden
+    ``.tmpXXXXXX`` file of its own before renaming it."""
+    remove_stale_temporaries(shards)
+    for name in os.listdir(shards):
+        if not SHARD_FILE.fullmatch(name) and osp.isfile(osp.join(shards, name)):
+            os.remove(osp.join(shards, name))
 
 
 def finished_images(folder: str) -> int:
@@ -103,7 +117,7 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
     barrier()
     if rank == 0:
         os.makedirs(osp.join(folder, 'shards'), exist_ok=True)
-        remove_stale_temporaries(osp.join(folder, 'shards'))
+        remove_partial_writes(osp.join(folder, 'shards'))
         if existing is None:
             write_manifest(folder, dict(header=header, paths=paths, complete=False))
     barrier()
