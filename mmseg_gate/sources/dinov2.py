@@ -116,14 +116,15 @@ class DINOv2Source(FeatureSource):
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] as DINOv2's normalised input, whole patches."""
         pixels = pad_to_multiple(rescaled(images, self.input_scale), self.patch)
-        return ((pixels + 1) / 2 - self.mean) / self.std
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return ((pixels + 1) / 2 - mean) / std
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> List[Features]:
         check_images(images)
         self.to(images.device)
-        pixels = self.pixel_values(images.float().cpu()).to(self.device, self.dtype)
+        pixels = self.pixel_values(images.float()).to(self.device, self.dtype)
         out = self.network(pixel_values=pixels, output_hidden_states=True)
         h, w = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
         stride = self.feature_info[0]['reduction']

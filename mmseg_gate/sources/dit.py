@@ -399,8 +399,13 @@ class DiTSource(FeatureSource):
             noise = draw_noise(clean.shape, generator).to(clean)
             self.counts['noise_samples'] += n
             latents = self.scheduler.scale_noise(clean, t, noise)
-        used = dict.fromkeys(n for nets in self.variant_controlnets for n in nets)
+        used = dict.fromkeys(name for nets in self.variant_controlnets for name in nets)
         conditions = {name: self.control_latents(name, pixels) for name in used}
+        if self.kind == 'flux':  # the same tokens and ids for every variant
+            tokens = dict(hidden_states=pack_latents(latents),
+                          img_ids=image_ids(*grid).to(self.device, self.dtype))
+        else:
+            tokens = dict(hidden_states=latents)
         outputs = []
         for prompt, lora, nets in zip(self.prompts, self.variant_loras,
                                       self.variant_controlnets):
@@ -410,16 +415,13 @@ class DiTSource(FeatureSource):
             inputs = dict(encoder_hidden_states=embed['encoder_hidden_states'].expand(
                 n, -1, -1), pooled_projections=embed['pooled_projections'].expand(n, -1),
                           timestep=t.to(self.device, self.dtype).expand(n), return_dict=False)
+            inputs.update(tokens)
             if self.kind == 'flux':
-                inputs.update(hidden_states=pack_latents(latents),
-                              img_ids=image_ids(*grid).to(self.device, self.dtype),
-                              txt_ids=embed['txt_ids'].to(self.dtype),
+                inputs.update(txt_ids=embed['txt_ids'].to(self.dtype),
                               timestep=inputs['timestep'] / 1000)
                 if self.transformer.config.guidance_embeds:
                     inputs['guidance'] = torch.full((n, ), self.guidance_scale,
                                                     device=self.device, dtype=self.dtype)
-            else:
-                inputs['hidden_states'] = latents
             if nets:
                 inputs.update(self._residuals(nets, inputs, conditions))
             store: Dict[str, torch.Tensor] = {}
