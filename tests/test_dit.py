@@ -140,8 +140,39 @@ def test_taps_and_variants_are_checked(models):
     with pytest.raises(ValueError, match=r"\['ip_adapter'\] are not supported"):
         build_source(dict(type='DiTSource', model=models['flux'],
                           variants=[dict(ip_adapter='x')]))
+    with pytest.raises(ValueError, match='used at two scales'):
+        build_source(dict(type='DiTSource', model=models['sd3'], loras=dict(a='a.safetensors'),
+                          variants=[dict(lora='a'), dict(lora='a', lora_scale=0.5)]))
     with pytest.raises(ValueError, match=r'\[0, 1000\)'):
         build_source(dict(type='DiTSource', model=models['sd3'], timestep=1000))
+
+
+def test_flux_builds_only_the_blocks_it_runs(models, tmp_path):
+    """FLUX is built cut after the last tap (the file's later blocks stay unread), in the
+    frozen precision asked for; a file missing a tensor of a block that runs is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    source = build_source(dict(type='DiTSource', model=models['flux'],
+                               taps=('transformer_blocks.0', ), frozen_dtype='bfloat16'))
+    assert len(source.transformer.transformer_blocks) == 1
+    assert len(source.transformer.single_transformer_blocks) == 0
+    assert source.transformer.dtype == torch.bfloat16
+    assert source.unused_blocks == ['transformer_blocks.1', 'single_transformer_blocks.0',
+                                    'single_transformer_blocks.1']
+    single = build_source(dict(type='DiTSource', model=models['flux'],
+                               taps=('single_transformer_blocks.0', )))
+    assert (len(single.transformer.transformer_blocks),
+            len(single.transformer.single_transformer_blocks)) == (2, 1)
+    broken = tmp_path / 'flux'
+    shutil.copytree(models['flux'], broken)
+    weights = broken / 'transformer' / 'diffusion_pytorch_model.safetensors'
+    state = load_file(weights)
+    del state['transformer_blocks.0.attn.to_q.weight']
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"does not load completely.*to_q"):
+        build_source(dict(type='DiTSource', model=str(broken),
+                          taps=('transformer_blocks.0', )))
 
 
 @pytest.mark.parametrize('config', ['gate_upernet_ade20k_sd35.py',
@@ -204,12 +235,12 @@ def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
     without = _reference(kind, models[kind], images, taps, 300, 'a photo')
     torch.testing.assert_close(plain[taps[0]], without[taps[0]], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain[taps[0]], adapted[taps[0]], atol=1e-3)
-    assert source.variant_names == ["prompt 'a photo'", "prompt 'a photo' + lora a"]
+    assert source.variant_names == ['prompt', 'prompt + lora a']
 
 
 def test_content_shift_tool_on_a_dit(models, tmp_path):
-    """The guideline on SD3: prompt-only against a LoRA and a ControlNet variant, scores and
-    feature pictures (img2img reconstructions are Stable Diffusion's only, for now)."""
+    """The guideline on SD3: prompt-only against a LoRA and a ControlNet variant, scores,
+    feature pictures and img2img reconstructions."""
     import json
     import os.path as osp
     import subprocess
@@ -244,13 +275,16 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
     result = subprocess.run(
         [sys.executable, osp.join(root, 'tools', 'content_shift.py'), str(config), *images,
          '--size', '64', '--timesteps', '50', '200', '--out', str(out), '--no-progress',
-         '--device', 'cpu'], cwd=root, capture_output=True, text=True, timeout=600)
+         '--steps', '2', '--device', 'cpu'], cwd=root, capture_output=True, text=True,
+        timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / 'content_shift.json').read_text())
     assert len(report['variants']) == 3 and report['variants'][1].endswith('+ lora a')
     assert report['variants'][2].endswith('+ canny')
     assert '`transformer_blocks.1` | 200 |' in (out / 'content_shift.md').read_text()
     assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
+    grid = Image.open(out / 'reconstruction_1.png')  # the input and one per variant
+    assert grid.width == 4 * 128
 
 
 @pytest.mark.parametrize('kind', ['sd3', 'flux'])
@@ -274,3 +308,56 @@ def test_a_controlnet_variant_equals_diffusers(models, tmp_path, kind):
                           controlnet=controlnet)
     torch.testing.assert_close(guided[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain[taps[0]], guided[taps[0]], atol=1e-3)
+
+
+def _lora_file(kind, folder, out):
+    """A random (non-zero) DiT LoRA saved by the pipeline's own ``save_lora_weights``."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    cls = SD3Transformer2DModel if kind == 'sd3' else FluxTransformer2DModel
+    transformer = cls.from_pretrained(folder, subfolder='transformer')
+    torch.manual_seed(3)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=['to_q', 'to_k', 'to_v']))
+    pipeline = StableDiffusion3Pipeline if kind == 'sd3' else FluxPipeline
+    pipeline.save_lora_weights(str(out), get_peft_model_state_dict(transformer))
+    return str(out / 'pytorch_lora_weights.safetensors')
+
+
+@pytest.mark.parametrize('kind', ['sd3', 'flux'])
+def test_dit_reconstructions_are_diffusers_img2img(models, tmp_path, kind):
+    """Prompt-only, LoRA and ControlNet reconstructions: the prompt-only one is what
+    diffusers' img2img pipeline, loaded by itself, returns; the LoRA and the ControlNet steer
+    it; on SD3 (no ControlNet img2img pipeline in diffusers) the ControlNet variant at scale 0
+    is the img2img reconstruction, which checks its img2img start and schedule."""
+    from mmseg_gate.analysis.dit_reconstruction import DiTReconstructor
+    from mmseg_gate.testing.dit_architectures import (save_random_flux_controlnet,
+                                                      save_random_sd3_controlnet)
+    save = save_random_sd3_controlnet if kind == 'sd3' else save_random_flux_controlnet
+    nets = dict(canny=dict(model=save(str(tmp_path / 'cn'), models[kind])))
+    loras = dict(a=_lora_file(kind, models[kind], tmp_path))
+    source = build_source(dict(
+        type='DiTSource', model=models[kind], prompt='a photo', loras=loras, controlnets=nets,
+        taps=('transformer_blocks.0', ), frozen_dtype='float32',
+        variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0)),
+                  dict(controlnets=dict(canny=0.0))]))
+    reconstructor = DiTReconstructor(source, loras, nets, None, torch.device('cpu'),
+                                     torch.float32)
+    ramp = torch.linspace(-1, 1, 64)
+    image = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64),
+                         (ramp[None, :] * ramp[:, None] > 0).float() * 2 - 1])
+    plain, lora, guided, unguided = [np.asarray(r, dtype=np.int16) for r in reconstructor(
+        image, strength=0.6, steps=5, guidance_scale=5.0, seed=0)]
+    pipe_class = StableDiffusion3Img2ImgPipeline if kind == 'sd3' else FluxImg2ImgPipeline
+    pipe = pipe_class.from_pretrained(models[kind])
+    from mmseg_gate.analysis.pictures import to_pil
+    expected = pipe(prompt='a photo', image=to_pil(image), strength=0.6, num_inference_steps=5,
+                    guidance_scale=5.0 if kind == 'sd3' else source.guidance_scale,
+                    height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert plain.shape == (64, 64, 3)
+    assert np.abs(plain - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert np.abs(plain - lora).max() > 2 and np.abs(plain - guided).max() > 2
+    if kind == 'sd3':
+        assert np.abs(plain - unguided).max() <= 1
+    again = reconstructor(image, strength=0.6, steps=5, guidance_scale=5.0, seed=0)
+    assert np.array_equal(np.asarray(again[2], dtype=np.int16), guided)

@@ -17,6 +17,7 @@ from ..datasets.images import from_model_range, read_square
 from ..engine.cli import UsageError
 from ..fileio import atomic_file
 from ..sources import build_source
+from ..sources.dit import DiTSource
 from ..sources.stable_diffusion import DEFAULT_TAPS, StableDiffusionSource
 from .content_shift import markdown_table, measure_content_shift
 from .pictures import amalgamation_bars, feature_grid, labelled_grid, save_png, to_pil
@@ -121,7 +122,7 @@ def run_guideline(cfg, config: str, image_paths: Sequence[str], out: str,
         save_png(feature_grid(image.cpu(), [{n: f[n].cpu() for n in names if n in f}
                                             for f in feats], labels, names),
                  osp.join(out, f'features_{stem}.png'))
-    if reconstruct and isinstance(source, StableDiffusionSource):
+    if reconstruct and isinstance(source, (StableDiffusionSource, DiTSource)):
         write_reconstructions(source, source_cfg, images, stems, labels, out, strength, steps,
                               guidance_scale, seed, progress)
     if checkpoint:
@@ -129,15 +130,23 @@ def run_guideline(cfg, config: str, image_paths: Sequence[str], out: str,
     return table
 
 
-def write_reconstructions(source: StableDiffusionSource, source_cfg: dict,
-                          images: torch.Tensor, stems: List[str], labels: List[str], out: str,
-                          strength: float, steps: int, guidance_scale: float, seed: int,
-                          progress: bool) -> None:
-    from .reconstruction import Reconstructor
-    reconstructor = Reconstructor(source.sd_model, source.variants,
-                                  dict(source_cfg.get('controlnets') or {}),
-                                  dict(source_cfg.get('loras') or {}), images.device,
-                                  source.dtype)
+def write_reconstructions(source, source_cfg: dict, images: torch.Tensor, stems: List[str],
+                          labels: List[str], out: str, strength: float, steps: int,
+                          guidance_scale: float, seed: int, progress: bool) -> None:
+    """img2img reconstructions per variant through diffusers' pipelines of the source's
+    model (Stable Diffusion or a DiT), which load whole, with the VAE decoder."""
+    controlnets = dict(source_cfg.get('controlnets') or {})
+    loras = dict(source_cfg.get('loras') or {})
+    device, dtype = images.device, source.dtype
+    source.to('cpu')  # an accelerator holds the pipeline alone
+    if isinstance(source, DiTSource):
+        from .dit_reconstruction import DiTReconstructor
+        reconstructor = DiTReconstructor(source, loras, controlnets,
+                                         source_cfg.get('max_sequence_length'), device, dtype)
+    else:
+        from .reconstruction import Reconstructor
+        reconstructor = Reconstructor(source.sd_model, source.variants, controlnets, loras,
+                                      device, dtype)
     for stem, image in tqdm(list(zip(stems, images)), desc='reconstructions', unit='image',
                             disable=not progress):
         recons = reconstructor(image.cpu(), strength, steps, guidance_scale, seed)

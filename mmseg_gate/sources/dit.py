@@ -56,7 +56,7 @@ from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import StopForward
 
 KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
-_GET_DIT = ('Get a model in diffusers format, e.g. `hf download '
+GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '
             'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 --include '
             '"*.json" "*.txt" "*.model" "*.safetensors" --exclude "*.fp16.*"` (or '
             "black-forest-labs/FLUX.1-dev), and set the source's `model`.")
@@ -76,6 +76,108 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     ids[..., 1] = torch.arange(height)[:, None]
     ids[..., 2] = torch.arange(width)[None, :]
     return ids.reshape(height * width, 3)
+
+
+def read_kind(model: str) -> str:
+    """'sd3' or 'flux': the pipeline a diffusers folder (or hub id) holds."""
+    try:
+        index = DiffusionPipeline.load_config(model)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"'{model}' is not a diffusers pipeline folder ({err}). "
+                                f'{GET_DIT_HINT}') from err
+    kind = KINDS.get(index.get('_class_name'))
+    if kind is None:
+        raise ValueError(f"'{model}' holds a {index.get('_class_name')}; DiT sources read "
+                         f'{sorted(KINDS)}.')
+    return kind
+
+
+def model_classes(kind: str):
+    """The transformer and ControlNet classes of a kind."""
+    return ((SD3Transformer2DModel, SD3ControlNetModel) if kind == 'sd3' else
+            (FluxTransformer2DModel, FluxControlNetModel))
+
+
+def block_names(kind: str, config) -> List[str]:
+    """A transformer's tappable blocks in running order, from its config."""
+    names = [f'transformer_blocks.{i}' for i in range(config['num_layers'])]
+    if kind == 'flux':
+        names += [f'single_transformer_blocks.{i}' for i in range(config['num_single_layers'])]
+    return names
+
+
+def truncated_build(kind: str, last: str) -> Dict[str, int]:
+    """FLUX's config overrides that build only the blocks up to ``last`` (its double- and
+    single-stream blocks are each all alike, so fewer of them is the same model cut short);
+    SD3's last joint block differs from the others, so SD3 is built whole and cut after
+    loading."""
+    if kind != 'flux':
+        return {}
+    stream, index = last.rsplit('.', 1)
+    if stream == 'transformer_blocks':
+        return dict(num_layers=int(index) + 1, num_single_layers=0)
+    return dict(num_single_layers=int(index) + 1)
+
+
+def load_text_parts(model: str, kind: str, dtype: Optional[torch.dtype] = None) -> Dict:
+    """The pipeline's text encoders (complete-or-fail) and tokenizers, as its keyword
+    arguments: SD3 CLIP-L, CLIP-G and T5; FLUX CLIP-L and T5."""
+    def encoder(cls, subfolder):
+        return load_weights(cls, model, subfolder, GET_DIT_HINT, **dtype_kwargs(dtype))
+
+    def tokenizer(cls, subfolder):
+        return cls.from_pretrained(model, subfolder=subfolder)
+    if kind == 'sd3':
+        return dict(text_encoder=encoder(CLIPTextModelWithProjection, 'text_encoder'),
+                    text_encoder_2=encoder(CLIPTextModelWithProjection, 'text_encoder_2'),
+                    text_encoder_3=encoder(T5EncoderModel, 'text_encoder_3'),
+                    tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
+                    tokenizer_2=tokenizer(CLIPTokenizer, 'tokenizer_2'),
+                    tokenizer_3=tokenizer(T5TokenizerFast, 'tokenizer_3'))
+    return dict(text_encoder=encoder(CLIPTextModel, 'text_encoder'),
+                text_encoder_2=encoder(T5EncoderModel, 'text_encoder_2'),
+                tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
+                tokenizer_2=tokenizer(T5TokenizerFast, 'tokenizer_2'))
+
+
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> Dict:
+    """``from_pretrained``'s dtype argument, when one is chosen."""
+    return {} if dtype is None else dict(torch_dtype=dtype)
+
+
+def load_dit_lora(transformer, name: str, path: str, unused_blocks: Sequence[str] = ()
+                  ) -> None:
+    """A LoRA file (diffusers' DiT format) as adapter ``name`` of ``transformer``, every
+    tensor counted: in a layer, or in one of the ``unused_blocks`` (freed or never built)."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"LoRA file '{path}' does not exist.")
+    state = {k: v for k, v in load_file(path).items() if k.startswith('transformer.')}
+    if not state:
+        raise ValueError(f"LoRA '{path}' holds no 'transformer.*' tensors: not a LoRA of "
+                         'a diffusion transformer in diffusers\' format.')
+    unused = tuple(f'transformer.{block}.' for block in unused_blocks)
+    state = {k: v for k, v in state.items() if not k.startswith(unused)}
+    try:
+        transformer.load_lora_adapter(state, prefix='transformer', adapter_name=name)
+    except Exception as err:  # peft/diffusers errors do not name the file
+        raise ValueError(f"LoRA '{path}' could not be loaded into the transformer "
+                         f'({type(err).__name__}: {err}).') from err
+    check_lora_landed(transformer, name, state, 'transformer', path)
+
+
+def load_dit_controlnet(kind: str, name: str, cfg: dict):
+    """ControlNet ``name`` of a kind (complete-or-fail), refusing the kinds not supported."""
+    net = load_weights(model_classes(kind)[1], cfg['model'], None, GET_DIT_HINT)
+    unsupported = ('extra conditioning channels (an SD3.5 ControlNet)'
+                   if getattr(net.config, 'extra_conditioning_channels', 0) else
+                   'a hint block (an XLabs ControlNet)'
+                   if getattr(net, 'input_hint_block', None) is not None else
+                   'modes (a union ControlNet)'
+                   if getattr(net.config, 'num_mode', None) else None)
+    if unsupported:
+        raise ValueError(f"ControlNet '{name}' ({cfg['model']}) has {unsupported}; only "
+                         'ControlNets on the condition latent alone are supported yet.')
+    return net
 
 
 @SOURCES.register_module()
@@ -134,56 +236,54 @@ class DiTSource(FeatureSource):
         self.variant_controlnets = [dict(v.get('controlnets') or {}) for v in variants]
         self.lora_scales = {v['lora']: v.get('lora_scale', 1.0) for v in variants
                             if v.get('lora') is not None}
+        for i, variant in enumerate(variants):
+            if variant.get('lora') is not None and \
+                    variant.get('lora_scale', 1.0) != self.lora_scales[variant['lora']]:
+                raise ValueError(f"DiTSource variant {i}: LoRA {variant['lora']!r} is used at "
+                                 'two scales; one LoRA has one scale here (list the file '
+                                 'twice in `loras`, under two names).')
         self.timestep = self._checked(timestep)
-        try:
-            index = DiffusionPipeline.load_config(model)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"'{model}' is not a diffusers pipeline folder ({err}). "
-                                    f'{_GET_DIT}') from err
-        self.kind = KINDS.get(index.get('_class_name'))
-        if self.kind is None:
-            raise ValueError(f"'{model}' holds a {index.get('_class_name')}; DiTSource reads "
-                             f'{sorted(KINDS)}.')
+        self.kind = read_kind(model)
         self.model_name = model
-        transformer_class = SD3Transformer2DModel if self.kind == 'sd3' \
-            else FluxTransformer2DModel
-        self.transformer = load_weights(transformer_class, model, 'transformer', _GET_DIT)
-        self.vae = load_weights(AutoencoderKL, model, 'vae', _GET_DIT)
-        drop_vae_decoder(self.vae)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            model, subfolder='scheduler')
-        controlnet_class = SD3ControlNetModel if self.kind == 'sd3' else FluxControlNetModel
-        self.controlnets = {name: load_weights(controlnet_class, cfg['model'], None, _GET_DIT)
-                            for name, cfg in controlnets.items()}
-        for name, net in self.controlnets.items():
-            unsupported = ('extra conditioning channels (an SD3.5 ControlNet)'
-                           if getattr(net.config, 'extra_conditioning_channels', 0) else
-                           'a hint block (an XLabs ControlNet)'
-                           if getattr(net, 'input_hint_block', None) is not None else
-                           'modes (a union ControlNet)'
-                           if getattr(net.config, 'num_mode', None) else None)
-            if unsupported:
-                raise ValueError(f"DiTSource: ControlNet '{name}' has {unsupported}; only "
-                                 'ControlNets on the condition latent alone are supported '
-                                 'yet.')
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
-        self.embeddings = self._encode_prompts(model, max_sequence_length)
-        for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
-            self._load_lora(name, loras[name])
-        self.guidance_scale = guidance_scale
-        names = self._block_names()
-        double = len(self.transformer.transformer_blocks)
+        transformer_class, _ = model_classes(self.kind)
+        try:
+            config = transformer_class.load_config(model, subfolder='transformer')
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"'{model}/transformer' has no readable config ({err}). "
+                                    f'{GET_DIT_HINT}') from err
+        names = block_names(self.kind, config)
         self.taps = list(taps or [names[len(names) // 2] if self.kind == 'sd3'
-                                  else f'transformer_blocks.{double - 1}'])
+                                  else f"transformer_blocks.{config['num_layers'] - 1}"])
         for tap in self.taps:
             if tap not in names:
                 raise KeyError(f"Tap '{tap}' is not a block of this transformer: taps are "
                                f'whole blocks ({names[0]} ... {names[-1]}), whose image tokens '
                                'come back as maps; text tokens are not a spatial map and '
                                'cannot be tapped.')
-        self.last = max(names.index(t) for t in self.taps)
-        self._free_after(names[self.last])
+        self.final = names[max(names.index(t) for t in self.taps)]
+        # An explicit precision loads in it (FLUX.1-dev: 24 GB in bfloat16, not 48 in
+        # float32); 'auto' loads float32 and is converted where the source moves.
+        load_dtype = None if frozen_dtype == 'auto' else resolve_dtype(frozen_dtype, 'cpu')
+        self.unused_blocks = names[names.index(self.final) + 1:]
+        self.transformer = load_weights(
+            transformer_class, model, 'transformer', GET_DIT_HINT,
+            unused_blocks=self.unused_blocks,
+            **truncated_build(self.kind, self.final),
+            **dtype_kwargs(load_dtype))
+        self._free_after(self.final)
+        self.vae = load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT,
+                                **dtype_kwargs(load_dtype))
+        drop_vae_decoder(self.vae)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            model, subfolder='scheduler')
+        self.controlnets = {name: load_dit_controlnet(self.kind, name, cfg)
+                            for name, cfg in controlnets.items()}
+        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
+                          for name, cfg in controlnets.items()}
+        self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
+        for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
+            load_dit_lora(self.transformer, name, loras[name], self.unused_blocks)
+        self.guidance_scale = guidance_scale
         self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         self.patch = (self.transformer.config.patch_size if self.kind == 'sd3' else 2)
         self.input_scale = float(input_scale)
@@ -196,21 +296,6 @@ class DiTSource(FeatureSource):
             self.transformer.config.attention_head_dim
         self.feature_info = [dict(module=t, num_chs=width, reduction=self.stride,
                                   num_variants=len(self.prompts)) for t in self.taps]
-
-    def _load_lora(self, name: str, path: str) -> None:
-        """A LoRA file as adapter ``name`` of the transformer, every tensor counted."""
-        if not osp.isfile(path):
-            raise FileNotFoundError(f"LoRA file '{path}' does not exist.")
-        state = {k: v for k, v in load_file(path).items() if k.startswith('transformer.')}
-        if not state:
-            raise ValueError(f"LoRA '{path}' holds no 'transformer.*' tensors: not a LoRA of "
-                             'a diffusion transformer in diffusers\' format.')
-        try:
-            self.transformer.load_lora_adapter(state, prefix='transformer', adapter_name=name)
-        except Exception as err:  # peft/diffusers errors do not name the file
-            raise ValueError(f"LoRA '{path}' could not be loaded into the transformer "
-                             f'({type(err).__name__}: {err}).') from err
-        check_lora_landed(self.transformer, name, state, 'transformer', path)
 
     @staticmethod
     def _checked(timestep) -> int:
@@ -225,8 +310,15 @@ class DiTSource(FeatureSource):
 
     @property
     def variant_names(self) -> List[str]:
-        return [f'prompt {p!r}' + ''.join(f' + {name}' for name in nets)
-                + (f' + lora {lora}' if lora else '')
+        """Short names as the Stable Diffusion source's: the guidance, with the prompt's text
+        only where the variants' prompts differ."""
+        differ = len(set(self.prompts)) > 1
+        return [' + '.join([f'prompt {p!r}' if differ else 'prompt',
+                            *(name if scale == 1 else f'{name}x{scale:g}'
+                              for name, scale in nets.items()),
+                            *([f'lora {lora}' + ('' if self.lora_scales[lora] == 1 else
+                                                 f'x{self.lora_scales[lora]:g}')]
+                              if lora else [])])
                 for p, lora, nets in zip(self.prompts, self.variant_loras,
                                          self.variant_controlnets)]
 
@@ -279,14 +371,6 @@ class DiTSource(FeatureSource):
         if timestep is not None:
             self._checked(timestep)
 
-    def _block_names(self) -> List[str]:
-        names = [f'transformer_blocks.{i}'
-                 for i in range(len(self.transformer.transformer_blocks))]
-        if self.kind == 'flux':
-            names += [f'single_transformer_blocks.{i}'
-                      for i in range(len(self.transformer.single_transformer_blocks))]
-        return names
-
     def _free_after(self, last: str) -> None:
         """Blocks after the last tap never run: free them."""
         kind, index = last.rsplit('.', 1)
@@ -295,32 +379,13 @@ class DiTSource(FeatureSource):
         if kind == 'transformer_blocks' and self.kind == 'flux':
             self.transformer.single_transformer_blocks = torch.nn.ModuleList()
 
-    def _encode_prompts(self, model: str, max_sequence_length: Optional[int]) -> Dict:
+    def _encode_prompts(self, model: str, max_sequence_length: Optional[int],
+                        dtype: Optional[torch.dtype]) -> Dict:
         """Each distinct prompt through the pipeline's own ``encode_prompt``; the text
         encoders are not kept."""
-        if self.kind == 'sd3':
-            parts = dict(text_encoder=load_weights(CLIPTextModelWithProjection, model,
-                                                   'text_encoder', _GET_DIT),
-                         text_encoder_2=load_weights(CLIPTextModelWithProjection, model,
-                                                     'text_encoder_2', _GET_DIT),
-                         text_encoder_3=load_weights(T5EncoderModel, model, 'text_encoder_3',
-                                                     _GET_DIT),
-                         tokenizer=CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
-                         tokenizer_2=CLIPTokenizer.from_pretrained(model,
-                                                                   subfolder='tokenizer_2'),
-                         tokenizer_3=T5TokenizerFast.from_pretrained(model,
-                                                                     subfolder='tokenizer_3'))
-            pipe = StableDiffusion3Pipeline(transformer=None, scheduler=self.scheduler,
-                                            vae=None, **parts)
-        else:
-            parts = dict(text_encoder=load_weights(CLIPTextModel, model, 'text_encoder',
-                                                   _GET_DIT),
-                         text_encoder_2=load_weights(T5EncoderModel, model, 'text_encoder_2',
-                                                     _GET_DIT),
-                         tokenizer=CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
-                         tokenizer_2=T5TokenizerFast.from_pretrained(model,
-                                                                     subfolder='tokenizer_2'))
-            pipe = FluxPipeline(transformer=None, scheduler=self.scheduler, vae=None, **parts)
+        parts = load_text_parts(model, self.kind, dtype)
+        pipeline = StableDiffusion3Pipeline if self.kind == 'sd3' else FluxPipeline
+        pipe = pipeline(transformer=None, scheduler=self.scheduler, vae=None, **parts)
         length = dict(max_sequence_length=max_sequence_length) if max_sequence_length else {}
         embeddings = {}
         with torch.no_grad():
@@ -362,7 +427,7 @@ class DiTSource(FeatureSource):
         """Forward hooks keeping the taps' image tokens; the last tapped block stops the
         pass."""
         modules = dict(self.transformer.named_modules())
-        final = self._block_names()[self.last]
+        final = self.final
 
         def keep(name):
             def hook(_module, _inputs, output):

@@ -8,7 +8,7 @@ import os
 import os.path as osp
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -145,10 +145,12 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
 
 
 def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,
-                 hint: str = _GET_WEIGHTS_HINT, **kwargs):
+                 hint: str = _GET_WEIGHTS_HINT, unused_blocks: Sequence[str] = (), **kwargs):
     """``model_class.from_pretrained`` (safetensors only) that fails, naming the weights and
     ending with ``hint``, unless every tensor of the file landed in the model and all of them
-    are finite."""
+    are finite. ``unused_blocks``: modules deliberately not built (``kwargs`` override the
+    config to leave them out, e.g. a transformer's blocks after the last tap), whose tensors
+    alone may stay in the file."""
     where = f'{pretrained}/{subfolder}' if subfolder else pretrained
     try:
         model, info = model_class.from_pretrained(
@@ -156,8 +158,10 @@ def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,
             **kwargs)
     except Exception as err:  # SafetensorError, OSError, size mismatches: add the file
         raise _load_error(pretrained, where, err, hint) from err
-    problems = {kind: list(info.get(kind) or []) for kind in
-                ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
+    prefixes = tuple(f'{block}.' for block in unused_blocks)
+    problems = {kind: [key for key in info.get(kind) or []
+                       if kind != 'unexpected_keys' or not key.startswith(prefixes)]
+                for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
     if any(problems.values()):
         summary = '; '.join(f'{len(keys)} {kind.replace("_", " ")} (e.g. {keys[:3]})'
                             for kind, keys in problems.items() if keys)

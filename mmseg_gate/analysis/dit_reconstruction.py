@@ -1,0 +1,133 @@
+"""The GATE guideline's reconstructions on diffusion transformers (SD3.x, FLUX.1).
+
+Each variant of a DiT config (prompt, LoRA, ControlNets) is run through diffusers' img2img
+pipeline of its model -- ``StableDiffusion3Img2ImgPipeline`` or ``FluxImg2ImgPipeline`` --
+or, with ControlNets, ``FluxControlNetImg2ImgPipeline``. diffusers has no SD3 ControlNet
+img2img pipeline: an SD3 ControlNet variant runs ``StableDiffusion3ControlNetPipeline`` from
+the img2img pipeline's own start (its ``prepare_latents`` of the image at the strength's first
+timestep) over the img2img schedule's remaining sigmas, which is img2img with the ControlNet
+added (tested: at ControlNet scale 0 it is the img2img reconstruction). The models load
+whole, with the VAE decoder, through the same complete-or-fail loaders as the features.
+"""
+from typing import List
+
+import numpy as np
+import torch
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
+                       FluxControlNetImg2ImgPipeline, FluxImg2ImgPipeline,
+                       FluxMultiControlNetModel, SD3MultiControlNetModel,
+                       StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline)
+from PIL import Image
+
+from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
+                           load_text_parts, model_classes)
+from ..sources.stable_diffusion.conditions import ConditionDetector
+from ..sources.stable_diffusion.loading import load_weights
+from ..sources.stable_diffusion.lora import activate_adapter
+from .pictures import to_pil
+
+
+def sd3_img2img_start(pipe: StableDiffusion3Img2ImgPipeline, image: Image.Image,
+                      strength: float, steps: int, generator: torch.Generator):
+    """SD3 img2img's first latent (the pipeline's own ``prepare_latents``) and the unshifted
+    sigmas of the steps it runs, for a pipeline that takes ``latents`` and ``sigmas``
+    (the scheduler shifts given sigmas again)."""
+    scheduler = pipe.scheduler
+    if scheduler.config.use_dynamic_shifting:
+        raise ValueError('SD3 ControlNet reconstructions need a scheduler with a fixed shift '
+                         '(use_dynamic_shifting=False), as SD3 and SD3.5 ship.')
+    scheduler.set_timesteps(steps, device=pipe.device)
+    timesteps, remaining = pipe.get_timesteps(steps, strength, pipe.device)
+    pixels = pipe.image_processor.preprocess(image)
+    latents = pipe.prepare_latents(pixels, timesteps[:1], 1, 1, pipe.transformer.dtype,
+                                   pipe.device, generator)
+    shifted = scheduler.sigmas[steps - remaining:steps].cpu().double().numpy()
+    shift = scheduler.config.shift
+    return latents, (shifted / (shift - (shift - 1) * shifted)).astype(np.float32).tolist()
+
+
+class DiTReconstructor:
+    """img2img reconstructions of images, one per variant of a DiT source.
+
+    Args:
+        source: the built :class:`DiTSource` (its model, variants and prompt settings).
+        loras: name -> LoRA file, as in the config.
+        controlnets: name -> ``dict(model=..., condition=...)``, as in the config.
+        max_sequence_length: T5 tokens (None: the pipeline's default).
+        device, dtype: where and in which precision the pipelines run.
+    """
+
+    def __init__(self, source: DiTSource, loras: dict, controlnets: dict,
+                 max_sequence_length, device: torch.device, dtype: torch.dtype):
+        model, self.kind = source.model_name, source.kind
+        self.prompts, self.loras = source.prompts, source.variant_loras
+        self.nets, self.scales = source.variant_controlnets, source.lora_scales
+        self.guidance = source.guidance_scale
+        self.length = dict(max_sequence_length=max_sequence_length) \
+            if max_sequence_length else {}
+        transformer = load_weights(model_classes(self.kind)[0], model, 'transformer', GET_DIT_HINT,
+                                   torch_dtype=dtype)
+        for name in dict.fromkeys(n for n in self.loras if n is not None):
+            load_dit_lora(transformer, name, loras[name])
+        parts = dict(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.
+                     from_pretrained(model, subfolder='scheduler'),
+                     vae=load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT, torch_dtype=dtype),
+                     **load_text_parts(model, self.kind, dtype))
+        pipeline = StableDiffusion3Img2ImgPipeline if self.kind == 'sd3' else FluxImg2ImgPipeline
+        self.pipe = pipeline(**parts).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.controlnets = {name: load_dit_controlnet(self.kind, name, cfg).to(device, dtype)
+                            for name, cfg in controlnets.items()}
+        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
+                          for name, cfg in controlnets.items()}
+
+    def _controlnet_pipe(self, nets: dict):
+        """The ControlNet pipeline sharing this one's parts, with ``nets``' models."""
+        models = [self.controlnets[name] for name in nets]
+        many = FluxMultiControlNetModel if self.kind == 'flux' else SD3MultiControlNetModel
+        controlnet = models[0] if len(models) == 1 else many(models)
+        pipeline = FluxControlNetImg2ImgPipeline if self.kind == 'flux' \
+            else StableDiffusion3ControlNetPipeline
+        pipe = pipeline.from_pipe(self.pipe, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, strength: float = 0.8, steps: int = 50,
+                 guidance_scale: float = 7.0, seed: int = 0) -> List[Image.Image]:
+        """Reconstructions of ``image`` (3, H, W) in [-1, 1], one per variant, each from the
+        same seed. ``guidance_scale``: SD3's classifier-free guidance; FLUX uses the source's
+        guidance embedding (as its features do) and no classifier-free guidance."""
+        source = to_pil(image)
+        height, width = image.shape[-2:]
+        outputs = []
+        for prompt, lora, nets in zip(self.prompts, self.loras, self.nets):
+            activate_adapter([self.pipe.transformer], lora, self.scales)
+            generator = torch.Generator().manual_seed(seed)  # the same noise on any device
+            kwargs = dict(prompt=prompt, num_inference_steps=steps, generator=generator,
+                          height=height, width=width, output_type='pil', **self.length,
+                          guidance_scale=guidance_scale if self.kind == 'sd3'
+                          else self.guidance)
+            pipe = self.pipe
+            if nets:
+                pipe = self._controlnet_pipe(nets)
+                conditions = [self.detectors[name](image[None].cpu().float())
+                              for name in nets]
+                scales = list(nets.values())
+                kwargs.update(control_image=conditions[0] if len(nets) == 1 else conditions,
+                              controlnet_conditioning_scale=scales[0] if len(nets) == 1
+                              else scales)
+            if nets and self.kind == 'sd3':
+                latents, sigmas = sd3_img2img_start(self.pipe, source, strength, steps,
+                                                    generator)
+                kwargs.update(latents=latents, sigmas=sigmas,
+                              num_inference_steps=len(sigmas))
+            else:
+                kwargs.update(image=source, strength=strength)
+            # SD3's ControlNet pipeline samples the condition's latent from the global RNG:
+            # seed it too (and leave the caller's as it was), so that a call repeats exactly.
+            devices = [self.pipe.device] if self.pipe.device.type == 'cuda' else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                outputs.append(pipe(**kwargs).images[0])
+        return outputs
