@@ -10,7 +10,9 @@ as built and the straightforward way (``tools/benchmark.py`` runs each in its ow
   (weights and activations, not the libraries); ``process_peak_mem_bytes``: the raw figure;
 - ``vae_encodes`` / ``noise_samples`` / ``controlnet_passes`` / ``unet_passes`` /
   ``denoising_passes``: per image, counted (what the sharing saves);
-- ``frozen_flops``: the features alone (the source, without the trainable fusion).
+- ``frozen_flops``: the features alone (the source, without the trainable fusion);
+- DiT sources: ``blocks_run`` of ``blocks_total``, ``transformer_params`` / ``_bytes`` (what
+  is kept, in the frozen precision).
 """
 import statistics
 import time
@@ -24,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmseg.registry import MODELS
 from .models.amalgamation import GATEFusion
+from .sources.dit import DiTSource
 from .sources.stable_diffusion import StableDiffusionSource
 from .sources.stable_diffusion.latents import encode_latents
 from .testing.naive import NaiveGATE
@@ -107,6 +110,19 @@ def unet_flops(source: StableDiffusionSource, latents: torch.Tensor):
     return truncated, full
 
 
+def dit_figures(source: DiTSource) -> dict:
+    """What a DiT source keeps: the blocks it runs (of the file's) and the frozen weights'
+    size in their precision."""
+    blocks = len(source.transformer.transformer_blocks) + len(
+        getattr(source.transformer, 'single_transformer_blocks', None) or [])
+    params = sum(p.numel() for p in source.transformer.parameters())
+    return dict(frozen_dtype=str(source.dtype).replace('torch.', ''), blocks_run=blocks,
+                blocks_total=blocks + len(source.unused_blocks), transformer_params=params,
+                transformer_bytes=sum(p.numel() * p.element_size()
+                                      for p in source.transformer.parameters()),
+                vae_encoder_params=sum(p.numel() for p in source.vae.parameters()))
+
+
 def timed(forward, device, iters: int, baseline: int):
     """Median latency and peak memory of ``iters`` calls of ``forward``."""
     times = []
@@ -150,6 +166,8 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
                      lambda: source(backbone.to_vae_range(images),
                                     generator=torch.Generator()),
                      source, device, iters, batch, baseline)
+    if isinstance(source, DiTSource):
+        result.update(dit_figures(source))
     if not isinstance(source, StableDiffusionSource):
         return dict(config=cfg.filename, shape=list(shape), batch=batch, device=str(device),
                     source=repr(source), variants=source.num_variants, **result, iters=iters)

@@ -65,3 +65,30 @@ def test_benchmark_takes_composite_and_correspondence_configs():
          osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'), '--shape', '64',
          '64', '--naive'], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and 'without --naive' in refused.stderr
+
+
+def test_benchmark_builds_the_dit_architectures():
+    """The shipped SD3.5 and FLUX configs on their architectures' layouts at CPU size
+    (sharded transformer files, text encoders of one layer): the blocks run, the real text
+    encoders' sizes (counted on the meta device)."""
+    for config, arch, blocks in (('gate_upernet_ade20k_sd35.py', 'tiny-sd35', (13, 24)),
+                                 ('gate_upernet_ade20k_flux.py', 'tiny-flux', (19, 57))):
+        result = subprocess.run(
+            [sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+             osp.join(ROOT, 'configs', config), '--shape', '64', '64', '--device', 'cpu',
+             '--iters', '1', '--random-init', '--arch', arch], cwd=ROOT, capture_output=True,
+            text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (report['blocks_run'], report['blocks_total']) == blocks, config
+        assert report['transformer_passes'] == 1 and report['vae_encodes'] == 1
+        assert 0 < report['frozen_flops'] < report['flops']
+        assert set(report['text_encoder_params_real']) == (
+            {'text_encoder', 'text_encoder_2', 'text_encoder_3'} if arch == 'tiny-sd35'
+            else {'text_encoder', 'text_encoder_2'})
+    # The real encoders, on the meta device: CLIP-L, CLIP-G (with projections), T5-XXL's
+    # encoder (4.76B, its published size).
+    from mmseg_gate.testing.dit_architectures import text_encoder_sizes
+    assert text_encoder_sizes('sd35') == dict(text_encoder=123_650_304,
+                                              text_encoder_2=694_659_840,
+                                              text_encoder_3=4_762_310_656)

@@ -4,7 +4,9 @@
                               [--random-init [--arch sd15] [--lora-rank 64]] [--naive]
 
 ``--random-init`` builds the config's models from their known architecture (``--arch``,
-default SD1.5) with random weights -- SD model, ControlNets, LoRAs on the LoRA recipe's targets
+default SD1.5; sd21, sdxl; sd35 and flux for the DiT configs: SD3.5-medium and FLUX.1-dev,
+the transformer and VAE at their real size, the text encoders at their real widths with one
+layer, since prompts are encoded once -- their real sizes are reported) with random weights -- SD model, ControlNets, LoRAs on the LoRA recipe's targets
 (``--lora-config``, default ``configs/lora/_base_.py``: LoCon, 12 module types) -- written to
 a temporary folder and loaded through the real loading code, so no download is needed; FLOPs,
 speed and memory are those of the real models. Prints one JSON line: the measures of
@@ -29,6 +31,7 @@ import mmseg_gate  # noqa: F401
 from mmseg_gate.benchmark import benchmark, benchmark_naive, compare
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.testing.architectures import write_random_models
+from mmseg_gate.testing.dit_architectures import DIT_ARCHITECTURES, text_encoder_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,6 +110,11 @@ def main():
             result['naive'] = naive
             result.update(compare(result, naive, fused))
     result['random_init'] = args.arch if args.random_init else False
+    if args.random_init and args.arch in DIT_ARCHITECTURES:
+        # The random pipeline's text encoders have the real widths but one layer (prompts
+        # are encoded once, then dropped); their real sizes, counted on the meta device:
+        result['text_encoder_params_real'] = text_encoder_sizes(args.arch)
+        result['text_encoders_built'] = 'real widths, one layer each'
     print(json.dumps(result))
 
 

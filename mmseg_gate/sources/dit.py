@@ -20,12 +20,14 @@ as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img at ``streng
 1000`` over 1,000 scheduler steps: the scheduler's shift (SD3's fixed
 shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mixes the noise
 in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
-(the blocks after it are freed). A tap is a block, ``'transformer_blocks.<i>'`` (SD3's joint
+(the blocks after it are never built on FLUX, whose blocks of a stream are all alike, and
+freed after loading on SD3, whose last joint block differs). A tap is a block, ``'transformer_blocks.<i>'`` (SD3's joint
 blocks, FLUX's double-stream blocks) or ``'single_transformer_blocks.<i>'`` (FLUX); its image
 tokens come back as an (N, C, h, w) map at the patch stride (16 input pixels for both); its
 text tokens are not a map and are never returned. Prompts are encoded once, by the
 pipelines' own ``encode_prompt`` (CLIP-L/G and T5 for SD3, CLIP-L and T5 for FLUX, prompts of
-any length as they encode them); the text encoders are dropped afterwards. FLUX's latents are
+any length as they encode them) before the transformer loads; the text encoders are dropped
+afterwards, so they never share memory with it. FLUX's latents are
 packed 2x2 into tokens with their position ids, and its guidance embedding gets
 ``guidance_scale`` (FLUX.1-dev; FLUX.1-schnell has none).
 """
@@ -206,7 +208,8 @@ class DiTSource(FeatureSource):
             FLUX 512).
         input_scale (float): the model sees the input resized by this factor. Default: 1.
         frozen_dtype (str): 'auto' (float16 on accelerators; bfloat16 suits FLUX), 'float32',
-            'float16' or 'bfloat16'. Default: 'auto'.
+            'float16' or 'bfloat16'; an explicit one is also the loading precision ('auto'
+            loads float32). Default: 'auto'.
         noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
     """
 
@@ -264,6 +267,11 @@ class DiTSource(FeatureSource):
         # An explicit precision loads in it (FLUX.1-dev: 24 GB in bfloat16, not 48 in
         # float32); 'auto' loads float32 and is converted where the source moves.
         load_dtype = None if frozen_dtype == 'auto' else resolve_dtype(frozen_dtype, 'cpu')
+        # The prompts first: the text encoders (FLUX's and SD3's T5-XXL: 9.5 GB in
+        # bfloat16) are gone before the transformer loads.
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            model, subfolder='scheduler')
+        self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
         self.unused_blocks = names[names.index(self.final) + 1:]
         self.transformer = load_weights(
             transformer_class, model, 'transformer', GET_DIT_HINT,
@@ -274,13 +282,10 @@ class DiTSource(FeatureSource):
         self.vae = load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT,
                                 **dtype_kwargs(load_dtype))
         drop_vae_decoder(self.vae)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            model, subfolder='scheduler')
         self.controlnets = {name: load_dit_controlnet(self.kind, name, cfg)
                             for name, cfg in controlnets.items()}
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
-        self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
         for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
             load_dit_lora(self.transformer, name, loras[name], self.unused_blocks)
         self.guidance_scale = guidance_scale

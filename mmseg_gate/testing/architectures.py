@@ -248,8 +248,9 @@ def save_random_dinov2(folder: str, arch: Optional[Dict] = None, seed: int = 0) 
 def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
                         lora_targets: Optional[Sequence[str]] = None) -> None:
     """Random weights of ``arch`` for a source config's models (SD model, ControlNets and
-    LoRAs; an ADM: the real LSUN layout, or :data:`TINY_ADM` for the tiny archs; each source
-    of a composite), written under ``folder``; the config is pointed at them."""
+    LoRAs; an ADM: the real LSUN layout, or :data:`TINY_ADM` for the tiny archs; a DiT:
+    'sd35' or 'flux', :func:`save_random_dit`; each source of a composite), written under
+    ``folder``; the config is pointed at them."""
     kind = source_cfg.get('type', 'StableDiffusionSource')
     if kind == 'CompositeSource':
         for name, source in source_cfg.sources.items():
@@ -258,6 +259,16 @@ def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
     if kind == 'DINOv2Source':
         source_cfg.model = save_random_dinov2(
             osp.join(folder, 'dinov2'), TINY_DINOV2 if arch.startswith('tiny') else DINOV2_BASE)
+        return
+    if kind == 'DiTSource':
+        from .dit_architectures import DIT_ARCHITECTURES, save_random_dit
+        if arch not in DIT_ARCHITECTURES:
+            raise ValueError(f'--arch {arch}: a DiTSource config takes one of '
+                             f'{sorted(DIT_ARCHITECTURES)}.')
+        if source_cfg.get('loras') or source_cfg.get('controlnets'):
+            raise ValueError('Random LoRAs and ControlNets of diffusion transformers are not '
+                             'written yet: benchmark the config without them.')
+        source_cfg.model = save_random_dit(osp.join(folder, arch), arch)
         return
     if kind == 'ADMSource':
         from ..sources.adm import ADM_LSUN_256

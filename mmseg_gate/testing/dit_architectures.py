@@ -3,8 +3,13 @@ FLUX.1 at CPU size in their real layouts (joint / double-stream and single-strea
 CLIP-L/G and T5 text encoders, a 16-pixel token stride), saved by the pipelines' own
 ``save_pretrained`` so they load through the same ``from_pretrained`` path as real weights.
 """
+import json
+import math
+import os
 import os.path as osp
+import shutil
 import tempfile
+from typing import Dict
 
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
@@ -112,4 +117,163 @@ def save_random_flux(folder: str, seed: int = 0, guidance: bool = True) -> str:
             text_encoder_2=T5EncoderModel(T5Config(**_TINY_T5)),
             tokenizer_2=save_t5_tokenizer(osp.join(tmp, 'b')), transformer=transformer)
         pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# The real architectures, from the models' diffusers configs (SD3.5-medium, FLUX.1-dev).
+_CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, projection_dim=768, hidden_act='quick_gelu')
+_CLIP_G_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                    num_attention_heads=20, projection_dim=1280, hidden_act='gelu')
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+               num_heads=64, feed_forward_proj='gated-gelu', relative_attention_num_buckets=32)
+_DIT_VAE = dict(down_block_types=('DownEncoderBlock2D', ) * 4,
+                up_block_types=('UpDecoderBlock2D', ) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=16, in_channels=3, out_channels=3,
+                norm_num_groups=32, sample_size=1024, use_quant_conv=False,
+                use_post_quant_conv=False)
+DIT_ARCHITECTURES: Dict[str, dict] = {
+    'sd35': dict(  # stabilityai/stable-diffusion-3.5-medium (MMDiT-X)
+        kind='sd3',
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24,
+                         joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm='rms_norm'),
+        vae=dict(_DIT_VAE, shift_factor=0.0609, scaling_factor=1.5305),
+        scheduler=dict(shift=3.0),
+        text_encoders=dict(text_encoder=(CLIPTextModelWithProjection, _CLIP_L_TEXT),
+                           text_encoder_2=(CLIPTextModelWithProjection, _CLIP_G_TEXT),
+                           text_encoder_3=(T5EncoderModel, _T5_XXL))),
+    'flux': dict(  # black-forest-labs/FLUX.1-dev
+        kind='flux',
+        transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                         attention_head_dim=128, num_attention_heads=24,
+                         joint_attention_dim=4096, pooled_projection_dim=768,
+                         guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        vae=dict(_DIT_VAE, shift_factor=0.1159, scaling_factor=0.3611),
+        scheduler=dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096),
+        text_encoders=dict(text_encoder=(CLIPTextModel, _CLIP_L_TEXT),
+                           text_encoder_2=(T5EncoderModel, _T5_XXL))),
+}
+# The same layouts at CPU size (the shipped configs' taps exist; 1 MB shards), for tests.
+_TINY_DIT_VAE = dict(_DIT_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                     norm_num_groups=8)
+_TINY_T5_TEXT = dict(_T5_XXL, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+DIT_ARCHITECTURES['tiny-sd35'] = dict(
+    DIT_ARCHITECTURES['sd35'], shard_bytes=2**20,
+    transformer=dict(DIT_ARCHITECTURES['sd35']['transformer'], attention_head_dim=8,
+                     num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                     pooled_projection_dim=64, sample_size=32),
+    vae=dict(_TINY_DIT_VAE, shift_factor=0.0609, scaling_factor=1.5305),
+    text_encoders=dict(text_encoder=(CLIPTextModelWithProjection, _TINY_CLIP),
+                       text_encoder_2=(CLIPTextModelWithProjection, _TINY_CLIP),
+                       text_encoder_3=(T5EncoderModel, _TINY_T5_TEXT)))
+DIT_ARCHITECTURES['tiny-flux'] = dict(
+    DIT_ARCHITECTURES['flux'], shard_bytes=2**20,
+    transformer=dict(DIT_ARCHITECTURES['flux']['transformer'], attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                     axes_dims_rope=(4, 6, 6)),
+    vae=dict(_TINY_DIT_VAE, shift_factor=0.1159, scaling_factor=0.3611),
+    text_encoders=dict(text_encoder=(CLIPTextModel, _TINY_CLIP),
+                       text_encoder_2=(T5EncoderModel, _TINY_T5_TEXT)))
+
+
+def parameter_count(model_class, config) -> int:
+    """Parameters of a model built on the meta device: its size, with no memory used."""
+    with torch.device('meta'):
+        model = model_class(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def text_encoder_sizes(arch: str) -> Dict[str, int]:
+    """The real text encoders' parameters (CLIP-L/G, T5-XXL: 4.76B), counted on meta."""
+    return {name: parameter_count(cls, _text_config(cls, cfg)) for name, (cls, cfg) in
+            DIT_ARCHITECTURES[arch]['text_encoders'].items()}
+
+
+def _text_config(cls, cfg):
+    return T5Config(**cfg) if cls is T5EncoderModel else CLIPTextConfig(**cfg)
+
+
+def _reduced(cls, cfg):
+    """A text encoder of the real widths (its embeddings have the real shapes) with one
+    layer: prompts are encoded once and the encoders dropped, so their depth changes no
+    per-image figure."""
+    if cls is T5EncoderModel:
+        return cls(T5Config(**dict(cfg, vocab_size=len(_T5_WORDS), num_layers=1, d_ff=64)))
+    return cls(CLIPTextConfig(**dict(cfg, num_hidden_layers=1, intermediate_size=64)))
+
+
+def write_random_safetensors(model_class, config: dict, folder: str, dtype: torch.dtype,
+                             seed: int = 0, shard_bytes: int = 5 * 2**30) -> int:
+    """A model's random weights written shard by shard in diffusers' sharded layout
+    (``config.json``, ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and the index),
+    never holding the model: FLUX.1-dev's 12B parameters are 24 GB in bfloat16. Norm scales
+    are 1, biases 0, the rest N(0, 0.02). Returns the number of parameters."""
+    from safetensors.torch import save_file
+    with torch.device('meta'):
+        model = model_class(**config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    os.makedirs(folder, exist_ok=True)
+    model.save_config(folder)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f'diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            if len(shape) == 1 and 'norm' in name and name.endswith('weight'):
+                tensor = torch.ones(shape, dtype=dtype)
+            elif name.endswith('bias'):
+                tensor = torch.zeros(shape, dtype=dtype)
+            else:
+                tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+            tensors[name] = tensor
+            weight_map[name] = file
+            total += tensor.numel()
+        save_file(tensors, osp.join(folder, file), metadata=dict(format='pt'))
+        del tensors
+    with open(osp.join(folder, 'diffusion_pytorch_model.safetensors.index.json'), 'w') as f:
+        json.dump(dict(metadata=dict(total_size=sum(
+            math.prod(s) * torch.finfo(dtype).bits // 8 for s in shapes.values())),
+            weight_map=weight_map), f)
+    return total
+
+
+def save_random_dit(folder: str, arch: str, seed: int = 0,
+                    dtype: torch.dtype = torch.bfloat16) -> str:
+    """A real-size SD3.5-medium or FLUX.1-dev pipeline folder with random weights: the
+    transformer (in ``dtype``) and VAE at their real architectures, the text encoders at their
+    real widths with one layer each (:func:`_reduced`; their real sizes are
+    :func:`text_encoder_sizes`). The layout (``model_index.json``, subfolders, tokenizers) is
+    the pipelines' own ``save_pretrained``'s."""
+    spec = DIT_ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    tiny = save_random_sd3 if spec['kind'] == 'sd3' else save_random_flux
+    pipeline = StableDiffusion3Pipeline if spec['kind'] == 'sd3' else FluxPipeline
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = pipeline.from_pretrained(tiny(osp.join(tmp, 'tiny'))).components
+        for name, (cls, cfg) in spec['text_encoders'].items():
+            parts[name] = _reduced(cls, cfg)
+        parts['vae'] = AutoencoderKL(**spec['vae'])
+        parts['scheduler'] = FlowMatchEulerDiscreteScheduler(**spec['scheduler'])
+        pipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    transformer_class = SD3Transformer2DModel if spec['kind'] == 'sd3' \
+        else FluxTransformer2DModel
+    target = osp.join(folder, 'transformer')
+    shutil.rmtree(target)
+    write_random_safetensors(transformer_class, spec['transformer'], target, dtype, seed,
+                             spec.get('shard_bytes', 5 * 2**30))
     return folder

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .latents import latent_scheduler
@@ -152,12 +153,17 @@ def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,
     config to leave them out, e.g. a transformer's blocks after the last tap), whose tensors
     alone may stay in the file."""
     where = f'{pretrained}/{subfolder}' if subfolder else pretrained
+    verbosity = diffusers_logging.get_verbosity()
+    if unused_blocks:  # diffusers would list every tensor left out, which is intended here
+        diffusers_logging.set_verbosity_error()
     try:
         model, info = model_class.from_pretrained(
             pretrained, subfolder=subfolder, use_safetensors=True, output_loading_info=True,
             **kwargs)
     except Exception as err:  # SafetensorError, OSError, size mismatches: add the file
         raise _load_error(pretrained, where, err, hint) from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     prefixes = tuple(f'{block}.' for block in unused_blocks)
     problems = {kind: [key for key in info.get(kind) or []
                        if kind != 'unexpected_keys' or not key.startswith(prefixes)]
