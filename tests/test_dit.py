@@ -20,7 +20,7 @@ def models(tmp_path_factory):
 
 
 def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
-               controlnet=None):
+               controlnet=None, controlnet_scale=1.0):
     """What diffusers computes: the img2img pipeline's timesteps (its own schedule and
     get_timesteps) and noising (its scheduler's scale_noise) of the VAE posterior's mode
     (the pipelines sample it; features use the mode), FLUX's token packing and ids (the
@@ -76,7 +76,7 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
                     encoder_hidden_states=embeds.expand(n, -1, -1),
                     pooled_projections=torch.zeros_like(pooled).expand(n, -1),
                     controlnet_cond=control * pipe.vae.config.scaling_factor,
-                    conditioning_scale=1.0, return_dict=False)[0]
+                    conditioning_scale=controlnet_scale, return_dict=False)[0]
             else:
                 net = FluxControlNetModel.from_pretrained(controlnet).eval()
                 control = (control - pipe.vae.config.shift_factor) * \
@@ -84,7 +84,8 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
                 _, c, h, w = control.shape
                 double, single = net(
                     hidden_states=latents, controlnet_cond=pipe._pack_latents(control, n, c, h, w),
-                    conditioning_scale=1.0, timestep=t / 1000, guidance=torch.full((n, ), 3.5),
+                    conditioning_scale=controlnet_scale, timestep=t / 1000,
+                    guidance=torch.full((n, ), 3.5),
                     pooled_projections=pooled.expand(n, -1),
                     encoder_hidden_states=embeds.expand(n, -1, -1), txt_ids=text_ids,
                     img_ids=image_ids, return_dict=False)
@@ -297,16 +298,17 @@ def test_a_controlnet_variant_equals_diffusers(models, tmp_path, kind):
     source = build_source(dict(
         type='DiTSource', model=models[kind], prompt='a photo', taps=taps, timestep=300,
         controlnets=dict(canny=dict(model=controlnet, condition=dict(type='canny'))),
-        variants=[dict(), dict(controlnets=dict(canny=1.0))]))
+        variants=[dict(), dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=0.5))]))
     # A structured image, so that Canny finds edges.
     ramp = torch.linspace(-1, 1, 64)
     images = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64),
                           (ramp[None, :] * ramp[:, None] > 0).float() * 2 - 1])[None]
-    plain, guided = source(images, generator=torch.Generator().manual_seed(0))
-    assert source.counts['controlnet_passes'] == 1
-    expected = _reference(kind, models[kind], images, taps, 300, 'a photo',
-                          controlnet=controlnet)
-    torch.testing.assert_close(guided[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
+    plain, guided, half = source(images, generator=torch.Generator().manual_seed(0))
+    assert source.counts['controlnet_passes'] == 1  # shared by both scales
+    for result, scale in ((guided, 1.0), (half, 0.5)):
+        expected = _reference(kind, models[kind], images, taps, 300, 'a photo',
+                              controlnet=controlnet, controlnet_scale=scale)
+        torch.testing.assert_close(result[taps[0]], expected[taps[0]], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain[taps[0]], guided[taps[0]], atol=1e-3)
 
 
@@ -361,3 +363,35 @@ def test_dit_reconstructions_are_diffusers_img2img(models, tmp_path, kind):
         assert np.abs(plain - unguided).max() <= 1
     again = reconstructor(image, strength=0.6, steps=5, guidance_scale=5.0, seed=0)
     assert np.array_equal(np.asarray(again[2], dtype=np.int16), guided)
+
+
+@pytest.mark.parametrize('kind', ['sd3', 'flux'])
+def test_batched_variants_equal_one_after_another(models, tmp_path, kind):
+    """One transformer batch for all variants (two prompts, LoRAs chosen per sample, a
+    ControlNet pass shared by the variants of one prompt and scaled per variant) gives each
+    variant's own features."""
+    from mmseg_gate.testing.dit_architectures import (save_random_flux_controlnet,
+                                                      save_random_sd3_controlnet)
+    save = save_random_sd3_controlnet if kind == 'sd3' else save_random_flux_controlnet
+    cfg = dict(type='DiTSource', model=models[kind], prompt='a photo', timestep=300,
+               taps=('transformer_blocks.0', 'transformer_blocks.1'),
+               loras=dict(a=_lora_file(kind, models[kind], tmp_path)),
+               controlnets=dict(canny=dict(model=save(str(tmp_path / 'cn'), models[kind]))),
+               variants=[dict(), dict(prompt='a dog', lora='a'),
+                         dict(lora='a', controlnets=dict(canny=0.5)),
+                         dict(controlnets=dict(canny=1.0))])
+    ramp = torch.linspace(-1, 1, 64)
+    images = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64),
+                          (ramp[None, :] * ramp[:, None] > 0).float() * 2 - 1])[None]
+    batched = build_source(cfg)
+    single = build_source(dict(cfg, batch_variants=False))
+    ours = batched(images, generator=torch.Generator().manual_seed(0))
+    theirs = single(images, generator=torch.Generator().manual_seed(0))
+    for mine, reference in zip(ours, theirs):
+        for tap in cfg['taps']:
+            torch.testing.assert_close(mine[tap], reference[tap], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours[2]['transformer_blocks.1'], ours[3]['transformer_blocks.1'],
+                              atol=1e-3)
+    assert batched.counts['transformer_passes'] == 4
+    assert batched.counts['controlnet_passes'] == 1  # canny with 'a photo', both scales
+    assert single.counts['controlnet_passes'] == 1

@@ -6,10 +6,11 @@
 ``--random-init`` builds the config's models from their known architecture (``--arch``,
 default SD1.5; sd21, sdxl; sd35 and flux for the DiT configs: SD3.5-medium and FLUX.1-dev,
 the transformer and VAE at their real size, the text encoders at their real widths with one
-layer, since prompts are encoded once -- their real sizes are reported) with random weights -- SD model, ControlNets, LoRAs on the LoRA recipe's targets
-(``--lora-config``, default ``configs/lora/_base_.py``: LoCon, 12 module types) -- written to
-a temporary folder and loaded through the real loading code, so no download is needed; FLOPs,
-speed and memory are those of the real models. Prints one JSON line: the measures of
+layer, since prompts are encoded once -- their real sizes are reported) with random
+weights -- SD model, ControlNets, LoRAs on the LoRA recipe's targets (``--lora-config``,
+default ``configs/lora/_base_.py``: LoCon, 12 module types) -- written to a temporary folder
+and loaded through the real loading code, so no download is needed; FLOPs, speed and memory
+are those of the real models. Prints one JSON line: the measures of
 ``mmseg_gate/benchmark.py`` (its docstring says what each is), and with ``--naive``:
 ``fused`` (configs with LoRAs), the same measures with ``lora_mode='fused'`` (no LoRA compute,
 a UNet copy per LoRA); ``naive``, the authors' way (a full model copy and full passes per

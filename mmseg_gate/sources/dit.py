@@ -3,17 +3,21 @@
 
 Each variant is a prompt, optionally with a LoRA (``loras=dict(name=file)``, a variant's
 ``lora='name'`` and ``lora_scale``: diffusers' DiT LoRA files, loaded as peft adapters with
-every tensor of the file counted; each variant's pass runs with its adapter alone) and, on
-SD3, ControlNets (``controlnets=dict(canny=dict(model=..., condition=...))``, a variant's
-``controlnets=dict(canny=1.0)``): ``SD3ControlNetModel`` on the condition's VAE latent
-(the posterior mode; shift and pooled projection as the SD3 ControlNet pipeline treats each
-kind),
-its block residuals handed to the transformer's forward, which adds each after its block
+every tensor of the file counted; one scale per LoRA) and ControlNets
+(``controlnets=dict(canny=dict(model=..., condition=...))``, a variant's
+``controlnets=dict(canny=1.0)``): on SD3, ``SD3ControlNetModel`` on the condition's VAE
+latent (the posterior mode; shift and pooled projection as the SD3 ControlNet pipeline
+treats each kind), its block residuals handed to the transformer's forward, which adds each
+after its block
 (a tapped block's own output is read before its residual: the residual shows from the next
 block on); on FLUX, ``FluxControlNetModel`` (InstantX's kind: the packed condition latent,
 double- and single-stream residuals). XLabs' FLUX ControlNets (a hint block), union
 ControlNets (modes) and SD3.5 ControlNets with extra conditioning channels are not supported
-yet: asking for one is an error.
+yet: asking for one is an error. As for the UNet, the work is shared: the variants of an
+image run as one transformer batch (each sample with its own prompt and, through peft's
+mixed-adapter batches, its own LoRA), each (ControlNet, prompt) runs once at scale 1 and its
+residuals are scaled per variant (diffusers' ControlNets scale linearly), and a variant
+without ControlNets gets zero residuals; ``batch_variants=False`` runs them one by one.
 
 A call encodes the image once with the VAE (shift and scale as the pipelines do), noises it
 as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img at ``strength = t /
@@ -21,8 +25,8 @@ as the pipelines' img2img does -- ``timestep`` t of 1,000 is img2img at ``streng
 shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mixes the noise
 in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
 (the blocks after it are never built on FLUX, whose blocks of a stream are all alike, and
-freed after loading on SD3, whose last joint block differs). A tap is a block, ``'transformer_blocks.<i>'`` (SD3's joint
-blocks, FLUX's double-stream blocks) or ``'single_transformer_blocks.<i>'`` (FLUX); its image
+freed after loading on SD3, whose last joint block differs). A tap is a block,
+``'transformer_blocks.<i>'`` (SD3's joint blocks, FLUX's double-stream blocks) or ``'single_transformer_blocks.<i>'`` (FLUX); its image
 tokens come back as an (N, C, h, w) map at the patch stride (16 input pixels for both); its
 text tokens are not a map and are never returned. Prompts are encoded once, by the
 pipelines' own ``encode_prompt`` (CLIP-L/G and T5 for SD3, CLIP-L and T5 for FLUX, prompts of
@@ -34,7 +38,7 @@ packed 2x2 into tokens with their position ids, and its guidance embedding gets
 import math
 import os.path as osp
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -53,7 +57,8 @@ from .base import (SOURCES, FeatureSource, Features, check_images, input_stride,
 from .stable_diffusion.conditions import ConditionDetector
 from .stable_diffusion.latents import draw_noise, encode_latents
 from .stable_diffusion.loading import drop_vae_decoder, load_weights
-from .stable_diffusion.lora import activate_adapter, check_lora_landed
+from .stable_diffusion.lora import (BASE, activate_adapter, adapters_per_sample,
+                                   check_lora_landed, enable_adapters)
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import StopForward
 
@@ -211,6 +216,9 @@ class DiTSource(FeatureSource):
             'float16' or 'bfloat16'; an explicit one is also the loading precision ('auto'
             loads float32). Default: 'auto'.
         noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
+        batch_variants (bool): run the variants of an image as one transformer batch (LoRAs
+            chosen per sample, one ControlNet pass per ControlNet and prompt) or one after
+            another (less memory, same features). Default: True.
     """
 
     def __init__(self, model: str, prompt: str = '', variants: Optional[Sequence[dict]] = None,
@@ -218,7 +226,8 @@ class DiTSource(FeatureSource):
                  controlnets: Optional[Dict[str, dict]] = None,
                  taps: Optional[Sequence[str]] = None, timestep: int = 50,
                  guidance_scale: float = 3.5, max_sequence_length: Optional[int] = None,
-                 input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0):
+                 input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0,
+                 batch_variants: bool = True):
         resolve_dtype(frozen_dtype, torch.device('cpu'))
         variants = [dict(v) for v in (variants or [dict()])]
         loras, controlnets = dict(loras or {}), dict(controlnets or {})
@@ -286,6 +295,9 @@ class DiTSource(FeatureSource):
                             for name, cfg in controlnets.items()}
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
+        for nets in self.variant_controlnets:
+            self._layout(nets)  # a variant's ControlNets must have the same blocks
+        self.batch_variants = batch_variants
         for name in dict.fromkeys(n for n in self.variant_loras if n is not None):
             load_dit_lora(self.transformer, name, loras[name], self.unused_blocks)
         self.guidance_scale = guidance_scale
@@ -340,37 +352,81 @@ class DiTSource(FeatureSource):
             else (self.vae.config.shift_factor or 0.0)
         return (latent - shift) * self.vae.config.scaling_factor
 
-    def _residuals(self, nets: Dict[str, float], inputs: Dict, conditions) -> Dict:
-        """The transformer's ControlNet arguments for a variant's ControlNets (each
-        ControlNet's residuals, summed over ControlNets as diffusers' multi-ControlNets do)."""
-        total = None
-        for name, scale in nets.items():
-            net = self.controlnets[name]
-            self.counts['controlnet_passes'] += inputs['hidden_states'].shape[0]
-            if self.kind == 'sd3':
-                pooled = inputs['pooled_projections']
-                samples = [net(
-                    hidden_states=inputs['hidden_states'], timestep=inputs['timestep'],
-                    controlnet_cond=conditions[name], conditioning_scale=scale,
-                    encoder_hidden_states=inputs['encoder_hidden_states']
-                    if net.config.joint_attention_dim is not None else None,
-                    pooled_projections=torch.zeros_like(pooled)
-                    if net.config.force_zeros_for_pooled_projection else pooled,
-                    return_dict=False)[0]]
-            else:
-                extra = {k: inputs[k] for k in ('hidden_states', 'timestep', 'img_ids',
-                                                'txt_ids', 'pooled_projections',
-                                                'encoder_hidden_states')}
-                if net.config.guidance_embeds:
-                    extra['guidance'] = torch.full_like(inputs['timestep'], self.guidance_scale)
-                samples = list(net(controlnet_cond=conditions[name], conditioning_scale=scale,
-                                   return_dict=False, **extra))
-            total = samples if total is None else [
-                None if a is None else [x + y for x, y in zip(a, b)]
-                for a, b in zip(total, samples)]
+    def _controlnet(self, name: str, inputs: Dict, condition: torch.Tensor) -> List:
+        """ControlNet ``name``'s residuals at scale 1 for one prompt's ``inputs`` (their
+        scale is a factor on them, as in diffusers' ControlNets: scaled by the caller)."""
+        net = self.controlnets[name]
+        self.counts['controlnet_passes'] += inputs['hidden_states'].shape[0]
+        if self.kind == 'sd3':
+            pooled = inputs['pooled_projections']
+            return [list(net(
+                hidden_states=inputs['hidden_states'], timestep=inputs['timestep'],
+                controlnet_cond=condition, conditioning_scale=1.0,
+                encoder_hidden_states=inputs['encoder_hidden_states']
+                if net.config.joint_attention_dim is not None else None,
+                pooled_projections=torch.zeros_like(pooled)
+                if net.config.force_zeros_for_pooled_projection else pooled,
+                return_dict=False)[0])]
+        extra = {k: inputs[k] for k in ('hidden_states', 'timestep', 'img_ids', 'txt_ids',
+                                        'pooled_projections', 'encoder_hidden_states')}
+        if net.config.guidance_embeds:
+            extra['guidance'] = torch.full_like(inputs['timestep'], self.guidance_scale)
+        return [None if r is None else list(r) for r in net(
+            controlnet_cond=condition, conditioning_scale=1.0, return_dict=False, **extra)]
+
+    def _residuals(self, indices: List[int], per_prompt: Dict, conditions: Dict,
+                   cache: Dict) -> Dict:
+        """The transformer's ControlNet arguments for a batch of variants: each variant's
+        scaled sum of its ControlNets' residuals (as diffusers' multi-ControlNets sum them;
+        zeros for a variant without), concatenated; one pass per (ControlNet, prompt)."""
+        sums = []
+        for i in indices:
+            total = None
+            for name, scale in self.variant_controlnets[i].items():
+                key = (name, self.prompts[i])
+                if key not in cache:
+                    cache[key] = self._controlnet(name, per_prompt[self.prompts[i]],
+                                                  conditions[name])
+                scaled = [None if level is None else [scale * r for r in level]
+                          for level in cache[key]]
+                total = scaled if total is None else [
+                    None if a is None else [x + y for x, y in zip(a, b)]
+                    for a, b in zip(total, scaled)]
+            sums.append(total)
+        like = next(s for s in sums if s is not None)
+        sums = [s if s is not None else [None if level is None else
+                                         [torch.zeros_like(r) for r in level]
+                                         for level in like] for s in sums]
         keys = ('block_controlnet_hidden_states', ) if self.kind == 'sd3' else \
             ('controlnet_block_samples', 'controlnet_single_block_samples')
-        return dict(zip(keys, total))
+        return {key: None if like[k] is None else
+                [torch.cat(rows) for rows in zip(*(s[k] for s in sums))]
+                for k, key in enumerate(keys)}
+
+    def _groups(self) -> List[List[int]]:
+        """Variants run as one transformer batch: all of them (``batch_variants``), split
+        only where their ControlNets' residuals have different layouts."""
+        if not self.batch_variants:
+            return [[i] for i in range(len(self.prompts))]
+        layouts = [self._layout(nets) for nets in self.variant_controlnets]
+        first = next((layout for layout in layouts if layout is not None), None)
+        groups: Dict = {}
+        for i, layout in enumerate(layouts):
+            groups.setdefault(first if layout is None else layout, []).append(i)
+        return list(groups.values())
+
+    def _layout(self, nets: Dict[str, float]):
+        """The block counts of a variant's ControlNets (None without any)."""
+        if not nets:
+            return None
+        layouts = {(net.config.num_layers, getattr(net.config, 'num_single_layers', 0))
+                   for net in (self.controlnets[name] for name in nets)}
+        if len(layouts) > 1:
+            raise ValueError(f'DiTSource: the ControlNets {sorted(nets)} of one variant have '
+                             f'different numbers of blocks ({sorted(layouts)}); their '
+                             'residuals are summed block by block, as diffusers\' '
+                             'multi-ControlNets do, so they must match.')
+        return layouts.pop()
 
     def check_timestep(self, timestep: Optional[int]) -> None:
         if timestep is not None:
@@ -447,6 +503,33 @@ class DiTSource(FeatureSource):
             for handle in handles:
                 handle.remove()
 
+    def _prompt_inputs(self, prompt: str, tokens: Dict, t: torch.Tensor, n: int) -> Dict:
+        """The transformer's inputs for ``n`` images with one prompt (FLUX: its timestep in
+        [0, 1], its text ids, the guidance embedding's value)."""
+        embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in self.embeddings[prompt].items()}
+        inputs = dict(tokens, encoder_hidden_states=embed['encoder_hidden_states'].expand(
+            n, -1, -1), pooled_projections=embed['pooled_projections'].expand(n, -1),
+                      timestep=t.to(self.device, self.dtype).expand(n))
+        if self.kind == 'flux':
+            inputs.update(txt_ids=embed['txt_ids'].to(self.dtype),
+                          timestep=inputs['timestep'] / 1000)
+            if self.transformer.config.guidance_embeds:
+                inputs['guidance'] = torch.full((n, ), self.guidance_scale,
+                                                device=self.device, dtype=self.dtype)
+        return inputs
+
+    def _adapters(self, indices: List[int], n: int):
+        """The batch's LoRAs: one for all (or none) set on the transformer; different ones
+        chosen per sample (peft's mixed-adapter batches)."""
+        loras = [self.variant_loras[i] for i in indices]
+        if len(set(loras)) == 1:
+            activate_adapter([self.transformer], loras[0], self.lora_scales)
+            return nullcontext()
+        enable_adapters([self.transformer], self.lora_scales)
+        return adapters_per_sample(self.transformer, [lora or BASE for lora in loras
+                                                      for _ in range(n)])
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> List[Features]:
@@ -476,33 +559,30 @@ class DiTSource(FeatureSource):
                           img_ids=image_ids(*grid).to(self.device, self.dtype))
         else:
             tokens = dict(hidden_states=latents)
-        outputs = []
-        for prompt, lora, nets in zip(self.prompts, self.variant_loras,
-                                      self.variant_controlnets):
-            activate_adapter([self.transformer], lora, self.lora_scales)
-            embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
-                     for k, v in self.embeddings[prompt].items()}
-            inputs = dict(encoder_hidden_states=embed['encoder_hidden_states'].expand(
-                n, -1, -1), pooled_projections=embed['pooled_projections'].expand(n, -1),
-                          timestep=t.to(self.device, self.dtype).expand(n), return_dict=False)
-            inputs.update(tokens)
+        per_prompt = {prompt: self._prompt_inputs(prompt, tokens, t, n)
+                      for prompt in dict.fromkeys(self.prompts)}
+        outputs: List[Optional[Features]] = [None] * len(self.prompts)
+        cache: Dict = {}
+        for indices in self._groups():
+            inputs = {key: torch.cat([per_prompt[self.prompts[i]][key] for i in indices])
+                      for key in ('hidden_states', 'encoder_hidden_states',
+                                  'pooled_projections', 'timestep', 'guidance')
+                      if key in per_prompt[self.prompts[indices[0]]]}
             if self.kind == 'flux':
-                inputs.update(txt_ids=embed['txt_ids'].to(self.dtype),
-                              timestep=inputs['timestep'] / 1000)
-                if self.transformer.config.guidance_embeds:
-                    inputs['guidance'] = torch.full((n, ), self.guidance_scale,
-                                                    device=self.device, dtype=self.dtype)
-            if nets:
-                inputs.update(self._residuals(nets, inputs, conditions))
+                inputs.update(img_ids=tokens['img_ids'],
+                              txt_ids=per_prompt[self.prompts[indices[0]]]['txt_ids'])
+            if any(self.variant_controlnets[i] for i in indices):
+                inputs.update(self._residuals(indices, per_prompt, conditions, cache))
             store: Dict[str, torch.Tensor] = {}
-            self.counts['transformer_passes'] += n
-            with self._reading(store):
+            self.counts['transformer_passes'] += n * len(indices)
+            with self._adapters(indices, n), self._reading(store):
                 try:
-                    self.transformer(**inputs)
+                    self.transformer(**inputs, return_dict=False)
                 except StopForward:
                     pass
-            outputs.append({
-                name: store[name].transpose(1, 2).reshape(n, -1, *grid)[
-                    ..., :math.ceil(height / self.stride), :math.ceil(width / self.stride)]
-                for name in self.taps})
+            for j, i in enumerate(indices):
+                outputs[i] = {
+                    name: store[name][j * n:(j + 1) * n].transpose(1, 2).reshape(n, -1, *grid)[
+                        ..., :math.ceil(height / self.stride), :math.ceil(width / self.stride)]
+                    for name in self.taps}
         return outputs

@@ -259,6 +259,16 @@ def activate_adapter(models: Sequence, adapter: Optional[str],
             set_adapter_layers(model, enabled=False)
 
 
+def enable_adapters(models: Sequence, scales: Dict[str, float]) -> None:
+    """Every LoRA layer on, each adapter of ``scales`` at its scale: for batches whose samples
+    choose their adapter (:func:`adapters_per_sample`; a sample of ``BASE`` gets none)."""
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+    for model in models:
+        if getattr(model, 'peft_config', None):
+            set_weights_and_activate_adapters(model, list(scales), list(scales.values()))
+            set_adapter_layers(model, enabled=True)
+
+
 def check_lora_landed(model, adapter_name: str, state_dict: Dict[str, torch.Tensor],
                       prefix: str, path: str) -> None:
     """Count the file's tensors that now sit, unchanged, in the adapter's layers."""
