@@ -26,9 +26,10 @@ shift, FLUX's resolution-dependent ``mu``) decides the sigma, ``scale_noise`` mi
 in -- and runs diffusers' own transformer forward, stopped right after the last tapped block
 (the blocks after it are never built on FLUX, whose blocks of a stream are all alike, and
 freed after loading on SD3, whose last joint block differs). A tap is a block,
-``'transformer_blocks.<i>'`` (SD3's joint blocks, FLUX's double-stream blocks) or ``'single_transformer_blocks.<i>'`` (FLUX); its image
-tokens come back as an (N, C, h, w) map at the patch stride (16 input pixels for both); its
-text tokens are not a map and are never returned. Prompts are encoded once, by the
+``'transformer_blocks.<i>'`` (SD3's joint blocks, FLUX's double-stream blocks) or
+``'single_transformer_blocks.<i>'`` (FLUX); its image tokens come back as an (N, C, h, w)
+map at the patch stride (16 input pixels for both); its text tokens are not a map and are
+never returned. Prompts are encoded once, by the
 pipelines' own ``encode_prompt`` (CLIP-L/G and T5 for SD3, CLIP-L and T5 for FLUX, prompts of
 any length as they encode them) before the transformer loads; the text encoders are dropped
 afterwards, so they never share memory with it. FLUX's latents are
