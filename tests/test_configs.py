@@ -10,7 +10,8 @@ from mmseg.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # The diffusion-transformer configs (one stride, a neck) are built and trained in test_dit.py.
-DIT_CONFIGS = ('gate_upernet_ade20k_sd35.py', 'gate_upernet_ade20k_flux.py')
+DIT_CONFIGS = ('gate_upernet_ade20k_sd35.py', 'gate_upernet_ade20k_flux.py',
+               'gate_upernet_ade20k_flux_canny.py')
 CONFIGS = sorted(c for c in glob.glob(osp.join(ROOT, 'configs', '*.py'))
                  if osp.basename(c) not in DIT_CONFIGS)
 

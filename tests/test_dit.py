@@ -177,7 +177,8 @@ def test_flux_builds_only_the_blocks_it_runs(models, tmp_path):
 
 
 @pytest.mark.parametrize('config', ['gate_upernet_ade20k_sd35.py',
-                                    'gate_upernet_ade20k_flux.py'])
+                                    'gate_upernet_ade20k_flux.py',
+                                    'gate_upernet_ade20k_flux_canny.py'])
 def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_path, config):
     """The shipped model (DiT source, MMSeg's MultiLevelNeck, stock UPerHead) on the tiny
     architectures and the demo data: a few training iterations."""
@@ -196,6 +197,11 @@ def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_
     model.backbone.source.model = models['sd3' if 'sd35' in config else 'flux']
     model.backbone.source.taps = ('transformer_blocks.1', )
     model.backbone.source.frozen_dtype = 'float32'
+    if 'canny' in config:  # prompt-only beside prompt + ControlNet
+        from mmseg_gate.testing.dit_architectures import save_random_flux_controlnet
+        assert len(model.backbone.source.variants) == 2
+        model.backbone.source.controlnets.canny.model = save_random_flux_controlnet(
+            str(tmp_path / 'cn'), models['flux'])
     model.backbone.norm_cfg = dict(type='BN', requires_grad=True)
     model.neck.update(in_channels=[32], out_channels=16)
     for head in (model.decode_head, model.auxiliary_head):
@@ -395,3 +401,31 @@ def test_batched_variants_equal_one_after_another(models, tmp_path, kind):
     assert batched.counts['transformer_passes'] == 4
     assert batched.counts['controlnet_passes'] == 1  # canny with 'a photo', both scales
     assert single.counts['controlnet_passes'] == 1
+
+
+@pytest.mark.parametrize('kind', ['sd3', 'flux'])
+def test_dit_features_extract_once_into_the_store(models, tmp_path, kind):
+    """The plain extraction API on a DiT source: the stored maps are the source's, and the
+    backbone on the store gives what it gives on the live source."""
+    from PIL import Image
+
+    from mmseg_gate import GATEBackbone
+    from mmseg_gate.store import extract_features, folder_images
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                        ).save(folder / f'{i}.png')
+    cfg = dict(type='DiTSource', model=models[kind], prompt='a photo', timestep=100,
+               taps=('transformer_blocks.1', ), frozen_dtype='float32',
+               variants=[dict(), dict(prompt='a dog')])
+    images = folder_images(str(folder))
+    store = extract_features(cfg, images, str(tmp_path / 'store'), noise_seed=3,
+                             dtype='float32', progress=False)
+    live = GATEBackbone(source=cfg, noise_seed=3).eval()
+    stored = GATEBackbone(source=dict(type='StoredSource', store=store.folder, source=cfg,
+                                      noise_seed=3, dtype='float32'), noise_seed=3).eval()
+    stored.load_state_dict(live.state_dict())
+    with torch.no_grad():
+        for a, b in zip(live(images.load(1)[None]), stored(images.load(1)[None])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
