@@ -65,9 +65,9 @@ from .stable_diffusion.unet_taps import StopForward
 
 KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
 GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '
-            'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 --include '
-            '"*.json" "*.txt" "*.model" "*.safetensors" --exclude "*.fp16.*"` (or '
-            "black-forest-labs/FLUX.1-dev), and set the source's `model`.")
+                'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 '
+                '--include "*.json" "*.txt" "*.model" "*.safetensors" --exclude "*.fp16.*"` '
+                "(or black-forest-labs/FLUX.1-dev), and set the source's `model`.")
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -406,14 +406,16 @@ class DiTSource(FeatureSource):
 
     def _groups(self) -> List[List[int]]:
         """Variants run as one transformer batch: all of them (``batch_variants``), split
-        only where their ControlNets' residuals have different layouts."""
+        only where their ControlNets' residuals have different layouts or their prompts
+        different lengths (the pipelines pad them to one length)."""
         if not self.batch_variants:
             return [[i] for i in range(len(self.prompts))]
         layouts = [self._layout(nets) for nets in self.variant_controlnets]
         first = next((layout for layout in layouts if layout is not None), None)
         groups: Dict = {}
         for i, layout in enumerate(layouts):
-            groups.setdefault(first if layout is None else layout, []).append(i)
+            length = self.embeddings[self.prompts[i]]['encoder_hidden_states'].shape[1]
+            groups.setdefault((first if layout is None else layout, length), []).append(i)
         return list(groups.values())
 
     def _layout(self, nets: Dict[str, float]):
