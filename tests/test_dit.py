@@ -319,7 +319,8 @@ def test_a_controlnet_variant_equals_diffusers(models, tmp_path, kind):
 
 
 def _lora_file(kind, folder, out):
-    """A random (non-zero) DiT LoRA saved by the pipeline's own ``save_lora_weights``."""
+    """A random DiT LoRA (non-zero, scaled up so that it visibly steers the tiny models)
+    saved by the pipeline's own ``save_lora_weights``."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from peft import LoraConfig, get_peft_model_state_dict
     cls = SD3Transformer2DModel if kind == 'sd3' else FluxTransformer2DModel
@@ -327,6 +328,10 @@ def _lora_file(kind, folder, out):
     torch.manual_seed(3)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                        target_modules=['to_q', 'to_k', 'to_v']))
+    with torch.no_grad():  # diffusers' LoRA files keep no alpha: scale the weights instead
+        for name, param in transformer.named_parameters():
+            if 'lora_B' in name:
+                param.mul_(8)
     pipeline = StableDiffusion3Pipeline if kind == 'sd3' else FluxPipeline
     pipeline.save_lora_weights(str(out), get_peft_model_state_dict(transformer))
     return str(out / 'pytorch_lora_weights.safetensors')
@@ -362,11 +367,11 @@ def test_dit_reconstructions_are_diffusers_img2img(models, tmp_path, kind):
     expected = pipe(prompt='a photo', image=to_pil(image), strength=0.6, num_inference_steps=5,
                     guidance_scale=5.0 if kind == 'sd3' else source.guidance_scale,
                     height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
-    assert plain.shape == (64, 64, 3)
-    assert np.abs(plain - np.asarray(expected, dtype=np.int16)).max() <= 1
-    assert np.abs(plain - lora).max() > 2 and np.abs(plain - guided).max() > 2
+    assert plain.shape == (64, 64, 3)  # within 2/255: rounding to uint8 on any CPU
+    assert np.abs(plain - np.asarray(expected, dtype=np.int16)).max() <= 2
+    assert np.abs(plain - lora).max() > 8 and np.abs(plain - guided).max() > 8
     if kind == 'sd3':
-        assert np.abs(plain - unguided).max() <= 1
+        assert np.abs(plain - unguided).max() <= 2
     again = reconstructor(image, strength=0.6, steps=5, guidance_scale=5.0, seed=0)
     assert np.array_equal(np.asarray(again[2], dtype=np.int16), guided)
 
