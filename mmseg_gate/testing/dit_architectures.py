@@ -207,49 +207,43 @@ def _reduced(cls, cfg):
 
 
 def write_random_safetensors(model_class, config: dict, folder: str, dtype: torch.dtype,
-                             seed: int = 0, shard_bytes: int = 5 * 2**30) -> int:
+                             seed: int = 0, shard_bytes: int = 5 * 2**30) -> None:
     """A model's random weights written shard by shard in diffusers' sharded layout
     (``config.json``, ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` and the index),
     never holding the model: FLUX.1-dev's 12B parameters are 24 GB in bfloat16. Norm scales
-    are 1, biases 0, the rest N(0, 0.02). Returns the number of parameters."""
+    are 1, biases 0, the rest N(0, 0.02)."""
     from safetensors.torch import save_file
     with torch.device('meta'):
         model = model_class(**config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
+    sizes = {k: math.prod(shape) * torch.finfo(dtype).bits // 8 for k, shape in shapes.items()}
+    shards, size = [[]], 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
         size += nbytes
-    shards.append(current)
     os.makedirs(folder, exist_ok=True)
     model.save_config(folder)
-    weight_map, total = {}, 0
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
     for i, names in enumerate(shards):
         file = f'diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
         tensors = {}
         for name in names:
             shape = shapes[name]
             if len(shape) == 1 and 'norm' in name and name.endswith('weight'):
-                tensor = torch.ones(shape, dtype=dtype)
+                tensors[name] = torch.ones(shape, dtype=dtype)
             elif name.endswith('bias'):
-                tensor = torch.zeros(shape, dtype=dtype)
+                tensors[name] = torch.zeros(shape, dtype=dtype)
             else:
-                tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
-            tensors[name] = tensor
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
             weight_map[name] = file
-            total += tensor.numel()
         save_file(tensors, osp.join(folder, file), metadata=dict(format='pt'))
         del tensors
     with open(osp.join(folder, 'diffusion_pytorch_model.safetensors.index.json'), 'w') as f:
-        json.dump(dict(metadata=dict(total_size=sum(
-            math.prod(s) * torch.finfo(dtype).bits // 8 for s in shapes.values())),
-            weight_map=weight_map), f)
-    return total
+        json.dump(dict(metadata=dict(total_size=sum(sizes.values())), weight_map=weight_map), f)
 
 
 def save_random_dit(folder: str, arch: str, seed: int = 0,
