@@ -11,7 +11,9 @@ It differs from MMSeg's ``IoUMetric`` in two ways that move the numbers:
   "bed" lowers the IoU of "bed".
 
 Intersections and unions are summed over the test set, then IoU = I / (1e-8 + U) per class,
-averaged over the classes, as ``compute_iou`` does.
+averaged over the classes, as ``compute_iou`` does. Like ``compute_iou``, an ``ignore_index``
+inside the class range (DDPM-segmentation's own ``bedroom_28/ddpm.json``: 29 classes,
+``ignore_label`` 0) is no class: it is left out of the mean, not averaged in as a zero.
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -52,12 +54,12 @@ class BenchmarkIoUMetric(BaseMetric):
     def compute_metrics(self, results: List) -> Dict[str, float]:
         intersection = sum(r[0] for r in results)
         union = sum(r[1] for r in results)
-        iou = intersection / (1e-8 + union)
+        iou = (intersection / (1e-8 + union)).tolist()
+        scored = [k for k in range(len(iou)) if k != self.ignore_index]
         names = self.dataset_meta['classes']
         print_log('benchmark IoU per class: ' + ', '.join(
-            f'{name} {100 * value:.2f}' for name, value in zip(names, iou.tolist())),
-            logger='current')
-        return dict(mIoU=float(100 * np.mean(iou.numpy())))
+            f'{names[k]} {100 * iou[k]:.2f}' for k in scored), logger='current')
+        return dict(mIoU=float(100 * np.mean([iou[k] for k in scored])))
 
 
 def intersection_and_union(pred: torch.Tensor, label: torch.Tensor, num_classes: int,

@@ -13,9 +13,10 @@ from mmseg.registry import METRICS
 
 def pck(pred: torch.Tensor, pair: dict, alpha: float = 0.1) -> Dict[str, np.ndarray]:
     """Correct predictions within alpha of the target image ('img') or bounding box
-    ('bbox') size."""
-    gt = torch.tensor(pair['trg_kps'], dtype=torch.float32)
-    distance = (pred.float() - gt).norm(dim=1).numpy()
+    ('bbox') size. In float64, as Diffusion Hyperfeatures' ``compute_pck`` (numpy) compares:
+    in float32 a prediction just beyond the threshold can round onto it."""
+    gt = np.asarray(pair['trg_kps'], dtype=np.float64)
+    distance = np.linalg.norm(torch.as_tensor(pred).double().numpy() - gt, axis=-1)
     width, height = pair['trg_imsize'][:2]
     x1, y1, x2, y2 = pair['trg_bndbox']
     return dict(img=distance <= alpha * max(width, height),

@@ -71,6 +71,7 @@ def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
     fh, fw = fine.shape[1:]
     similarity = F.normalize(vectors, dim=0).T @ F.normalize(fine.flatten(1), dim=0)
     best = similarity.argmax(dim=1)
-    points = torch.stack([best % fw, best // fw], dim=1).float().cpu()
+    # Target pixels in float64, as the benchmarks rescale (numpy): PCK compares at the edge.
+    points = torch.stack([best % fw, best // fw], dim=1).double().cpu()
     scale = points.new_tensor([trg_size[0] / fw, trg_size[1] / fh])
     return (points + 0.5) * scale - 0.5 if pixel_centres else points * scale
