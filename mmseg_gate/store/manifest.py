@@ -115,8 +115,17 @@ def check_header(folder: str, stored: Dict, wanted: Dict, ignore: Sequence[str] 
             'folder), or remove this one to extract it again.')
 
 
+def check_store_folder(folder: str) -> None:
+    """A store is a folder (new or existing), never a file."""
+    if osp.exists(folder) and not osp.isdir(folder):
+        raise StoreError(f"The feature store '{folder}' is a file, not a folder: give "
+                         '--features / --out a folder (a new one, or a store extracted '
+                         'before).')
+
+
 def read_manifest(folder: str) -> Optional[Dict]:
     """The manifest of the store in ``folder``, None if there is none yet."""
+    check_store_folder(folder)
     path = osp.join(folder, MANIFEST)
     if not osp.isfile(path):
         return None

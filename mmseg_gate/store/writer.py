@@ -6,24 +6,31 @@ correspondence protocol draws per image -- so an image's features do not depend 
 process extracts it or in which order: a killed run resumed, or N processes, give the same
 bytes as one uninterrupted process (at the same number of threads). Each image's shard is
 written atomically; the manifest is complete only once every shard exists.
+
+Each shard also records what made it (the header's settings and its image's key), and a
+finished shard is kept only if that equals what the run asks for: a store whose manifest was
+lost is never relabelled by a run with other settings. An extraction holds the store's lock
+(``extraction.lock``; the kernel drops it when the process dies), so a second extraction into
+the same store stops at once with a clear error instead of racing the first.
 """
 import json
 import os
 import os.path as osp
 import re
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
-from mmengine.dist import barrier, get_dist_info
+from mmengine.dist import barrier, broadcast_object_list, get_dist_info
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..fileio import atomic_file, remove_stale_temporaries
+from ..fileio import FolderLocked, atomic_file, exclusive_lock, remove_stale_temporaries
 from ..sources import build_source
 from .images import ImageList, pixel_key
-from .manifest import (StoreError, check_header, make_header, read_manifest, shard_name,
-                       to_plain, write_manifest)
+from .manifest import (StoreError, check_header, check_store_folder, differences, make_header,
+                       read_manifest, shard_name, to_plain, write_manifest)
 from .reader import FeatureStore
 
 DTYPES = dict(float16=torch.float16, float32=torch.float32)
@@ -55,6 +62,50 @@ def _features_to_tensors(features: List[Dict[str, torch.Tensor]], dtype: torch.d
 
 
 SHARD_FILE = re.compile(r'\d{6}\.safetensors')
+LOCK = 'extraction.lock'
+
+
+def shard_settings(header: Dict) -> Dict:
+    """What a shard records of the store's header: everything but the image list (the shard
+    records its own image's key)."""
+    return {k: v for k, v in header.items() if k != 'images'}
+
+
+def check_finished_shard(path: str, metadata: Dict, settings: Dict, key: str) -> None:
+    """Refuse to adopt a finished shard made by other settings or for another image."""
+    if 'settings' not in metadata:
+        raise StoreError(f"Shard '{path}' was written by an older mmseg_gate that did not "
+                         'record its settings, so it cannot be checked against this run: '
+                         'remove the store and extract it again.')
+    found = differences(metadata['settings'], settings)
+    if metadata.get('key') != key:
+        found.append(f"image: the shard holds {metadata.get('key')!r}, asked for {key!r}")
+    if found:
+        raise StoreError(
+            f"Shard '{path}' was extracted with other settings than this run asks for:\n  "
+            + '\n  '.join(found) + '\nIts store was made by another config (was its '
+            'manifest.json removed?). Extract into another --out / --features folder, or '
+            'remove this one to extract it again.')
+
+
+@contextmanager
+def store_lock(folder: str):
+    """The store's lock, taken by rank 0 for the whole job; every rank stops if it is held."""
+    rank, _ = get_dist_info()
+    with ExitStack() as stack:
+        refused = [None]
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            try:
+                stack.enter_context(exclusive_lock(osp.join(folder, LOCK)))
+            except FolderLocked as err:
+                refused[0] = (f"Another extraction is writing the feature store '{folder}' "
+                              f'right now ({err}). Wait for it to finish and rerun (the '
+                              'finished images are kept), or extract into another folder.')
+        broadcast_object_list(refused)
+        if refused[0]:
+            raise StoreError(refused[0])
+        yield
 
 
 def remove_partial_writes(shards: str) -> None:
@@ -109,11 +160,36 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
     rank 0 writes the complete manifest."""
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}.')
-    rank, world = get_dist_info()
+    check_store_folder(folder)
     header, paths = make_header(source_cfg, noise_seed, dtype, images.keys)
+    with store_lock(folder):
+        _extract(source_cfg, images, folder, header, paths, noise_seed, dtype, device,
+                 progress, make_source)
+    return FeatureStore(folder)
+
+
+def _extract(source_cfg, images: ImageList, folder: str, header: Dict, paths: Dict,
+             noise_seed: int, dtype: str, device, progress: bool,
+             make_source: Callable) -> None:
+    rank, world = get_dist_info()
+    settings = shard_settings(header)
     existing = read_manifest(folder)
     if existing is not None:
         check_header(folder, existing['header'], header)
+    todo = []
+    # Finished shards are checked before a new manifest names their settings.
+    for index in range(rank, len(images), world):
+        path = osp.join(folder, shard_name(index))
+        metadata = _read_shard_metadata(path)
+        if metadata is None:
+            todo.append(index)
+            continue
+        check_finished_shard(path, metadata, settings, images.keys[index])
+        if metadata.get('pixels') != pixel_key(_load(images, index, folder)):
+            raise StoreError(
+                f"Image '{images.paths[index]}' changed since it was extracted into "
+                f"'{folder}' (other pixels: another file, or other resizing). Remove the store "
+                'to extract it again.')
     barrier()
     if rank == 0:
         os.makedirs(osp.join(folder, 'shards'), exist_ok=True)
@@ -121,17 +197,6 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
         if existing is None:
             write_manifest(folder, dict(header=header, paths=paths, complete=False))
     barrier()
-    mine = range(rank, len(images), world)
-    todo = []
-    for index in mine:
-        metadata = _read_shard_metadata(osp.join(folder, shard_name(index)))
-        if metadata is None:
-            todo.append(index)
-        elif metadata.get('pixels') != pixel_key(_load(images, index, folder)):
-            raise StoreError(
-                f"Image '{images.paths[index]}' changed since it was extracted into "
-                f"'{folder}' (other pixels: another file, or other resizing). Remove the store "
-                'to extract it again.')
     if rank == 0:
         stored = sum(osp.isfile(osp.join(folder, shard_name(i))) for i in range(len(images)))
         print(f'[extract_features] {folder}: {len(images)} images, {stored} stored before'
@@ -147,7 +212,7 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
             record = dict(key=images.keys[index], pixels=pixel_key(image),
                           shape=list(image.shape), flops=flops, passes=passes,
                           feature_info=to_plain(source.feature_info),
-                          variant_names=list(source.variant_names))
+                          variant_names=list(source.variant_names), settings=settings)
             path = osp.join(folder, shard_name(index))
             with atomic_file(path) as tmp:
                 # One metadata entry: safetensors writes several in a random order.
@@ -157,7 +222,6 @@ def extract_features(source_cfg, images: ImageList, folder: str, noise_seed: int
     if rank == 0:
         _finish(folder, header, paths, len(images))
     barrier()
-    return FeatureStore(folder)
 
 
 def _load(images: ImageList, index: int, folder: str) -> torch.Tensor:
