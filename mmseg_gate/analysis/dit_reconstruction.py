@@ -13,14 +13,13 @@ from typing import List
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
-                       FluxControlNetImg2ImgPipeline, FluxImg2ImgPipeline,
+from diffusers import (AutoencoderKL, FluxControlNetImg2ImgPipeline, FluxImg2ImgPipeline,
                        FluxMultiControlNetModel, SD3MultiControlNetModel,
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline)
 from PIL import Image
 
 from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
-                           load_text_parts, model_classes)
+                           load_scheduler, load_text_parts, model_classes)
 from ..sources.stable_diffusion.conditions import ConditionDetector
 from ..sources.stable_diffusion.loading import load_weights
 from ..sources.stable_diffusion.lora import activate_adapter
@@ -69,8 +68,7 @@ class DiTReconstructor:
                                    torch_dtype=dtype)
         for name in dict.fromkeys(n for n in self.loras if n is not None):
             load_dit_lora(transformer, name, loras[name])
-        parts = dict(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.
-                     from_pretrained(model, subfolder='scheduler'),
+        parts = dict(transformer=transformer, scheduler=load_scheduler(model),
                      vae=load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT, torch_dtype=dtype),
                      **load_text_parts(model, self.kind, dtype))
         pipeline = StableDiffusion3Img2ImgPipeline if self.kind == 'sd3' else FluxImg2ImgPipeline

@@ -25,13 +25,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
 
 from ..engine.checkpoint import read_checkpoint
+from ..fileio import read_safetensors
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
 from .stable_diffusion.latents import draw_noise, noised
+from .stable_diffusion.loading import check_finite
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import UNetTaps
 from .stable_diffusion.variants import check_timesteps
@@ -210,7 +211,7 @@ def read_adm_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     if not osp.isfile(path):
         raise FileNotFoundError(f"ADM checkpoint '{path}' does not exist. {_GET_CHECKPOINTS}")
     if path.endswith('.safetensors'):
-        return load_file(path)
+        return read_safetensors(path, 'ADM checkpoint', _GET_CHECKPOINTS)
     state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
@@ -235,6 +236,7 @@ def load_adm(path: str, model: Dict) -> UNet2DModel:
         raise ValueError(f'{where} does not fit the ADM architecture {model} '
                          f'({str(err).splitlines()[0]}...): pass its own guided-diffusion '
                          'arguments as `model=dict(...)`.') from err
+    check_finite(unet, path)
     return unet.eval().requires_grad_(False)
 
 

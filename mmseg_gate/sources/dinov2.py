@@ -20,6 +20,7 @@ from torch import nn
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
+from .stable_diffusion.loading import check_finite
 from .stable_diffusion.source import pad_to_multiple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,11 +43,17 @@ def load_dinov2(model: str):
     except OSError as err:
         raise FileNotFoundError(f"Cannot load DINOv2 from '{model}' ({err}). "
                                 f'{_GET_DINOV2}') from err
+    except Exception as err:  # noqa: BLE001  (SafetensorError, size mismatches: no file named)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ''
+        raise ValueError(f"Cannot load DINOv2 from '{model}' ({type(err).__name__}: "
+                         f'{message}): its model.safetensors is truncated, not safetensors, '
+                         f'or of another size than its config.json. {_GET_DINOV2}') from err
     problems = {k: v for k, v in info.items() if v and k != 'error_msgs'} or \
         ({'error_msgs': info['error_msgs']} if info.get('error_msgs') else {})
     if problems:
         raise ValueError(f"DINOv2 weights in '{model}' do not fit Dinov2Model: {problems}. "
                          'A partial load would leave random weights.')
+    check_finite(network, model)
     return network.eval().requires_grad_(False)
 
 

@@ -48,16 +48,16 @@ from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteS
                        FluxControlNetModel, FluxPipeline, FluxTransformer2DModel,
                        SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from safetensors.torch import load_file
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           T5EncoderModel, T5TokenizerFast)
 
 from ..engine.devices import resolve_dtype
+from ..fileio import read_safetensors
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
 from .stable_diffusion.conditions import ConditionDetector
 from .stable_diffusion.latents import draw_noise, encode_latents
-from .stable_diffusion.loading import drop_vae_decoder, load_weights
+from .stable_diffusion.loading import check_parts, drop_vae_decoder, load_weights
 from .stable_diffusion.lora import (BASE, activate_adapter, adapters_per_sample,
                                    check_lora_landed, enable_adapters)
 from .stable_diffusion.source import pad_to_multiple
@@ -86,8 +86,18 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     return ids.reshape(height * width, 3)
 
 
+# The parts each kind's features load (PART_FILES kinds), checked before anything loads.
+PARTS = dict(
+    sd3=dict(transformer='model', vae='model', scheduler='scheduler', text_encoder='model',
+             text_encoder_2='model', text_encoder_3='model', tokenizer='clip_tokenizer',
+             tokenizer_2='clip_tokenizer', tokenizer_3='t5_tokenizer'),
+    flux=dict(transformer='model', vae='model', scheduler='scheduler', text_encoder='model',
+              text_encoder_2='model', tokenizer='clip_tokenizer', tokenizer_2='t5_tokenizer'))
+
+
 def read_kind(model: str) -> str:
-    """'sd3' or 'flux': the pipeline a diffusers folder (or hub id) holds."""
+    """'sd3' or 'flux': the pipeline a diffusers folder (or hub id) holds; a local folder
+    must hold every part its features load."""
     try:
         index = DiffusionPipeline.load_config(model)
     except (OSError, ValueError) as err:
@@ -97,7 +107,18 @@ def read_kind(model: str) -> str:
     if kind is None:
         raise ValueError(f"'{model}' holds a {index.get('_class_name')}; DiT sources read "
                          f'{sorted(KINDS)}.')
+    if osp.isdir(model):
+        check_parts(model, PARTS[kind], index['_class_name'], GET_DIT_HINT)
     return kind
+
+
+def load_scheduler(model: str) -> FlowMatchEulerDiscreteScheduler:
+    """The pipeline's flow-matching scheduler (its shift decides the noise level)."""
+    try:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder='scheduler')
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"Cannot load the scheduler of '{model}' ({err}). "
+                                f'{GET_DIT_HINT}') from err
 
 
 def model_classes(kind: str):
@@ -157,9 +178,10 @@ def load_dit_lora(transformer, name: str, path: str, unused_blocks: Sequence[str
                   ) -> None:
     """A LoRA file (diffusers' DiT format) as adapter ``name`` of ``transformer``, every
     tensor counted: in a layer, or in one of the ``unused_blocks`` (freed or never built)."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f"LoRA file '{path}' does not exist.")
-    state = {k: v for k, v in load_file(path).items() if k.startswith('transformer.')}
+    fix = ('Train it again, or download it again (a LoRA of this transformer in diffusers\' '
+           'format, as `save_lora_weights` writes).')
+    state = {k: v for k, v in read_safetensors(path, 'LoRA file', fix).items()
+             if k.startswith('transformer.')}
     if not state:
         raise ValueError(f"LoRA '{path}' holds no 'transformer.*' tensors: not a LoRA of "
                          'a diffusion transformer in diffusers\' format.')
@@ -279,8 +301,7 @@ class DiTSource(FeatureSource):
         load_dtype = None if frozen_dtype == 'auto' else resolve_dtype(frozen_dtype, 'cpu')
         # The prompts first: the text encoders (FLUX's and SD3's T5-XXL: 9.5 GB in
         # bfloat16) are gone before the transformer loads.
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            model, subfolder='scheduler')
+        self.scheduler = load_scheduler(model)
         self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
         self.unused_blocks = names[names.index(self.final) + 1:]
         self.transformer = load_weights(

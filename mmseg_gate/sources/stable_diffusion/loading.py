@@ -8,7 +8,7 @@ import os
 import os.path as osp
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -19,9 +19,6 @@ from .latents import latent_scheduler
 
 DEFAULT_MODEL = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _WEIGHT_COMPONENTS = ('vae', 'unet', 'text_encoder')
-_COMPONENTS = _WEIGHT_COMPONENTS + ('tokenizer', 'scheduler')
-# SDXL adds a second tokenizer and text encoder (OpenCLIP bigG, with projection).
-_XL_COMPONENTS = ('text_encoder_2', 'tokenizer_2')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _GET_WEIGHTS_HINT = (
     'Get Stable Diffusion v1.5 in diffusers format with\n'
@@ -62,20 +59,43 @@ def is_sdxl_model(pretrained: str) -> bool:
     return 'text_encoder_2' in index
 
 
+# What a pipeline part's loader needs in its folder: alternatives, each a set of files that
+# must all be there. transformers 5 builds a default tokenizer, silently, from a folder
+# without its vocabulary: every prompt would become unknown tokens.
+PART_FILES = dict(model=(('config.json', ), ), scheduler=(('scheduler_config.json', ), ),
+                  clip_tokenizer=(('vocab.json', 'merges.txt'), ('tokenizer.json', )),
+                  t5_tokenizer=(('spiece.model', ), ('tokenizer.json', )))
+
+
+def check_parts(folder: str, parts: Dict[str, str], pipeline: str, hint: str) -> None:
+    """Refuse a diffusers pipeline folder that lacks one of ``parts`` (subfolder -> kind of
+    :data:`PART_FILES`) or a file its loader needs, naming the folder and the part."""
+    for name, kind in parts.items():
+        sub = osp.join(folder, name)
+        if not osp.isdir(sub):
+            raise FileNotFoundError(
+                f"'{folder}' has no '{name}/' folder. A diffusers-format {pipeline} folder "
+                f"holds {', '.join(n + '/' for n in parts)}.\n{hint}")
+        options = PART_FILES[kind]
+        if not any(all(osp.isfile(osp.join(sub, f)) for f in files) for files in options):
+            wanted = ' or '.join(' + '.join(files) for files in options)
+            raise FileNotFoundError(
+                f"'{sub}' lacks {wanted}: its {kind.replace('_', ' ')} cannot be loaded (an "
+                f'incomplete download?). Download that folder again.\n{hint}')
+
+
 def check_local_model(folder: str) -> None:
     """Raise a clear error for a folder that is not a safetensors diffusers SD model."""
     if not osp.isdir(folder):
         raise FileNotFoundError(
             f"Model folder '{folder}' does not exist.\n{_GET_WEIGHTS_HINT}")
-    components = _COMPONENTS + (_XL_COMPONENTS if is_sdxl_model(folder) else ())
-    for name in components:
-        sub = osp.join(folder, name)
-        if not osp.isdir(sub):
-            raise FileNotFoundError(
-                f"'{folder}' has no '{name}/' folder. A diffusers-format Stable Diffusion "
-                f"folder holds {', '.join(n + '/' for n in components)}.\n"
-                f'{_GET_WEIGHTS_HINT}')
-    for name in _WEIGHT_COMPONENTS + (_XL_COMPONENTS[:1] if is_sdxl_model(folder) else ()):
+    xl = is_sdxl_model(folder)
+    parts = dict(vae='model', unet='model', text_encoder='model', tokenizer='clip_tokenizer',
+                 scheduler='scheduler')
+    if xl:
+        parts.update(text_encoder_2='model', tokenizer_2='clip_tokenizer')
+    check_parts(folder, parts, 'Stable Diffusion', _GET_WEIGHTS_HINT)
+    for name in _WEIGHT_COMPONENTS + (('text_encoder_2', ) if xl else ()):
         sub = osp.join(folder, name)
         files = os.listdir(sub)
         variants = [f for f in files if is_variant_weights(f)]
