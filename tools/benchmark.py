@@ -30,6 +30,7 @@ from mmengine.config import Config
 
 import mmseg_gate  # noqa: F401
 from mmseg_gate.benchmark import benchmark, benchmark_naive, compare
+from mmseg_gate.engine.cli import UsageError, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.testing.architectures import write_random_models
 from mmseg_gate.testing.dit_architectures import DIT_ARCHITECTURES, text_encoder_sizes
@@ -79,7 +80,7 @@ def main():
         cfg.model = dict(backbone=dict(type='GATEBackbone', source=cfg.source))
     kind = cfg.model.backbone.source.get('type', 'StableDiffusionSource')
     if args.naive and kind != 'StableDiffusionSource':
-        raise SystemExit(f'--naive compares against the authors\' way for a Stable Diffusion '
+        raise UsageError(f'--naive compares against the authors\' way for a Stable Diffusion '
                          f'source; this config\'s source is a {kind}: run without --naive.')
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -120,4 +121,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('benchmark', main)

@@ -18,7 +18,7 @@ from mmengine.utils import ProgressBar
 import mmseg_gate  # noqa: F401  (registers the plugin's datasets and models)
 from mmseg.registry import DATASETS, VISUALIZERS
 from mmseg.utils import register_all_modules
-from mmseg_gate.engine.cli import read_config
+from mmseg_gate.engine.cli import read_config, run_tool
 
 
 def parse_args():
@@ -51,4 +51,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('browse_dataset', main)

@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from mmseg_gate.engine.cli import run_tool
 from mmseg_gate.engine.devices import default_device, resolve_dtype
 from mmseg_gate.captioning import ClipScorer, SentenceCaptioner, Tagger, caption_folder
 from mmseg_gate.fileio import atomic_file
@@ -58,4 +59,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('caption', main)

@@ -29,7 +29,7 @@ from mmengine.config import DictAction
 
 import mmseg_gate  # noqa: F401  (registers the plugin)
 from mmseg_gate.analysis.guideline import run_guideline
-from mmseg_gate.engine.cli import UsageError, read_config
+from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
 
 
@@ -66,18 +66,15 @@ def main():
     args = parse_args()
     out = args.out or osp.join('work_dirs', 'content_shift',
                                osp.splitext(osp.basename(args.config))[0])
-    try:
-        cfg = read_config(args.config, args.cfg_options)
-        table = run_guideline(
-            cfg, args.config, args.images, out, args.variants, args.timesteps,
-            args.anchor_timestep, args.baseline, args.taps, args.size, args.checkpoint,
-            not args.no_reconstruct, args.strength, args.steps, args.guidance_scale,
-            args.device, args.seed, not args.no_progress)
-    except UsageError as err:
-        raise SystemExit(str(err)) from err
+    cfg = read_config(args.config, args.cfg_options)
+    table = run_guideline(
+        cfg, args.config, args.images, out, args.variants, args.timesteps,
+        args.anchor_timestep, args.baseline, args.taps, args.size, args.checkpoint,
+        not args.no_reconstruct, args.strength, args.steps, args.guidance_scale,
+        args.device, args.seed, not args.no_progress)
     print(f'[content_shift] wrote {out}/content_shift.json, content_shift.md and pictures')
     print(table)
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('content_shift', main)

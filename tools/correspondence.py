@@ -25,11 +25,10 @@ import os
 from mmengine.config import DictAction
 
 import mmseg_gate  # noqa: F401
-from mmseg_gate.engine.cli import UsageError, read_config
+from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.engine.distributed import init_process_group
 from mmseg_gate.protocols.correspondence.run import MODES, run_correspondence
-from mmseg_gate.store import StoreError
 
 
 def parse_args():
@@ -54,18 +53,12 @@ def parse_args():
 
 def main():
     args = parse_args()
-    try:
-        cfg = read_config(args.config, args.cfg_options)
-    except UsageError as err:
-        raise SystemExit(str(err)) from err
+    cfg = read_config(args.config, args.cfg_options)
     if init_process_group(args.launcher) and args.device == 'cuda':
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
-    try:
-        report = run_correspondence(cfg, args.mode, args.work_dir or cfg.work_dir, args.device,
-                                    args.checkpoint, args.config, not args.no_progress,
-                                    None if args.no_store else args.features)
-    except StoreError as err:
-        raise SystemExit(f'[correspondence] {err}') from err
+    report = run_correspondence(cfg, args.mode, args.work_dir or cfg.work_dir, args.device,
+                                args.checkpoint, args.config, not args.no_progress,
+                                None if args.no_store else args.features)
     if not report:
         return  # another process reports
     alpha = report['alpha']
@@ -88,4 +81,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('correspondence', main)

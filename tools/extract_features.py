@@ -23,10 +23,10 @@ import mmseg_gate  # noqa: F401  (registers the plugin)
 from mmengine.config import Config, DictAction
 from mmengine.dist import get_rank
 
-from mmseg_gate.engine.cli import UsageError, read_config
+from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.engine.distributed import init_process_group
-from mmseg_gate.store import StoreError, extract_features
+from mmseg_gate.store import extract_features
 from mmseg_gate.store.images import extraction_plan
 from mmseg_gate.testing.architectures import write_random_models
 
@@ -60,18 +60,15 @@ def parse_args():
 
 def main():
     args = parse_args()
-    try:
-        cfg = read_config(args.config, args.cfg_options)
-        init_process_group(args.launcher)
-        source, seed, images = extraction_plan(cfg, args.split, args.images, args.image_size)
-        with tempfile.TemporaryDirectory(prefix='gate-extract-') as tmp:
-            if args.random_init:
-                targets = Config.fromfile(args.lora_config).target_modules
-                write_random_models(source, tmp, args.arch, args.lora_rank, targets)
-            store = extract_features(source, images.limited(args.limit), args.out, seed,
-                                     args.dtype, args.device, not args.no_progress)
-    except (UsageError, StoreError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f'[extract_features] {err}') from err
+    cfg = read_config(args.config, args.cfg_options)
+    init_process_group(args.launcher)
+    source, seed, images = extraction_plan(cfg, args.split, args.images, args.image_size)
+    with tempfile.TemporaryDirectory(prefix='gate-extract-') as tmp:
+        if args.random_init:
+            targets = Config.fromfile(args.lora_config).target_modules
+            write_random_models(source, tmp, args.arch, args.lora_rank, targets)
+        store = extract_features(source, images.limited(args.limit), args.out, seed,
+                                 args.dtype, args.device, not args.no_progress)
     if get_rank() == 0:
         cost = store.manifest['cost']
         print(f"[extract_features] {args.out}: {len(store)} images complete; "
@@ -80,4 +77,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('extract_features', main)

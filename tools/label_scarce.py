@@ -16,10 +16,9 @@ finished splits and resumes an unfinished one. Results: ``<work_dir>/label_scarc
 import argparse
 
 import mmseg_gate  # noqa: F401  (registers the plugin)
-from mmseg_gate.engine.cli import add_common_args, load_config
+from mmseg_gate.engine.cli import add_common_args, load_config, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.protocols.label_scarce import run_protocol
-from mmseg_gate.store import StoreError
 
 
 def parse_args():
@@ -41,12 +40,9 @@ def parse_args():
 def main():
     args = parse_args()
     cfg = load_config(args)
-    try:
-        report = run_protocol(cfg, args.splits, cfg.work_dir, args.seed,
-                              features=None if args.no_store else args.features,
-                              device=args.device)
-    except StoreError as err:
-        raise SystemExit(f'[label_scarce] {err}') from err
+    report = run_protocol(cfg, args.splits, cfg.work_dir, args.seed,
+                          features=None if args.no_store else args.features,
+                          device=args.device)
     summary = report['summary']
     print(f"[label_scarce] {summary['metric']}, fixed split (DDPM-segmentation's protocol): "
           f"{summary['fixed_split']:.2f}")
@@ -66,4 +62,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('label_scarce', main)

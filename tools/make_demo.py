@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from mmseg_gate.datasets.images import list_images, read_image, to_model_range
+from mmseg_gate.engine.cli import run_tool
 from mmseg_gate.testing.demo_data import (write_ade_layout_dataset,
                                           write_ddpm_seg_layout_dataset,
                                           write_dhf_split_files, write_spair_layout_dataset)
@@ -131,4 +132,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('make_demo', main)

@@ -9,7 +9,7 @@ import argparse
 
 import mmseg_gate  # noqa: F401  (registers GATEBackbone)
 from mmseg.registry import RUNNERS
-from mmseg_gate.engine.cli import add_common_args, load_config
+from mmseg_gate.engine.cli import add_common_args, load_config, run_tool
 
 
 def parse_args():
@@ -55,4 +55,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('test', main)

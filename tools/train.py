@@ -12,7 +12,7 @@ from mmengine.logging import print_log
 
 import mmseg_gate  # noqa: F401  (registers GATEBackbone)
 from mmseg.registry import RUNNERS
-from mmseg_gate.engine.cli import add_common_args, load_config
+from mmseg_gate.engine.cli import add_common_args, load_config, run_tool
 
 
 def parse_args():
@@ -41,4 +41,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('train', main)

@@ -18,7 +18,7 @@ import argparse
 import torch
 from mmengine.config import DictAction
 
-from mmseg_gate.engine.cli import read_config
+from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
 
@@ -51,4 +51,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool('train_lora', main)

@@ -1,8 +1,9 @@
-"""What tools/train.py and tools/test.py share: MMSeg's command-line conventions."""
+"""What the tools share: MMSeg's command-line conventions, and errors as one clear message."""
 import argparse
 import os
 import os.path as osp
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 from mmengine.config import Config, DictAction
 
@@ -12,6 +13,27 @@ from .distributed import setup_cpu_distributed
 class UsageError(ValueError):
     """An argument or input file a tool cannot use; tools print it and exit, without a
     traceback (the message names the argument or file and the problem)."""
+
+
+# Errors a tool prints as one message instead of a traceback. Ours (UsageError, StoreError,
+# bad weights, checkpoints and datasets) are ValueErrors, FileNotFoundErrors or KeyErrors whose
+# message names the file or argument, the problem and the fix.
+CLEAR_ERRORS = (ValueError, OSError, KeyError)
+TRACEBACK_ENV = 'GATE_TRACEBACK'
+
+
+def run_tool(name: str, main: Callable[[], object]) -> None:
+    """Run a tool's ``main``; one of :data:`CLEAR_ERRORS` ends it with its message on stderr
+    and exit status 1 (``GATE_TRACEBACK=1``: with the traceback)."""
+    try:
+        main()
+    except CLEAR_ERRORS as err:
+        if os.environ.get(TRACEBACK_ENV) == '1':
+            raise
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f'[{name}] error: {text}\n({TRACEBACK_ENV}=1 shows the traceback)',
+              file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
