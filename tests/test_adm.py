@@ -170,3 +170,25 @@ def test_bad_checkpoints_are_named(reference, tmp_path):
         ADMSource(str(tmp_path / 'absent.pt'), model=ARGS)
     with pytest.raises(ValueError, match='output_blocks 0..14'):
         ADMSource(str(tmp_path / 'conditional.pt'), model=ARGS, blocks=(15, ))
+
+
+def test_damaged_checkpoints_are_named(reference, tmp_path):
+    """NaN weights (either format), a truncated safetensors file and a pickle under a
+    .safetensors name: each an error of ours naming the file, never a silent load."""
+    model, _ = reference
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    state['output_blocks.3.0.in_layers.2.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pt')
+    save_file(state, tmp_path / 'nan.safetensors')
+    for name in ('nan.pt', 'nan.safetensors'):
+        with pytest.raises(ValueError, match=rf'(?s){name}.*non-finite'):
+            ADMSource(str(tmp_path / name), model=ARGS)
+    good = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(good, tmp_path / 'whole.safetensors')
+    data = (tmp_path / 'whole.safetensors').read_bytes()
+    (tmp_path / 'truncated.safetensors').write_bytes(data[:len(data) // 2])
+    torch.save(good, tmp_path / 'pickle.safetensors')
+    for name in ('truncated.safetensors', 'pickle.safetensors'):
+        with pytest.raises(ValueError, match=rf'(?s){name}.*not a readable safetensors.*'
+                                             'ddpm-segmentation'):
+            ADMSource(str(tmp_path / name), model=ARGS)

@@ -114,7 +114,7 @@ def test_killed_run_resumes_bitwise_equal_to_uninterrupted(make_demo_cfg, tmp_pa
     killed.dump(str(config))
     env = dict(os.environ, PYTHONPATH=osp.join(ROOT, 'tests', 'helpers'))
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'train.py'), str(config)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == -9, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / 'killed').glob('*.pth')) == ['iter_2.pth']
 

@@ -142,7 +142,7 @@ def test_reconstructions_run_on_the_tiny_model(gate_kwargs):
 
 def run_tool(*args):
     return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'content_shift.py'), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True)
 
 
 def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path):

@@ -53,3 +53,44 @@ def test_unused_blocks_are_freed_and_bad_input_named(tiny_dinov2, tmp_path):
     save_file(weights, partial / 'model.safetensors', metadata={'format': 'pt'})
     with pytest.raises(ValueError, match='do not fit Dinov2Model'):
         build_source(dict(type='DINOv2Source', model=str(partial)))
+
+
+def test_damaged_weights_are_named(tiny_dinov2, tmp_path):
+    """NaN weights, a truncated file, a pickle named model.safetensors and weights of
+    another shape: each an error of ours naming the folder."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    def damaged(name, write):
+        folder = tmp_path / name
+        shutil.copytree(tiny_dinov2, folder)
+        weights = load_file(folder / 'model.safetensors')  # mapped: copied before rewriting
+        write(folder / 'model.safetensors', {k: v.clone() for k, v in weights.items()})
+        return str(folder)
+
+    def with_nan(path, weights):
+        key = next(k for k in weights if k.endswith('layer.0.attention.attention.query.weight'))
+        weights[key][0, 0] = float('nan')
+        save_file(weights, path, metadata={'format': 'pt'})
+
+    def truncated(path, weights):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+    def pickled(path, weights):
+        torch.save(weights, path)
+
+    def other_shape(path, weights):
+        key = next(k for k in weights if k.endswith('layer.0.attention.attention.query.weight'))
+        weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+        save_file(weights, path, metadata={'format': 'pt'})
+
+    folder = damaged('nan', with_nan)
+    with pytest.raises(ValueError, match=rf"(?s){folder}.*non-finite"):
+        build_source(dict(type='DINOv2Source', model=folder))
+    for name, write in (('truncated', truncated), ('pickled', pickled),
+                        ('other_shape', other_shape)):
+        folder = damaged(name, write)
+        with pytest.raises(ValueError, match=rf"(?s)Cannot load DINOv2 from '{folder}'.*"
+                                             'hf download'):
+            build_source(dict(type='DINOv2Source', model=folder))

@@ -216,7 +216,7 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'train_lora.py'),
          osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--cfg-options', *options],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [e['loss'] for e in json.load(open(work / 'log.json'))['losses']]
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])

@@ -84,14 +84,14 @@ def test_distributed_training_without_cuda(tiny, demo_root, tmp_path):
     result = subprocess.run(
         ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), config, '2', '--work-dir',
          str(tmp_path), '--cfg-options', *options],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / 'iter_2.pth').exists()
     logged = metrics_line(result.stdout + result.stderr, 'val')
     test = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config,
          str(tmp_path / 'iter_2.pth'), '--work-dir', str(tmp_path / 'test'), '--cfg-options',
-         *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         *options], cwd=ROOT, env=env, capture_output=True, text=True)
     assert test.returncode == 0, test.stderr[-3000:]
     assert metrics_line(test.stdout + test.stderr, 'test') == logged
 
@@ -104,7 +104,7 @@ def test_browse_dataset_draws_labelled_samples(demo_root, tmp_path):
         [sys.executable, osp.join(ROOT, 'tools', 'browse_dataset.py'), config, '--not-show',
          '--output-dir', str(tmp_path), '--cfg-options',
          f'train_dataloader.dataset.data_root={demo_root}'],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     pictures = sorted(tmp_path.glob('*.jpg'))
     assert len(pictures) == 8  # the training images

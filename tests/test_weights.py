@@ -185,6 +185,6 @@ def test_train_lora_rejects_empty_settings(option, tmp_path):
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'train_lora.py'),
          osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--cfg-options', option,
-         f'work_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+         f'work_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"{option.split('=')[0]} must be a positive integer" in result.stderr
