@@ -136,23 +136,33 @@ def timed(forward, device, iters: int, baseline: int):
     return round(statistics.median(times), 4), memory
 
 
-def measure(forward, frozen_half, source, device, iters: int, batch: int,
+def measure(frozen_half, fuse, source, device, iters: int, batch: int,
             baseline: int) -> dict:
-    """FLOPs, latency, peak memory and work per image of ``forward`` (warmed up first),
+    """FLOPs, latency, peak memory and work per image of the forward ``fuse(frozen_half())``
     and the FLOPs of its ``frozen_half`` (the features alone); the work is read from the
-    ``source``'s ``counts`` (a composite's sums its sources')."""
+    ``source``'s ``counts`` (a composite's sums its sources'). The frozen half is counted
+    once (torch's counter is slow: it sees every op) and the fusion on its output, which
+    adds up to the whole forward's count; that counted pass is also the warm-up."""
+    features = []
     with torch.no_grad():
-        forward()  # warm-up, also moves the frozen parts to the device
-        flops = count_flops(forward)
-        frozen_flops = count_flops(frozen_half)
+        frozen_flops = count_flops(lambda: features.append(frozen_half()))
+        flops = frozen_flops + count_flops(lambda: fuse(features.pop()))
         before = Counter(getattr(source, 'counts', {}))
-        latency, memory = timed(forward, device, iters, baseline)
+        latency, memory = timed(lambda: fuse(frozen_half()), device, iters, baseline)
         counts = Counter(getattr(source, 'counts', {}))
         counts.subtract(before)
     per_image = iters * batch
     return dict(flops=flops, frozen_flops=frozen_flops, latency_s_median=latency,
                 peak_mem_bytes=memory.peak, process_peak_mem_bytes=memory.process_peak,
                 **{name: counts[name] / per_image for name in COUNTS})
+
+
+def with_backbone(cfg: Config) -> Config:
+    """``cfg`` with a ``model.backbone`` to measure: an MMSeg config's own, or a
+    correspondence config's ``source`` in GATE's backbone."""
+    if cfg.get('model') is None and cfg.get('source') is not None:
+        cfg.model = dict(backbone=dict(type='GATEBackbone', source=cfg.source))
+    return cfg
 
 
 def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) -> dict:
@@ -162,10 +172,9 @@ def benchmark(cfg: Config, shape, device: torch.device, iters: int, batch: int) 
     backbone = MODELS.build(cfg.model.backbone).to(device).eval()
     source = backbone.source
     images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
-    result = measure(lambda: backbone(images),
-                     lambda: source(backbone.to_vae_range(images),
-                                    generator=torch.Generator()),
-                     source, device, iters, batch, baseline)
+    # The backbone's forward in its two halves: the source, then the fusion.
+    result = measure(lambda: source(backbone.to_vae_range(images), generator=torch.Generator()),
+                     backbone.fuse, source, device, iters, batch, baseline)
     if isinstance(source, DiTSource):
         result.update(dit_figures(source))
     if not isinstance(source, StableDiffusionSource):
@@ -195,8 +204,7 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
                         backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
                                                               dropout_ratio=0.5)),
                         backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
-    return measure(lambda: fusion(naive(images)), lambda: naive(images), naive, device,
-                   iters, batch, baseline)
+    return measure(lambda: naive(images), fusion, naive, device, iters, batch, baseline)
 
 
 def compare(result: dict, naive: dict, fused: dict) -> dict:

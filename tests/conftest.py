@@ -1,5 +1,6 @@
 """Shared tiny models: built once per session, saved in diffusers format, loaded for real."""
 import copy
+import os
 import os.path as osp
 
 import pytest
@@ -148,3 +149,34 @@ def sdxl_guidance(tiny_sdxl, tmp_path_factory) -> dict:
 def lora_recipe_targets() -> list:
     """The LoRA recipe's target modules (configs/lora/_base_.py: LoCon, 12 module types)."""
     return list(Config.fromfile(osp.join(ROOT, 'configs', 'lora', '_base_.py')).target_modules)
+
+
+@pytest.fixture
+def run_tool_here(monkeypatch, capsys):
+    """``run_tool_here(name, *args)``: ``tools/<name>.py`` run as ``python tools/<name>.py
+    ARGS`` would run it, but in this process (its imports already loaded: a tool's own
+    process spends most of a quick run importing); a ``CompletedProcess`` with its exit
+    status, stdout and stderr."""
+    import runpy
+    import subprocess
+    import sys
+
+    def run(name, *args):
+        path = osp.join(ROOT, 'tools', f'{name}.py')
+        argv = [path, *map(str, args)]
+        monkeypatch.setattr(sys, 'argv', argv)
+        monkeypatch.chdir(ROOT)
+        environment, code = dict(os.environ), 0
+        try:
+            runpy.run_path(path, run_name='__main__')
+        except SystemExit as exit:  # as the interpreter turns it into a status
+            code = exit.code if isinstance(exit.code, int) or exit.code is None else 1
+            if not isinstance(exit.code, (int, type(None))):
+                print(exit.code, file=sys.stderr)
+        finally:  # what the tool set (e.g. LOCAL_RANK) goes with it
+            os.environ.clear()
+            os.environ.update(environment)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code or 0, out.out, out.err)
+
+    return run

@@ -2,8 +2,6 @@
 with an error of ours that names the file (or the argument) and the problem."""
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +15,6 @@ from mmseg_gate.testing.demo_data import (write_ddpm_seg_layout_dataset,
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CLASSES = ('wall', 'building', 'sky', 'floor', 'tree')
-
-
-def tool(name, *args):
-    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', f'{name}.py'), *args],
-                          cwd=ROOT, capture_output=True, text=True)
 
 
 # -- tools/label_scarce.py: the dataset it builds -----------------------------------------
@@ -74,7 +67,7 @@ def test_label_scarce_configs_read_images_with_the_project_reader():
 
 
 def test_label_scarce_tool_errors_are_one_message(scarce_root, scarce_demo_options, tiny,
-                                                  tmp_path):
+                                                  tmp_path, run_tool_here):
     """A file given as the store folder, and a truncated ADM checkpoint: one message of ours
     naming the file, exit status 1, no traceback."""
     options = [*scarce_demo_options, f'train_dataloader.dataset.data_root={scarce_root}',
@@ -82,7 +75,7 @@ def test_label_scarce_tool_errors_are_one_message(scarce_root, scarce_demo_optio
     config = osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py')
     not_a_folder = tmp_path / 'store.txt'
     not_a_folder.write_text('a file')
-    result = tool('label_scarce', config, '--splits', '0', '--work-dir', str(tmp_path / 'a'),
+    result = run_tool_here('label_scarce', config, '--splits', '0', '--work-dir', str(tmp_path / 'a'),
                   '--features', str(not_a_folder), '--cfg-options', *options)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert f"[label_scarce] error: The feature store '{not_a_folder}' is a file, not a " \
@@ -90,7 +83,7 @@ def test_label_scarce_tool_errors_are_one_message(scarce_root, scarce_demo_optio
     data = open(tiny['adm'], 'rb').read()
     truncated = tmp_path / 'adm.pt'
     truncated.write_bytes(data[:len(data) // 2])
-    result = tool('label_scarce', config, '--splits', '0', '--work-dir', str(tmp_path / 'b'),
+    result = run_tool_here('label_scarce', config, '--splits', '0', '--work-dir', str(tmp_path / 'b'),
                   '--cfg-options', *options,
                   f'model.backbone.source.sources.adm.checkpoint={truncated}')
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -178,20 +171,20 @@ def shift_config(make_demo_cfg, tmp_path_factory):
     (['--variants', '7'], r"--variants 7: config '.*' has 3 variant\(s\), numbered 0-2"),
     (['--baseline', '5'], r'--baseline 5: there are 3 variant\(s\)'),
 ])
-def test_content_shift_arguments(shift_config, tmp_path, args, message):
+def test_content_shift_arguments(shift_config, tmp_path, args, message, run_tool_here):
     config, image = shift_config
-    result = tool('content_shift', config, image, '--out', str(tmp_path), '--size', '32',
+    result = run_tool_here('content_shift', config, image, '--out', str(tmp_path), '--size', '32',
                   '--no-reconstruct', '--no-progress', *args)
     assert result.returncode != 0
     assert 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert __import__('re').search(message, result.stderr), result.stderr[-2000:]
 
 
-def test_content_shift_text_file_named_jpg(shift_config, tmp_path):
+def test_content_shift_text_file_named_jpg(shift_config, tmp_path, run_tool_here):
     config, _ = shift_config
     fake = tmp_path / 'photo.jpg'
     fake.write_text('hello')
-    result = tool('content_shift', config, str(fake), '--out', str(tmp_path / 'out'),
+    result = run_tool_here('content_shift', config, str(fake), '--out', str(tmp_path / 'out'),
                   '--no-reconstruct', '--no-progress')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert "photo.jpg' cannot be read" in result.stderr and 'not an image' in result.stderr
@@ -200,11 +193,11 @@ def test_content_shift_text_file_named_jpg(shift_config, tmp_path):
 # -- tools/caption.py --------------------------------------------------------------------
 
 @pytest.mark.parametrize('model', ['/nonexistent/models/blip', './models/blip'])
-def test_caption_model_folder_that_does_not_exist(tmp_path, model):
+def test_caption_model_folder_that_does_not_exist(tmp_path, model, run_tool_here):
     images = tmp_path / 'images'
     images.mkdir()
     Image.new('RGB', (8, 8)).save(images / 'a.png')
-    result = tool('caption', str(images), '--out', str(tmp_path / 'c.json'), '--model', model,
+    result = run_tool_here('caption', str(images), '--out', str(tmp_path / 'c.json'), '--model', model,
                   '--device', 'cpu')
     assert result.returncode != 0
     assert f"Captioning model folder '{model}' does not exist" in result.stderr

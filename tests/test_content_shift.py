@@ -1,8 +1,6 @@
 """The GATE guideline: the content-shift metric, its pictures, reconstructions and the tool."""
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -140,12 +138,8 @@ def test_reconstructions_run_on_the_tiny_model(gate_kwargs):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'content_shift.py'), *args],
-                          cwd=ROOT, capture_output=True, text=True)
-
-
-def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path):
+def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path,
+                                            run_tool_here):
     from mmseg.registry import RUNNERS
     cfg = make_demo_cfg(tmp_path / 'train', 2)
     RUNNERS.build(cfg).train()
@@ -154,7 +148,7 @@ def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path):
     images = [osp.join(demo_root, 'images', 'validation', f'ADE_valid_0000000{i}.jpg')
               for i in range(2)]
     out = tmp_path / 'out'
-    result = run_tool(str(config), *images, '--out', str(out), '--size', '64', '--timesteps',
+    result = run_tool_here('content_shift', str(config), *images, '--out', str(out), '--size', '64', '--timesteps',
                       '50', '200', '--anchor-timestep', '400', '--steps', '2',
                       '--checkpoint', str(tmp_path / 'train' / 'iter_2.pth'), '--no-progress')
     assert result.returncode == 0, result.stderr[-3000:]
@@ -171,9 +165,9 @@ def test_tool_writes_the_table_and_pictures(make_demo_cfg, demo_root, tmp_path):
 
 
 @pytest.mark.parametrize('bad', ['config', 'image'])
-def test_tool_names_what_is_missing(bad, tmp_path):
+def test_tool_names_what_is_missing(bad, tmp_path, run_tool_here):
     config = osp.join(ROOT, 'configs', 'gate_upernet_demo.py')
     args = [str(tmp_path / 'nope.py'), config] if bad == 'config' else \
         [config, str(tmp_path / 'nope.jpg')]
-    result = run_tool(*args)
+    result = run_tool_here('content_shift', *args)
     assert result.returncode != 0 and 'nope' in result.stderr

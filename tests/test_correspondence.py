@@ -220,23 +220,21 @@ def _options(tiny, root, *extra):
          'num_match_pictures=2', *extra]
 
 
-def _run_tool(config, work, options, *args, features=None):
+def _run_tool(run_tool_here, config, work, options, *args, features=None):
     more = ['--features', str(features)] if features else []
-    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'correspondence.py'),
-                           *args, config, '--work-dir', str(work), '--no-progress', *more,
-                           '--cfg-options', *options],
-                          cwd=ROOT, capture_output=True, text=True)
+    return run_tool_here('correspondence', *args, config, '--work-dir', work, '--no-progress',
+                         *more, '--cfg-options', *options)
 
 
 @pytest.mark.parametrize('layout', ['dhf', 'spair'])
-def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path, layout):
+def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path, layout, run_tool_here):
     work = tmp_path / 'work'
     options = _options(tiny, spair_root, f'data.split_files={layout}', 'train.steps=4',
                        'train.val_every=2')
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
 
     def run(*args):
-        return _run_tool(config, work, options, *args)
+        return _run_tool(run_tool_here, config, work, options, *args)
 
     result = run('train')
     assert result.returncode == 0, result.stderr[-3000:]
@@ -279,13 +277,13 @@ def test_tool_trains_tests_and_draws(spair_root, tiny, tmp_path, layout):
     assert broken.returncode != 0 and 'best.safetensors' in broken.stderr
 
 
-def test_a_killed_training_resumes_exactly(spair_root, tiny, tmp_path):
+def test_a_killed_training_resumes_exactly(spair_root, tiny, tmp_path, run_tool_here):
     import signal
     import time
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_spair_demo.py')
     options = _options(tiny, spair_root, 'train.steps=24', 'train.val_every=2')
     features = tmp_path / 'features'
-    whole = _run_tool(config, tmp_path / 'whole', options, 'train', features=features)
+    whole = _run_tool(run_tool_here, config, tmp_path / 'whole', options, 'train', features=features)
     assert whole.returncode == 0, whole.stderr[-3000:]
     work = tmp_path / 'killed'
     command = [sys.executable, osp.join(ROOT, 'tools', 'correspondence.py'), 'train', config,
@@ -299,7 +297,7 @@ def test_a_killed_training_resumes_exactly(spair_root, tiny, tmp_path):
             break
         time.sleep(0.005)
     assert process.wait() == -signal.SIGKILL
-    resumed = _run_tool(config, work, options, 'train', features=features)
+    resumed = _run_tool(run_tool_here, config, work, options, 'train', features=features)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resuming' in resumed.stdout
     for name in ('best.safetensors', 'training.json'):
@@ -311,7 +309,7 @@ def test_a_killed_training_resumes_exactly(spair_root, tiny, tmp_path):
     damaged = tmp_path / 'damaged'
     damaged.mkdir()
     (damaged / 'last_checkpoint.pt').write_bytes(b'PK\x03\x04 torn')
-    broken = _run_tool(config, damaged, options, 'train', features=features)
+    broken = _run_tool(run_tool_here, config, damaged, options, 'train', features=features)
     assert broken.returncode == 1 and 'Traceback' not in broken.stderr, broken.stderr[-3000:]
     assert f"[correspondence] error: Checkpoint '{damaged / 'last_checkpoint.pt'}' cannot " \
         'be read' in broken.stderr
@@ -335,16 +333,17 @@ def test_training_on_two_processes(spair_root, tiny, tmp_path):
     assert list(report['tests']) == ['test-360', 'test']
 
 
-def test_gate_with_dinov2_trains_and_runs_zero_shot(spair_root, tiny, tmp_path):
+def test_gate_with_dinov2_trains_and_runs_zero_shot(spair_root, tiny, tmp_path,
+                                                   run_tool_here):
     config = osp.join(ROOT, 'configs', 'correspondence', 'gate_dinov2_spair_demo.py')
     options = _options(tiny, spair_root, f"source.sources.dino.model={tiny['dinov2']}",
                        'train.steps=2', 'train.val_every=2')
     features = tmp_path / 'features'
-    trained = _run_tool(config, tmp_path / 'work', options, 'train', features=features)
+    trained = _run_tool(run_tool_here, config, tmp_path / 'work', options, 'train', features=features)
     assert trained.returncode == 0, trained.stderr[-3000:]
     report = json.loads((tmp_path / 'work' / 'results_train.json').read_text())
     assert report['tests']['test-360']['pairs'] == 2
-    zero = _run_tool(config, tmp_path / 'work', options, 'zero-shot', features=features)
+    zero = _run_tool(run_tool_here, config, tmp_path / 'work', options, 'zero-shot', features=features)
     assert zero.returncode == 0, zero.stderr[-3000:]
     assert json.loads((tmp_path / 'work' / 'results_zero_shot.json').read_text())[
         'frozen_half']['with_store']['image_forwards'] == 0  # one store for both modes

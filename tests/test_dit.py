@@ -246,13 +246,11 @@ def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
     assert source.variant_names == ['prompt', 'prompt + lora a']
 
 
-def test_content_shift_tool_on_a_dit(models, tmp_path):
+def test_content_shift_tool_on_a_dit(models, tmp_path, run_tool_here):
     """The guideline on SD3: prompt-only against a LoRA and a ControlNet variant, scores,
     feature pictures and img2img reconstructions."""
     import json
     import os.path as osp
-    import subprocess
-    import sys
 
     from PIL import Image
     from diffusers import StableDiffusion3Pipeline
@@ -280,10 +278,9 @@ def test_content_shift_tool_on_a_dit(models, tmp_path):
                         ).save(path)
         images.append(str(path))
     out = tmp_path / 'out'
-    result = subprocess.run(
-        [sys.executable, osp.join(root, 'tools', 'content_shift.py'), str(config), *images,
-         '--size', '64', '--timesteps', '50', '200', '--out', str(out), '--no-progress',
-         '--steps', '2', '--device', 'cpu'], cwd=root, capture_output=True, text=True)
+    result = run_tool_here('content_shift', config, *images, '--size', '64', '--timesteps',
+                           '50', '200', '--out', out, '--no-progress', '--steps', '2',
+                           '--device', 'cpu')
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / 'content_shift.json').read_text())
     assert len(report['variants']) == 3 and report['variants'][1].endswith('+ lora a')
@@ -457,11 +454,9 @@ def test_a_pipeline_folder_missing_a_part_is_named(models, tmp_path, kind, part,
         build_source(dict(type='DiTSource', model=str(folder)))
 
 
-def test_extract_features_names_a_missing_scheduler(models, tmp_path):
+def test_extract_features_names_a_missing_scheduler(models, tmp_path, run_tool_here):
     import os.path as osp
     import shutil
-    import subprocess
-    import sys
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     folder = tmp_path / 'sd3'
     shutil.copytree(models['sd3'], folder)
@@ -469,12 +464,10 @@ def test_extract_features_names_a_missing_scheduler(models, tmp_path):
     images = tmp_path / 'images'
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / 'a.png')
-    result = subprocess.run(
-        [sys.executable, osp.join(root, 'tools', 'extract_features.py'),
-         osp.join(root, 'configs', 'gate_upernet_ade20k_sd35.py'), '--out',
-         str(tmp_path / 'store'), '--images', str(images), '--device', 'cpu',
-         '--cfg-options', f'model.backbone.source.model={folder}'],
-        cwd=root, capture_output=True, text=True)
+    result = run_tool_here('extract_features',
+                           osp.join(root, 'configs', 'gate_upernet_ade20k_sd35.py'), '--out',
+                           tmp_path / 'store', '--images', images, '--device', 'cpu',
+                           '--cfg-options', f'model.backbone.source.model={folder}')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f"[extract_features] error: '{folder}' has no 'scheduler/' folder" in result.stderr
 

@@ -2,8 +2,6 @@
 import json
 import re
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -203,7 +201,8 @@ def test_canny_condition_matches_opencv_at_input_size():
     assert torch.equal(cond[0, 0], torch.from_numpy(expected).float())
 
 
-def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_path):
+def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_path,
+                                                     run_tool_here):
     from mmseg_gate.testing.demo_data import write_ade_layout_dataset
     root = tmp_path / 'ade'
     write_ade_layout_dataset(str(root), num_train=4, num_val=0)
@@ -213,10 +212,8 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     options = [f'sd_model={tiny_sd}', f'image_dir={root}/images/training', f'work_dir={work}',
                'num_images=4', 'steps=40', 'save_every=20', 'log_every=10', 'batch_size=4',
                'unet_lr=3e-3']
-    result = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'tools', 'train_lora.py'),
-         osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--cfg-options', *options],
-        cwd=ROOT, capture_output=True, text=True)
+    result = run_tool_here('train_lora', osp.join(ROOT, 'configs', 'lora', 'demo.py'),
+                           '--cfg-options', *options)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [e['loss'] for e in json.load(open(work / 'log.json'))['losses']]
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])

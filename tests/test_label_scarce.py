@@ -2,8 +2,6 @@
 the split protocol and the tool end to end on the tiny model."""
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -236,16 +234,16 @@ def test_benchmark_metric_leaves_an_ignore_label_inside_the_classes_out():
     assert scores['mIoU'] == pytest.approx(100 * (0.5 + 1 + 0) / 3, abs=1e-4)
 
 
-def test_tool_runs_the_protocol_and_resumes(scarce_root, scarce_demo_options, tmp_path):
+def test_tool_runs_the_protocol_and_resumes(scarce_root, scarce_demo_options, tmp_path,
+                                            run_tool_here):
     work = tmp_path / 'work'
     options = [*scarce_demo_options,
                f'train_dataloader.dataset.data_root={scarce_root}',
                f'test_dataloader.dataset.data_root={scarce_root}',
                'train_cfg.max_iters=3', 'default_hooks.logger.interval=1']
-    command = [sys.executable, osp.join(ROOT, 'tools', 'label_scarce.py'),
-               osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'), '--splits',
+    command = [osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'), '--splits',
                '1', '--work-dir', str(work), '--cfg-options', *options]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = run_tool_here('label_scarce', *command)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((work / 'label_scarce.json').read_text())
     assert set(report['splits']) == {'fixed', 'random0'}
@@ -267,15 +265,14 @@ def test_tool_runs_the_protocol_and_resumes(scarce_root, scarce_demo_options, tm
     # Per image: a UNet pass per SD variant, an ADM pass per step.
     assert cost['per_image']['passes']['unet_passes'] == 3 + 3
     assert report['features'] == str(work / 'features')
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    again = run_tool_here('label_scarce', *command)
     assert again.returncode == 0 and again.stdout.count('done before') == 2
     report = json.loads((work / 'label_scarce.json').read_text())
     assert report['frozen_half']['with_store']['extracted_this_run'] == 0
     # The MMSeg segmentor instead of the pixel ensemble, on the same store.
-    segmentor = subprocess.run(
-        [*command[:4], '0', '--work-dir', str(tmp_path / 'segmentor'), '--features',
-         str(work / 'features'), *command[7:], 'pixel_ensemble=None'],
-        cwd=ROOT, capture_output=True, text=True)
+    segmentor = run_tool_here(
+        'label_scarce', *command[:2], '0', '--work-dir', tmp_path / 'segmentor', '--features',
+        work / 'features', *command[5:], 'pixel_ensemble=None')
     assert segmentor.returncode == 0, segmentor.stderr[-3000:]
     report = json.loads((tmp_path / 'segmentor' / 'label_scarce.json').read_text())
     assert report['frozen_half']['without_store']['image_forwards'] == 3 * 2 + 4

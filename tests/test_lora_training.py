@@ -1,8 +1,6 @@
 """The LoRA recipe: text-encoder LoRA end to end, captions, resume, accelerator settings."""
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -111,17 +109,14 @@ def test_half_precision_and_checkpointing(tiny_sd, lora_images, tmp_path):
     assert text_b and any(p.abs().sum() > 0 for p in text_b)
 
 
-def test_tool_with_resume_and_bad_settings(tiny_sd, lora_images, tmp_path):
+def test_tool_with_resume_and_bad_settings(tiny_sd, lora_images, tmp_path, run_tool_here):
     options = [f'sd_model={tiny_sd}', f'image_dir={lora_images}', f'work_dir={tmp_path}',
                'num_images=4', 'steps=4', 'save_every=2', 'log_every=2', 'batch_size=2']
-    command = [sys.executable, osp.join(ROOT, 'tools', 'train_lora.py'),
-               osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--device', 'cpu',
+    command = [osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--device', 'cpu',
                '--no-progress', '--cfg-options', *options]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    first = run_tool_here('train_lora', *command)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run(command[:-len(options) - 1] + ['--resume', '--cfg-options',
-                                                          *options[:-4], 'steps=6',
-                                                          *options[-3:]],
-                           cwd=ROOT, capture_output=True, text=True)
+    again = run_tool_here('train_lora', *command[:-len(options) - 1], '--resume',
+                          '--cfg-options', *options[:-4], 'steps=6', *options[-3:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'resumed from' in again.stdout and (tmp_path / 'lora_step6.safetensors').exists()

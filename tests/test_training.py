@@ -66,7 +66,7 @@ def metrics_line(log: str, stage: str) -> str:
     return found[-1]
 
 
-def test_distributed_training_without_cuda(tiny, demo_root, tmp_path):
+def test_distributed_training_without_cuda(tiny, demo_root, tmp_path, run_tool_here):
     """tools/dist_train.sh with two gloo processes (MMEngine alone needs CUDA for this); the
     validation it logs is that of the checkpoint it saves (tools/test.py agrees)."""
     env = dict(os.environ, PYTHONPATH='', PYTHON=sys.executable, PORT='29613',
@@ -88,23 +88,18 @@ def test_distributed_training_without_cuda(tiny, demo_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / 'iter_2.pth').exists()
     logged = metrics_line(result.stdout + result.stderr, 'val')
-    test = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config,
-         str(tmp_path / 'iter_2.pth'), '--work-dir', str(tmp_path / 'test'), '--cfg-options',
-         *options], cwd=ROOT, env=env, capture_output=True, text=True)
+    test = run_tool_here('test', config, tmp_path / 'iter_2.pth', '--work-dir',
+                         tmp_path / 'test', '--cfg-options', *options)
     assert test.returncode == 0, test.stderr[-3000:]
     assert metrics_line(test.stdout + test.stderr, 'test') == logged
 
 
-def test_browse_dataset_draws_labelled_samples(demo_root, tmp_path):
+def test_browse_dataset_draws_labelled_samples(demo_root, tmp_path, run_tool_here):
     """MMSeg's own browse_dataset.py fails on any OpenCV (open-mmlab/mmsegmentation#3405)."""
     from PIL import Image
     config = osp.join(ROOT, 'configs', 'gate_upernet_demo.py')
-    result = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'tools', 'browse_dataset.py'), config, '--not-show',
-         '--output-dir', str(tmp_path), '--cfg-options',
-         f'train_dataloader.dataset.data_root={demo_root}'],
-        cwd=ROOT, capture_output=True, text=True)
+    result = run_tool_here('browse_dataset', config, '--not-show', '--output-dir', tmp_path,
+                           '--cfg-options', f'train_dataloader.dataset.data_root={demo_root}')
     assert result.returncode == 0, result.stderr[-3000:]
     pictures = sorted(tmp_path.glob('*.jpg'))
     assert len(pictures) == 8  # the training images

@@ -1,7 +1,5 @@
 """Weights load completely or fail, naming the file: SD parts, ControlNets and LoRAs."""
 import shutil
-import subprocess
-import sys
 import os.path as osp
 
 import pytest
@@ -181,10 +179,8 @@ def test_nan_controlnet_is_named(gate_kwargs, tiny_controlnet, tmp_path):
 
 
 @pytest.mark.parametrize('option', ['steps=0', 'num_images=0', 'batch_size=-1'])
-def test_train_lora_rejects_empty_settings(option, tmp_path):
-    result = subprocess.run(
-        [sys.executable, osp.join(ROOT, 'tools', 'train_lora.py'),
-         osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--cfg-options', option,
-         f'work_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+def test_train_lora_rejects_empty_settings(option, tmp_path, run_tool_here):
+    result = run_tool_here('train_lora', osp.join(ROOT, 'configs', 'lora', 'demo.py'),
+                           '--cfg-options', option, f'work_dir={tmp_path}')
     assert result.returncode != 0
     assert f"{option.split('=')[0]} must be a positive integer" in result.stderr

@@ -29,7 +29,7 @@ import torch
 from mmengine.config import Config
 
 import mmseg_gate  # noqa: F401
-from mmseg_gate.benchmark import benchmark, benchmark_naive, compare
+from mmseg_gate.benchmark import benchmark, benchmark_naive, compare, with_backbone
 from mmseg_gate.engine.cli import UsageError, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.testing.architectures import write_random_models
@@ -74,10 +74,7 @@ def run_mode(config_path: str, mode: str, args) -> dict:
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    if cfg.get('model') is None and cfg.get('source') is not None:
-        # A correspondence config: its frozen source in GATE's backbone.
-        cfg.model = dict(backbone=dict(type='GATEBackbone', source=cfg.source))
+    cfg = with_backbone(Config.fromfile(args.config))
     kind = cfg.model.backbone.source.get('type', 'StableDiffusionSource')
     if args.naive and kind != 'StableDiffusionSource':
         raise UsageError(f'--naive compares against the authors\' way for a Stable Diffusion '
