@@ -1,5 +1,6 @@
 """The feature store: extraction equals the source, resumes and distributes to the same bytes,
 refuses what does not match, and serves MMSeg and the protocols."""
+import json
 import os
 import os.path as osp
 import signal
@@ -161,6 +162,20 @@ def test_a_store_without_its_manifest_is_never_relabelled(source_cfg, source, im
                              make_source=lambda cfg: built.append(1) or source)
     assert built == [] and again.header == first.header
     assert _store_bytes(osp.join(folder, 'shards')) == shards
+    # A shard of an older version (no settings recorded) without a manifest to vouch for it.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = osp.join(folder, 'shards', '000001.safetensors')
+    with safe_open(path, framework='pt') as f:
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+        record = json.loads(f.metadata()['record'])
+    del record['settings']
+    save_file(tensors, path, metadata=dict(record=json.dumps(record)))
+    os.remove(osp.join(folder, 'manifest.json'))
+    with pytest.raises(StoreError, match=r"(?s)000001\.safetensors.*older mmseg_gate.*no "
+                                         'manifest'):
+        extract_features(source_cfg, images, folder, progress=False,
+                         make_source=lambda cfg: source)
 
 
 def test_a_second_extraction_into_a_busy_store_stops_clearly(source_cfg, source, images,

@@ -71,12 +71,17 @@ def shard_settings(header: Dict) -> Dict:
     return {k: v for k, v in header.items() if k != 'images'}
 
 
-def check_finished_shard(path: str, metadata: Dict, settings: Dict, key: str) -> None:
-    """Refuse to adopt a finished shard made by other settings or for another image."""
+def check_finished_shard(path: str, metadata: Dict, settings: Dict, key: str,
+                         vouched: bool) -> None:
+    """Refuse to adopt a finished shard made by other settings or for another image.
+    ``vouched``: a manifest of these settings exists, which speaks for shards of older
+    versions that did not record their own."""
     if 'settings' not in metadata:
+        if vouched:
+            return
         raise StoreError(f"Shard '{path}' was written by an older mmseg_gate that did not "
-                         'record its settings, so it cannot be checked against this run: '
-                         'remove the store and extract it again.')
+                         'record its settings, and the store has no manifest to vouch for '
+                         'it: remove the store and extract it again.')
     found = differences(metadata['settings'], settings)
     if metadata.get('key') != key:
         found.append(f"image: the shard holds {metadata.get('key')!r}, asked for {key!r}")
@@ -184,7 +189,8 @@ def _extract(source_cfg, images: ImageList, folder: str, header: Dict, paths: Di
         if metadata is None:
             todo.append(index)
             continue
-        check_finished_shard(path, metadata, settings, images.keys[index])
+        check_finished_shard(path, metadata, settings, images.keys[index],
+                             vouched=existing is not None)
         if metadata.get('pixels') != pixel_key(_load(images, index, folder)):
             raise StoreError(
                 f"Image '{images.paths[index]}' changed since it was extracted into "
