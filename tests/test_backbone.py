@@ -70,9 +70,10 @@ def test_unet_stops_after_last_tapped_block(backbone):
 
 
 def test_refinement_starts_as_identity(backbone):
+    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
     x = torch.randn(1, 3, 64, 64)
-    raw = backbone.source(backbone.to_vae_range(x),
-                             generator=torch.Generator().manual_seed(0))
+    images = backbone.to_vae_range(x)
+    raw = backbone.source(images, generator=PerImageNoise.for_images(images, 0))
     outs = backbone(x)
     for out, name in zip(outs, backbone.out_names):
         assert torch.equal(out, raw[0][name].float())
@@ -125,13 +126,36 @@ def test_deterministic_with_seed(backbone, tiny_sd):
     assert not torch.equal(first[0], other[0])
 
 
+def test_eval_noise_is_per_image_and_independent_of_the_batch(backbone):
+    """Eval noise: each image's own (from its pixels), the same in any batch or position;
+    another image gets another noise field, also where their pixels are alike."""
+    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    noise = PerImageNoise.for_images(images, 0)
+    together = noise.draw((3, 4, 4, 4))
+    alone = [PerImageNoise.for_images(images[i:i + 1], 0).draw((1, 4, 4, 4)) for i in (2, 0)]
+    assert torch.equal(together[2:3], alone[0]) and torch.equal(together[0:1], alone[1])
+    assert not torch.allclose(together[0], together[1], atol=0.5)
+    twin = images[1:2].clone()
+    twin[0, 0, 0, 0] = -twin[0, 0, 0, 0]  # one pixel differs: another image, another noise
+    assert not torch.allclose(PerImageNoise.for_images(twin, 0).draw((1, 4, 4, 4)),
+                              together[1:2], atol=0.5)
+    # The backbone's forward: an image's outputs do not depend on its batch.
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    batched = backbone(x)
+    single = backbone(x[1:])
+    for a, b in zip(batched, single):
+        torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-4)
+    # (Other processes draw the same: tests/test_store.py's two-process extraction.)
+
+
 def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
     import copy
     x = torch.randn(1, 3, 64, 64)
     run_a, run_b = copy.deepcopy(backbone).train(), copy.deepcopy(backbone).train()
-    a1 = run_a.source(x, generator=run_a._generator())
-    a2 = run_a.source(x, generator=run_a._generator())
-    b1 = run_b.source(x, generator=run_b._generator())
+    a1 = run_a.source(x, generator=run_a._noise(x))
+    a2 = run_a.source(x, generator=run_a._noise(x))
+    b1 = run_b.source(x, generator=run_b._noise(x))
     tap = run_a.out_names[0]
     assert not torch.equal(a1[0][tap], a2[0][tap])
     assert torch.equal(a1[0][tap], b1[0][tap])

@@ -55,10 +55,18 @@ def store32(source_cfg, source, images, tmp_path_factory) -> FeatureStore:
 
 
 def test_stored_features_are_the_sources(store32, source, images):
-    """float32: bitwise the source's call on the image with its seeded CPU generator."""
+    """float32: bitwise the source's call on the image with its own noise (drawn from the
+    seed and its pixels); another image's noise would give other features."""
+    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
     assert len(store32) == 3 and store32.variant_names == source.variant_names
+    assert store32.header['noise'].startswith('per image')
+    first = images.load(0)[None]
+    name = source.feature_info[0]['module']
+    others = source(first, generator=PerImageNoise(3, [pixel_key(images.load(1))]))
+    assert not torch.allclose(store32.features(0)[0][name], others[0][name], atol=1e-3)
     for i in range(len(images)):
-        expected = source(images.load(i)[None], generator=torch.Generator().manual_seed(3))
+        image = images.load(i)[None]
+        expected = source(image, generator=PerImageNoise.for_images(image, 3))
         stored = store32.features(i)
         assert [sorted(v) for v in stored] == [sorted(v) for v in expected]
         for got, want in zip(stored, expected):

@@ -6,6 +6,7 @@ value above 255 to white) are scaled to 8 bits; images with transparency are com
 white (the convention of captioners and taggers). A file that is missing, truncated or not an
 image is an error that names it.
 """
+import hashlib
 import os
 import os.path as osp
 from typing import List, Tuple
@@ -86,6 +87,16 @@ def normalized_to_model_range(x: torch.Tensor, mean: torch.Tensor,
 def from_model_range(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> pixel values 0-255 (float; clamp and round for 8 bits)."""
     return (x.float() + 1) * 127.5
+
+
+def pixel_key(image: torch.Tensor) -> str:
+    """A hash of an image's 8-bit pixels and shape; ``image`` is (3, H, W) in [-1, 1] (a data
+    preprocessor's rounding error vanishes in the rounding to 8 bits): what finds an image in
+    a feature store and seeds its noise."""
+    pixels = from_model_range(image.detach().cpu()).round().clamp(0, 255).to(torch.uint8)
+    digest = hashlib.sha256(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_square(path: str, size: int, crop: bool = True) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -18,7 +18,10 @@ from .amalgamation import amalgamation_sparsity
 
 class PixelAmalgamation(nn.Module):
     """One assigner shared by the buckets of a feature group: (B, V, C) -> (B, C); the last
-    softmax weights (B, V, C) stay in ``weights`` for the sparsity term."""
+    softmax weights (B, V, C) stay in ``weights`` for the sparsity term. As the authors'
+    ``pixel_classifier.forward``, the assigner is called once per bucket: in training its
+    BatchNorm normalises each bucket with that bucket's own batch statistics, and its running
+    statistics take one update per bucket per step."""
 
     def __init__(self, channels: int, hidden: int = 128, dropout: float = 0.5):
         super().__init__()
@@ -28,8 +31,7 @@ class PixelAmalgamation(nn.Module):
         self.weights = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, buckets, channels = x.shape
-        scores = self.assigner(x.reshape(batch * buckets, channels)).view(x.shape)
+        scores = torch.stack([self.assigner(x[:, b]) for b in range(x.shape[1])], dim=1)
         self.weights = scores.softmax(dim=1)
         return (self.weights * x).sum(dim=1)
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 from ..fileio import atomic_file
 from ..store import FeatureStore, dataset_images, extract_features
@@ -47,11 +48,13 @@ def list_images(data_root: str, folder: str, img_suffix: str) -> List[str]:
 def fixed_split(train: List[str], test: List[str], num_train: Optional[int] = None,
                 num_test: Optional[int] = None) -> Dict:
     """DDPM-segmentation's split: the first ``num_train`` of the sorted training images and
-    the first ``num_test`` of the sorted test images (None: all of them)."""
+    the first ``num_test`` of the sorted test images (None: all of them). The counts are
+    caps, as its ``training_number`` / ``testing_number`` slice the sorted lists: a folder
+    with fewer images gives all of them (and a log line says so)."""
     for name, images, count in (('training', train, num_train), ('test', test, num_test)):
         if count is not None and count > len(images):
-            raise ValueError(f'The fixed split takes {count} {name} images, but there are '
-                             f'only {len(images)}: the dataset is incomplete.')
+            print_log(f'The fixed split takes up to {count} {name} images; there are '
+                      f'{len(images)}: all of them are used.', logger='current')
     return dict(name='fixed', train=sorted(train)[:num_train], test=sorted(test)[:num_test])
 
 

@@ -12,9 +12,10 @@ from its own slice (a plain three-way split would scramble multi-head attention)
 DDPM-segmentation's extraction (``src/feature_extractors.py``, ``train_interpreter.py``): the
 image in [-1, 1] is noised to each step with one shared noise (``share_noise``: one
 (1, 3, 256, 256) draw from the seed, the same for every image and step), the UNet runs on the
-unscaled step, and forward hooks keep the outputs of chosen ``output_blocks``. The GATE
-authors' set (``--ddpm_feature_len 2816``) is blocks 5, 6, 7, 8, 12 at steps 50, 150, 250;
-DDPM-segmentation's own ``experiments/*/ddpm.json`` use 6, 7, 8, 9 at 50, 150, 250, 350.
+unscaled step, and forward hooks keep the outputs of chosen ``output_blocks``: blocks 5, 6,
+7, 8, 12 at steps 50, 150, 250 in every ``experiments/*/ddpm.json`` since its commit c491672
+(2022; the first versions used 6, 7, 8, 9 at 50, 150, 250, 350), also the GATE authors' set
+(``--ddpm_feature_len 2816`` per step).
 Each step is one variant here, so GATE's amalgamation weighs the steps as it weighs guided
 variants.
 """
@@ -31,7 +32,7 @@ from ..fileio import read_safetensors
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
-from .stable_diffusion.latents import draw_noise, noised
+from .stable_diffusion.latents import Noise, draw_noise, noised
 from .stable_diffusion.loading import check_finite
 from .stable_diffusion.source import pad_to_multiple
 from .stable_diffusion.unet_taps import UNetTaps
@@ -319,7 +320,7 @@ class ADMSource(FeatureSource):
         """Images in [-1, 1] at the ADM's resolution, padded to its multiple."""
         return pad_to_multiple(rescaled(images, self.input_scale), self.multiple)
 
-    def noise(self, shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def noise(self, shape, generator: Optional[Noise]) -> torch.Tensor:
         """The noise of a call: one shared draw (expanded over the images), or one per
         image from the call's generator."""
         if self.share_noise:
@@ -330,7 +331,7 @@ class ADMSource(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
+                 generator: Optional[Noise] = None) -> List[Features]:
         """Per step (or at ``timestep`` for every variant; 0: the clean image) a dict
         ``'output_blocks.<i>'`` -> (N, C, ceil(H / stride), ceil(W / stride))."""
         check_images(images)

@@ -14,8 +14,10 @@ sources side by side) fits anywhere:
   and returns the source;
 - ``source(images, timestep=None, generator=None)``: images (N, 3, H, W) in [-1, 1] of any
   size -> one dict per variant, name -> (N, C, ceil(H / reduction), ceil(W / reduction));
-  ``timestep`` (the source's own default when None) and ``generator`` (the noise) mean what
-  they mean for the source, ``check_timestep`` validates a timestep before any work.
+  ``timestep`` (the source's own default when None) and ``generator`` (the noise: a
+  ``torch.Generator`` drawn from for the whole batch, or a ``PerImageNoise``, reproducible and
+  independent per image) mean what they mean for the source, ``check_timestep`` validates a
+  timestep before any work.
 
 Sources are deliberately not ``nn.Module``s: a model that owns one keeps the frozen weights
 out of its checkpoints, optimizer, DDP and ``init_weights``, and ``deepcopy`` (EMA) shares

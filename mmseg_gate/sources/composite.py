@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import SOURCES, FeatureSource, Features, build_source
+from .stable_diffusion.latents import Noise, PerImageNoise
 
 MODES = ('separate', 'concat', 'variants')
 
@@ -114,9 +115,12 @@ class CompositeSource(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
-        """Each source on ``images`` (one generator for all, drawn in turn), combined."""
-        outputs = {name: source(images, timestep=timestep, generator=generator)
+                 generator: Optional[Noise] = None) -> List[Features]:
+        """Each source on ``images``, combined: a generator stream is drawn from in turn;
+        :class:`PerImageNoise` gives each source its own, independent noise."""
+        outputs = {name: source(images, timestep=timestep,
+                                generator=generator.part(name)
+                                if isinstance(generator, PerImageNoise) else generator)
                    for name, source in self.sources.items()}
         if self.mode == 'separate':
             return [{f'{name}.{key}': value for key, value in variant.items()}

@@ -56,7 +56,7 @@ from ..fileio import read_safetensors
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
                    rescaled)
 from .stable_diffusion.conditions import ConditionDetector
-from .stable_diffusion.latents import draw_noise, encode_latents
+from .stable_diffusion.latents import Noise, draw_noise, encode_latents
 from .stable_diffusion.loading import check_parts, drop_vae_decoder, load_weights
 from .stable_diffusion.lora import (BASE, activate_adapter, adapters_per_sample,
                                    check_lora_landed, enable_adapters)
@@ -238,7 +238,8 @@ class DiTSource(FeatureSource):
         frozen_dtype (str): 'auto' (float16 on accelerators; bfloat16 suits FLUX), 'float32',
             'float16' or 'bfloat16'; an explicit one is also the loading precision ('auto'
             loads float32). Default: 'auto'.
-        noise_seed (int): seed of the noise when a call passes no generator. Default: 0.
+        noise_seed (int): seed of the noise when a call passes no generator (a
+            ``torch.Generator`` or a ``PerImageNoise``). Default: 0.
         batch_variants (bool): run the variants of an image as one transformer batch (LoRAs
             chosen per sample, one ControlNet pass per ControlNet and prompt) or one after
             another (less memory, same features). Default: True.
@@ -556,7 +557,7 @@ class DiTSource(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
+                 generator: Optional[Noise] = None) -> List[Features]:
         check_images(images)
         timestep = self.timestep if timestep is None else self._checked(timestep)
         if generator is None:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from ..store.images import pixel_key
+from ..datasets.images import pixel_key
 from ..store.manifest import StoreError, make_header
 from ..store.reader import FeatureStore
 from .base import SOURCES, FeatureSource, Features

@@ -4,7 +4,8 @@
 mismatches, ``reader`` serves stored features memory-mapped, ``images`` lists what to extract.
 ``mmseg_gate.sources.StoredSource`` puts a store behind the source contract.
 """
-from .images import ImageList, dataset_images, folder_images, pixel_key
+from ..datasets.images import pixel_key
+from .images import ImageList, dataset_images, folder_images
 from .manifest import StoreError, make_header, read_manifest
 from .reader import FeatureStore
 from .writer import extract_features

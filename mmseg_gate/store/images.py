@@ -4,23 +4,13 @@ A stored feature is found again by the exact pixels it was computed from (:func:
 so whatever serves it -- an MMSeg data pipeline, the correspondence protocol, a folder of
 images -- must produce those pixels again: the same resizing, no random augmentation.
 """
-import hashlib
 import os.path as osp
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..datasets.images import (from_model_range, list_images, normalized_to_model_range,
-                               read_image, read_square, to_model_range)
-
-
-def pixel_key(image: torch.Tensor) -> str:
-    """A hash of an image's 8-bit pixels and shape; ``image`` is (3, H, W) in [-1, 1] (a data
-    preprocessor's rounding error vanishes in the rounding to 8 bits)."""
-    pixels = from_model_range(image.detach().cpu()).round().clamp(0, 255).to(torch.uint8)
-    digest = hashlib.sha256(str(tuple(pixels.shape)).encode())
-    digest.update(pixels.contiguous().numpy().tobytes())
-    return digest.hexdigest()
+from ..datasets.images import (list_images, normalized_to_model_range, read_image,
+                               read_square, to_model_range)
 
 
 class ImageList:

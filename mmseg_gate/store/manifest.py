@@ -4,7 +4,7 @@
 store *is* -- the source config with its weights paths replaced by the files' fingerprints
 (``files``), the noise seed, the stored dtype and the image keys in order -- and is compared
 field by field with the header a config asks for: a store from other weights, LoRAs, taps,
-timestep, seeds or images is refused, naming the fields. ``complete`` becomes true once every
+timestep, seeds, noise or images is refused, naming the fields. ``complete`` becomes true once every
 image's shard exists; ``records`` then lists per image its pixels' hash, shape, shard, the
 shard's size (a truncated shard is named) and what extracting it cost.
 """
@@ -17,6 +17,8 @@ from .fingerprint import config_fingerprints
 
 FORMAT, VERSION = 'mmseg_gate.feature_store', 1
 MANIFEST = 'manifest.json'
+# How an image's noise is drawn (stores of earlier versions drew one noise field for all).
+NOISE = 'per image: sha256(noise_seed, pixels)'
 
 
 class StoreError(ValueError):
@@ -51,7 +53,7 @@ def make_header(source_cfg, noise_seed: int, dtype: str,
     source.setdefault('type', 'StableDiffusionSource')
     files = config_fingerprints(source)
     header = dict(source=_replace_paths(source, files), files=files,
-                  noise_seed=int(noise_seed), dtype=str(dtype))
+                  noise_seed=int(noise_seed), noise=NOISE, dtype=str(dtype))
     if image_keys is not None:
         header['images'] = list(image_keys)
     return header, {prefix: _value_at(source, prefix) for prefix in files}

@@ -1,10 +1,11 @@
 """Extracting a store: every image once, with its fixed noise, resumable and distributed.
 
-Each image is one call of the source (all its variants in one batch) with a CPU generator
-seeded with ``noise_seed`` -- the noise the backbone draws in eval mode and the
-correspondence protocol draws per image -- so an image's features do not depend on which
-process extracts it or in which order: a killed run resumed, or N processes, give the same
-bytes as one uninterrupted process (at the same number of threads). Each image's shard is
+Each image is one call of the source (all its variants in one batch) with its own noise,
+drawn from ``noise_seed`` and the image's pixels (``PerImageNoise``: the noise the backbone
+draws for it in eval mode and the correspondence protocol draws for it; another image gets
+another noise field), so an image's features do not depend on which process extracts it or
+in which order: a killed run resumed, or N processes, give the same bytes as one
+uninterrupted process (at the same number of threads). Each image's shard is
 written atomically; the manifest is complete only once every shard exists.
 
 Each shard also records what made it (the header's settings and its image's key), and a
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 from ..fileio import FolderLocked, atomic_file, exclusive_lock, remove_stale_temporaries
 from ..sources import build_source
-from .images import ImageList, pixel_key
+from ..sources.stable_diffusion.latents import PerImageNoise
+from ..datasets.images import pixel_key
+from .images import ImageList
 from .manifest import (StoreError, check_header, check_store_folder, differences, make_header,
                        read_manifest, shard_name, to_plain, write_manifest)
 from .reader import FeatureStore
@@ -143,7 +146,7 @@ def _extract_one(source, image: torch.Tensor, noise_seed: int, device,
     def call():
         with torch.no_grad():
             out.append(source(image[None].to(device),
-                              generator=torch.Generator().manual_seed(noise_seed)))
+                              generator=PerImageNoise.for_images(image[None], noise_seed)))
     shape = tuple(image.shape)
     if shape in flops_by_shape:
         call()

@@ -9,6 +9,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from ...datasets.images import normalized_to_model_range
 from ...sources import build_source
+from ...sources.stable_diffusion.latents import Noise, PerImageNoise
 from ..amalgamation import GATEFusion
 
 
@@ -36,8 +37,10 @@ class GATEBackbone(BaseModule):
             defaults to it; see :class:`StableDiffusionSource`), or any source config, e.g.
             ``dict(type='CompositeSource', sources=dict(...))``. With ``attention_maps`` the
             maps are one more output level.
-        noise_seed (int): seed of the added noise. In eval mode every forward uses this seed
-            (reproducible predictions); in train mode a generator seeded with
+        noise_seed (int): seed of the added noise. In eval mode each image's noise is drawn
+            from this seed and the image's pixels (``PerImageNoise``: reproducible predictions,
+            the same noise for an image in any batch, and another for every other image, as a
+            feature store draws it); in train mode a generator seeded with
             ``noise_seed + rank`` runs on (and is saved in checkpoints). Default: 0.
         num_assigners (int): weight assigners per level in the amalgamation; each adds the
             level's channels to the output. Default: 1.
@@ -95,9 +98,10 @@ class GATEBackbone(BaseModule):
         self.source.to(self._placement.device)
         return module
 
-    def _generator(self) -> torch.Generator:
+    def _noise(self, images: torch.Tensor) -> Noise:
+        """Eval: per image, from its pixels; train: the run's generator."""
         if not self.training:
-            return torch.Generator().manual_seed(self.noise_seed)
+            return PerImageNoise.for_images(images, self.noise_seed)
         return self._generator_for_training()
 
     def noise_generator_state(self) -> Optional[torch.Tensor]:
@@ -127,7 +131,8 @@ class GATEBackbone(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
-        return self.fuse(self.source(self.to_vae_range(x), generator=self._generator()))
+        images = self.to_vae_range(x)
+        return self.fuse(self.source(images, generator=self._noise(images)))
 
     def fuse(self, per_variant: List[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
         """The trainable half, in this module's dtype (float32 unless ``.half()``)."""

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 
 from ...datasets.images import read_square
 from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
+from ...sources.stable_diffusion.latents import PerImageNoise
 from ...store.images import ImageList
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 
 
 class FeatureCache:
-    """Features of images by path, each computed once with its own fixed noise (a frozen
-    source gives the same features every time), the last ``capacity`` kept. ``requests``
+    """Features of images by path, each computed once with its own fixed noise (drawn from
+    ``seed`` and the image's pixels, as a feature store draws it: independent per image), the
+    last ``capacity`` kept. ``requests``
     and ``misses`` count the lookups and the source calls they needed.
 
     Args:
@@ -40,9 +42,9 @@ class FeatureCache:
             return self.kept[path]
         self.misses += 1
         image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
-        with torch.no_grad():  # the noise is drawn on the CPU: the same on every device
+        with torch.no_grad():  # each image's own noise, drawn on the CPU (any device)
             feats = self.source(image[None].to(self.device),
-                                generator=torch.Generator().manual_seed(self.seed))
+                                generator=PerImageNoise.for_images(image[None], self.seed))
         self.kept[path] = feats
         if len(self.kept) > self.capacity:
             self.kept.popitem(last=False)

@@ -1,8 +1,56 @@
-"""Image -> scaled VAE latent -> noised latent: the formulas every GATE path uses, and the
-schedulers that step latents."""
-from typing import Optional
+"""Image -> scaled VAE latent -> noised latent: the formulas every GATE path uses, the noise
+they draw, and the schedulers that step latents."""
+import hashlib
+from typing import Optional, Sequence, Union
 
 import torch
+
+from ...datasets.images import pixel_key
+
+
+class PerImageNoise:
+    """Reproducible noise that is independent per image: image ``i``'s noise is drawn from a
+    CPU generator seeded with the SHA-256 of (``seed``, ``keys[i]``), so it is the same for the
+    same image in any run, process, batch or position, and differs between images (one
+    generator for a whole batch would give every image of a one-image batch the same noise
+    field, which biases matching between images towards equal positions).
+
+    A source takes it where it takes a ``generator``. ``seed``: a variant with a
+    ``noise_seed`` of its own uses that instead. :meth:`for_images` keys images by their 8-bit
+    pixels (:func:`pixel_key`): the backbone in eval mode, the feature store and the
+    correspondence protocol draw the same noise for the same image."""
+
+    def __init__(self, seed: int, keys: Sequence[str]):
+        self.seed, self.keys = int(seed), list(keys)
+
+    @classmethod
+    def for_images(cls, images: torch.Tensor, seed: int) -> 'PerImageNoise':
+        """Noise keyed by each image's pixels; ``images`` (N, 3, H, W) in [-1, 1]."""
+        return cls(seed, [pixel_key(image) for image in images])
+
+    def part(self, name: str) -> 'PerImageNoise':
+        """The noise of one of several sources side by side: independent of the others'."""
+        return PerImageNoise(self.seed, [f'{key}/{name}' for key in self.keys])
+
+    def draw(self, shape, seed: Optional[int] = None) -> torch.Tensor:
+        """Standard normal (N, ...) noise in float32, image by image (``seed``: a variant's
+        own instead of this one's)."""
+        if shape[0] != len(self.keys):
+            raise ValueError(f'PerImageNoise has {len(self.keys)} image keys for a batch of '
+                             f'{shape[0]}.')
+        seed = self.seed if seed is None else int(seed)
+        return torch.cat([torch.randn((1, *shape[1:]), dtype=torch.float32,
+                                      generator=torch.Generator().manual_seed(
+                                          _derived_seed(seed, key)))
+                          for key in self.keys])
+
+
+def _derived_seed(seed: int, key: str) -> int:
+    digest = hashlib.sha256(f'{seed}:{key}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'big')
+
+
+Noise = Union[torch.Generator, PerImageNoise]
 
 
 @torch.no_grad()
@@ -14,9 +62,14 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latent - shift) * vae.config.scaling_factor
 
 
-def draw_noise(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU in float32, so one seed gives the same noise
-    on every device and dtype."""
+def draw_noise(shape, generator: Optional[Noise], seed: Optional[int] = None) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU in float32, so one seed gives the same noise on
+    every device and dtype: from ``generator`` (a stream for the whole batch, or
+    :class:`PerImageNoise`), or for ``seed`` (a variant's own noise seed)."""
+    if isinstance(generator, PerImageNoise):
+        return generator.draw(shape, seed)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
@@ -29,7 +82,7 @@ def noised(scheduler, latents: torch.Tensor, timestep: int,
 
 
 def add_noise(scheduler, latents: torch.Tensor, timestep: int,
-              generator: Optional[torch.Generator]) -> torch.Tensor:
+              generator: Optional[Noise]) -> torch.Tensor:
     """Forward diffusion of ``latents`` to ``timestep`` with noise drawn from ``generator``."""
     return noised(scheduler, latents, timestep, draw_noise(latents.shape, generator))
 

@@ -33,7 +33,7 @@ from ..base import SOURCES, FeatureSource, check_images, input_stride, rescaled
 from .attention_maps import CrossAttentionMaps
 from .conditions import ConditionDetector
 from .controlnets import load_controlnet
-from .latents import draw_noise, encode_latents, latent_scheduler, noised
+from .latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from .loading import DEFAULT_MODEL, load_stable_diffusion
 from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                    load_text_encoder_loras)
@@ -254,13 +254,15 @@ class StableDiffusionSource(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
+                 generator: Optional[Noise] = None) -> List[Features]:
         """Features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any size: a dict
         tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order.
 
         ``timestep`` (default: each variant's own) is validated at every call; see
         :meth:`noise_plan` for what it means. ``generator`` draws the noise of the variants
-        without a ``noise_seed`` of their own (default: one seeded with ``noise_seed``)."""
+        without a ``noise_seed`` of their own (default: one seeded with ``noise_seed``): a
+        ``torch.Generator`` for the whole batch, or a ``PerImageNoise`` (each image's own,
+        also for the variants with a ``noise_seed``)."""
         check_images(images)
         if isinstance(timestep, torch.Generator):
             raise TypeError('The second argument is the timestep; pass the noise generator as '
@@ -295,7 +297,7 @@ class StableDiffusionSource(FeatureSource):
 
     @torch.no_grad()
     def extract_padded(self, pixels: torch.Tensor, timestep: Optional[int],
-                       generator: torch.Generator) -> List[Features]:
+                       generator: Noise) -> List[Features]:
         """Features per variant for images in [-1, 1] whose sides are multiples of
         ``size_multiple``, at ``timestep`` (:meth:`noise_plan`).
 
@@ -318,8 +320,7 @@ class StableDiffusionSource(FeatureSource):
             seed = variant.noise_seed
             if seed not in noises:
                 self.counts['noise_samples'] += pixels.shape[0]
-                noises[seed] = draw_noise(clean.shape, generator if seed is None else
-                                          torch.Generator().manual_seed(seed))
+                noises[seed] = draw_noise(clean.shape, generator, seed)
             if (seed, start) not in noisy:
                 noisy[seed, start] = noised(self.scheduler, clean, start, noises[seed])
             latents.append(noisy[seed, start])  # one tensor: its ControlNet pass is shared
