@@ -149,6 +149,18 @@ def test_eval_noise_is_per_image_and_independent_of_the_batch(backbone):
     # (Other processes draw the same: tests/test_store.py's two-process extraction.)
 
 
+def test_fresh_eval_noise_as_the_authors(backbone):
+    """eval_noise='fresh': new noise at every forward in eval mode too (their img2img
+    noising at test time); the default repeats."""
+    x = torch.randn(1, 3, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip(backbone(x), backbone(x)))
+    backbone.eval_noise = 'fresh'
+    first, second = backbone(x), backbone(x)
+    assert not torch.equal(first[0], second[0])
+    with pytest.raises(ValueError, match='eval_noise'):
+        type(backbone)(source=dict(sd_model='unused'), eval_noise='sample')
+
+
 def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
     import copy
     x = torch.randn(1, 3, 64, 64)

@@ -80,3 +80,19 @@ def test_trains_in_a_config(make_demo_cfg, tmp_path):
     runner = RUNNERS.build(cfg)
     runner.train()
     assert runner.message_hub.get_scalar('train/amalgamation_sparsity') is not None
+
+
+def test_assigner_convolution_initialisation():
+    """'kaiming': mmcv's (std sqrt(2 / fan_out)); 'pytorch': nn.Conv2d's own, the authors'
+    (uniform, std 1 / sqrt(3 fan_in)), kept through init_weights."""
+    from mmseg_gate.models.amalgamation import WeightAssigner
+    channels, hidden = 256, 128
+    torch.manual_seed(0)
+    for conv_init, std in (('kaiming', (2 / (hidden * 9)) ** 0.5),
+                           ('pytorch', 1 / (3 * channels * 9) ** 0.5)):
+        assigner = WeightAssigner(channels, hidden, conv_init=conv_init)
+        for _ in range(2):  # as built, then after MMEngine's init_weights
+            assert assigner.conv.conv.weight.std().item() == pytest.approx(std, rel=0.05)
+            assigner.init_weights()
+    with pytest.raises(ValueError, match='conv_init'):
+        WeightAssigner(8, conv_init='xavier')

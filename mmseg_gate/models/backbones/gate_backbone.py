@@ -42,9 +42,15 @@ class GATEBackbone(BaseModule):
             the same noise for an image in any batch, and another for every other image, as a
             feature store draws it); in train mode a generator seeded with
             ``noise_seed + rank`` runs on (and is saved in checkpoints). Default: 0.
+        eval_noise (str): 'per_image' (above) or 'fresh': in eval mode too, the noise comes
+            from the run's generator, new at every forward -- the authors' way (their
+            img2img noising draws fresh noise at test time too); predictions then vary from
+            run to run. Default: 'per_image'.
         num_assigners (int): weight assigners per level in the amalgamation; each adds the
             level's channels to the output. Default: 1.
-        assigner_cfg (dict): ``hidden_channels`` and ``dropout_ratio`` of the assigners.
+        assigner_cfg (dict): ``hidden_channels`` and ``dropout_ratio`` of the assigners, and
+            optionally ``conv_init`` ('kaiming', mmcv's, by default; 'pytorch': the
+            authors').
         input_mean (Sequence[float]): the data preprocessor's ``mean`` (0-255 pixel units),
             used to turn its output back into the VAE's [-1, 1]. Default: 127.5 each.
         input_std (Sequence[float]): the data preprocessor's ``std``. Default: 127.5 each.
@@ -57,6 +63,7 @@ class GATEBackbone(BaseModule):
     def __init__(self,
                  source: Optional[dict] = None,
                  noise_seed: int = 0,
+                 eval_noise: str = 'per_image',
                  num_assigners: int = 1,
                  assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
                  input_mean: Sequence[float] = (127.5, 127.5, 127.5),
@@ -71,7 +78,11 @@ class GATEBackbone(BaseModule):
                 "Move these keys into `source=dict(type='StableDiffusionSource', ...)`, e.g. "
                 "backbone=dict(type='GATEBackbone', source=dict(sd_model=..., prompt=..., "
                 'variants=...), num_assigners=...).')
+        if eval_noise not in ('per_image', 'fresh'):
+            raise ValueError(f"GATEBackbone eval_noise must be 'per_image' or 'fresh', got "
+                             f'{eval_noise!r}.')
         super().__init__(init_cfg)
+        self.eval_noise = eval_noise
         self.source = build_source(source or {})
         self.fusion = GATEFusion(self.source.feature_info, num_assigners, assigner_cfg,
                                  num_refine_blocks, norm_cfg)
@@ -99,8 +110,9 @@ class GATEBackbone(BaseModule):
         return module
 
     def _noise(self, images: torch.Tensor) -> Noise:
-        """Eval: per image, from its pixels; train: the run's generator."""
-        if not self.training:
+        """Eval: per image, from its pixels (unless ``eval_noise='fresh'``); train: the run's
+        generator."""
+        if not self.training and self.eval_noise == 'per_image':
             return PerImageNoise.for_images(images, self.noise_seed)
         return self._generator_for_training()
 

@@ -105,12 +105,15 @@ class GATEAggregationNetwork(BaseModule):
         grid (int): side of the output grid (64 for their 512x512 inputs). Default: 64.
         resize_mode (str): how levels are resized to the grid. Default: 'nearest'.
         hidden_channels, dropout_ratio: of the weight assigner. Default: 128, 0.5.
+        conv_init (str): the assigner convolution's initialisation, 'kaiming' (mmcv's) or
+            'pytorch' (the authors' plain ``nn.Conv2d``). Default: 'kaiming'.
     """
 
     def __init__(self, feature_info: List[dict],
                  bypass: Sequence[str] = ('attn.cross_attention_maps', ),
                  output: str = 'conv', grid: int = 64, resize_mode: str = 'nearest',
-                 hidden_channels: int = 128, dropout_ratio: float = 0.5):
+                 hidden_channels: int = 128, dropout_ratio: float = 0.5,
+                 conv_init: str = 'kaiming'):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f'GATEAggregationNetwork output must be one of {OUTPUTS}, got '
@@ -129,7 +132,8 @@ class GATEAggregationNetwork(BaseModule):
         self.fused = [info['module'] for info in fused]
         channels = sum(info['num_chs'] for info in fused)
         self.amalgamation = VariantAmalgamation(channels, fused[0]['num_variants'], 1,
-                                                hidden_channels, dropout_ratio)
+                                                hidden_channels, dropout_ratio,
+                                                conv_init=conv_init)
         width = channels + sum(info['num_chs'] for info in feature_info
                                if info['module'] in self.bypass)
         self.output = output
