@@ -2,7 +2,8 @@
 # `segmentation/configs/gate_ade.py` (Darkbblue/diffusion-content-shift @81a7cae, over
 # generic-diffusion-feature's `_base_` @e4361a6) wherever they are settings, not bugs:
 # - the prompt alone, no class names appended;
-# - fresh noise at every forward, evaluation included (eval_noise='fresh');
+# - fresh noise at every forward, evaluation included (eval_noise='fresh'), and each
+#   variant its own (variant_noise='independent': their variants are separate model copies);
 # - the assigner's convolution with PyTorch's default initialisation;
 # - PolyLR down to eta_min 1e-4 (from 1.6e-4: the rate barely decays);
 # - slide test with 512x512 windows at stride 512 (no overlap).
@@ -15,7 +16,7 @@ _base_ = ['./gate_upernet_ade20k.py']
 crop_size = (512, 512)
 model = dict(
     backbone=dict(
-        source=dict(append_class_names=False),
+        source=dict(append_class_names=False, variant_noise='independent'),
         eval_noise='fresh',
         assigner_cfg=dict(hidden_channels=128, dropout_ratio=0.5, conv_init='pytorch')),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(512, 512)))

@@ -5,7 +5,8 @@
 # - every 1024x1024 crop seen by Stable Diffusion at 512x512 (their `img_size=512`;
 #   input_scale=0.5: strides 16, 32, 64 in input pixels);
 # - the images resized to 2048x1024 without random scaling (`Resize`, not `RandomResize`);
-# - fresh noise at every forward, evaluation included (eval_noise='fresh');
+# - fresh noise at every forward, evaluation included (eval_noise='fresh'), and each
+#   variant its own (variant_noise='independent': their variants are separate model copies);
 # - the assigner's convolution with PyTorch's default initialisation;
 # - PolyLR down to eta_min 1e-4 (from 1.6e-4: the rate barely decays);
 # - slide test with 1024x1024 windows at stride 512.
@@ -14,7 +15,7 @@ _base_ = ['./gate_upernet_cityscapes.py']
 crop_size = (1024, 1024)
 model = dict(
     backbone=dict(
-        source=dict(append_class_names=False, input_scale=0.5),
+        source=dict(append_class_names=False, variant_noise='independent', input_scale=0.5),
         eval_noise='fresh',
         assigner_cfg=dict(hidden_channels=128, dropout_ratio=0.5, conv_init='pytorch')),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(512, 512)))

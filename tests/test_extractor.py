@@ -135,6 +135,42 @@ def test_per_variant_recipes_equal_single_variant_extractors(tiny_sd, tiny_contr
         extractor(x, torch.Generator())
 
 
+def test_independent_variant_noise(tiny_sd, tiny_controlnet):
+    """variant_noise='independent': each variant its own draw (the authors' runs): two equal
+    variants then differ; each equals a one-variant source given that variant's draw; a
+    variant's ControlNet pass is no longer shared."""
+    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    common = dict(sd_model=tiny_sd, prompt='a photo',
+                  controlnets=dict(canny=dict(model=tiny_controlnet)))
+    variants = [dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=1.0))]
+    x = images()
+    noise = PerImageNoise.for_images(x, 0)
+    shared = StableDiffusionSource(variants=variants, **common)
+    same = shared(x, generator=noise)
+    torch.testing.assert_close(same[0][DEFAULT_TAPS[0]], same[1][DEFAULT_TAPS[0]])
+    assert shared.counts['controlnet_passes'] == x.shape[0]
+    independent = StableDiffusionSource(variants=variants, variant_noise='independent',
+                                        **common)
+    apart = independent(x, generator=noise)
+    assert not torch.allclose(apart[0][DEFAULT_TAPS[0]], apart[1][DEFAULT_TAPS[0]], atol=1e-3)
+    counts = independent.counts
+    assert counts['noise_samples'] == counts['controlnet_passes'] == 2 * x.shape[0]
+    single = StableDiffusionSource(variants=variants[:1], **common)
+    for i in range(2):  # variant i's draw: stream i of the image's noise
+        latent = independent.vae.encode(x).latent_dist.mode() * \
+            independent.vae.config.scaling_factor
+        drawn = noise.draw(latent.shape, stream=i)
+
+        class Fixed(PerImageNoise):  # hands the one-variant source exactly that draw
+            def draw(self, shape, seed=None, stream=None):
+                return drawn
+        alone = single(x, generator=Fixed(0, noise.keys))[0]
+        torch.testing.assert_close(apart[i][DEFAULT_TAPS[0]], alone[DEFAULT_TAPS[0]],
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='variant_noise'):
+        StableDiffusionSource(variant_noise='fresh', **common)
+
+
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000):
     """SD's noise schedule written out (the tiny model's scheduler config has these)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64)**2

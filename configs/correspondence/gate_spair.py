@@ -43,6 +43,7 @@ source = dict(
             taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
                   'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
             timestep=50,
+            variant_noise='independent',  # theirs: a run per variant, fresh noise
             frozen_dtype='auto'),
         attn=dict(
             type='StableDiffusionSource',
@@ -54,6 +55,7 @@ source = dict(
             taps=(),
             attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
             timestep=50,
+            variant_noise='independent',  # theirs: a run per variant, fresh noise
             frozen_dtype='auto')))
 data = dict(
     root='data/SPair-71k',

@@ -44,6 +44,8 @@ model = dict(
                     attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
                     timestep=50,
                     input_scale=2.0,
+                    # Each variant its own noise, as the authors' runs (one per variant).
+                    variant_noise='independent',
                     frozen_dtype='auto'),
                 # guided-diffusion's LSUN ADM (each dataset config names its checkpoint):
                 # output blocks 5, 6, 7, 8, 12 (2,816 channels) at steps 50, 150, 250 with

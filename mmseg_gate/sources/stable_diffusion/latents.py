@@ -32,16 +32,19 @@ class PerImageNoise:
         """The noise of one of several sources side by side: independent of the others'."""
         return PerImageNoise(self.seed, [f'{key}/{name}' for key in self.keys])
 
-    def draw(self, shape, seed: Optional[int] = None) -> torch.Tensor:
+    def draw(self, shape, seed: Optional[int] = None,
+             stream: Optional[int] = None) -> torch.Tensor:
         """Standard normal (N, ...) noise in float32, image by image (``seed``: a variant's
-        own instead of this one's)."""
+        own instead of this one's; ``stream``: another independent draw of the same image,
+        e.g. one per variant)."""
         if shape[0] != len(self.keys):
             raise ValueError(f'PerImageNoise has {len(self.keys)} image keys for a batch of '
                              f'{shape[0]}.')
         seed = self.seed if seed is None else int(seed)
+        suffix = '' if stream is None else f':{stream}'
         return torch.cat([torch.randn((1, *shape[1:]), dtype=torch.float32,
                                       generator=torch.Generator().manual_seed(
-                                          _derived_seed(seed, key)))
+                                          _derived_seed(seed, key + suffix)))
                           for key in self.keys])
 
 
@@ -62,14 +65,18 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latent - shift) * vae.config.scaling_factor
 
 
-def draw_noise(shape, generator: Optional[Noise], seed: Optional[int] = None) -> torch.Tensor:
+def draw_noise(shape, generator: Optional[Noise], seed: Optional[int] = None,
+               stream: Optional[int] = None) -> torch.Tensor:
     """Standard normal noise drawn on the CPU in float32, so one seed gives the same noise on
     every device and dtype: from ``generator`` (a stream for the whole batch, or
-    :class:`PerImageNoise`), or for ``seed`` (a variant's own noise seed)."""
+    :class:`PerImageNoise`), or for ``seed`` (a variant's own noise seed). ``stream``: an
+    independent draw (a variant's own): with a ``PerImageNoise`` part of its key; for a
+    ``seed``, mixed into it; a generator stream simply draws on."""
     if isinstance(generator, PerImageNoise):
-        return generator.draw(shape, seed)
+        return generator.draw(shape, seed, stream)
     if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(
+            seed if stream is None else _derived_seed(seed, f'stream {stream}'))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

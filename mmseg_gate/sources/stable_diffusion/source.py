@@ -113,6 +113,11 @@ class StableDiffusionSource(FeatureSource):
             LoRA compute, one UNet of memory per LoRA). Default: 'adapters'.
         noise_seed (int): seed of the noise when a call passes no generator (variants with a
             ``noise_seed`` of their own always draw from it). Default: 0.
+        variant_noise (str): 'shared': the variants without a ``noise_seed`` of their own share
+            an image's noise draw (they differ by their guidance alone, and variants with the
+            same ControlNet and prompt share its pass); 'independent': every variant draws its
+            own (the authors' runs, one per variant, each with fresh noise; more ControlNet
+            passes where variants share a ControlNet). Default: 'shared'.
         input_scale (float): the model sees the input resized by this factor (bilinear):
             2.0 gives SD1.5 512x512 from the label-scarce benchmark's 256x256 images, so
             that a second source (ADM) sees them unresampled. Strides are in input pixels.
@@ -135,7 +140,12 @@ class StableDiffusionSource(FeatureSource):
                  batch_variants: bool = True,
                  lora_mode: str = 'adapters',
                  noise_seed: int = 0,
+                 variant_noise: str = 'shared',
                  input_scale: float = 1.0):
+        if variant_noise not in ('shared', 'independent'):
+            raise ValueError(f"variant_noise must be 'shared' or 'independent', got "
+                             f'{variant_noise!r}.')
+        self.variant_noise = variant_noise
         controlnets, loras = dict(controlnets or {}), dict(loras or {})
         self.timestep, self.denoising_from = check_timesteps(timestep, denoising_from, 1000)
         self.variants: List[Variant] = parse_variants(variants, prompt, list(controlnets),
@@ -313,17 +323,18 @@ class StableDiffusionSource(FeatureSource):
         conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
         time_ids = self.time_ids(pixels)
         noises, noisy, latents = {}, {}, []
-        for variant, (_, start) in zip(self.variants, plans):
+        for index, (variant, (_, start)) in enumerate(zip(self.variants, plans)):
             if start is None:
                 latents.append(clean)
                 continue
             seed = variant.noise_seed
-            if seed not in noises:
+            key = (seed, index if self.variant_noise == 'independent' else None)
+            if key not in noises:
                 self.counts['noise_samples'] += pixels.shape[0]
-                noises[seed] = draw_noise(clean.shape, generator, seed)
-            if (seed, start) not in noisy:
-                noisy[seed, start] = noised(self.scheduler, clean, start, noises[seed])
-            latents.append(noisy[seed, start])  # one tensor: its ControlNet pass is shared
+                noises[key] = draw_noise(clean.shape, generator, seed, stream=key[1])
+            if (key, start) not in noisy:
+                noisy[key, start] = noised(self.scheduler, clean, start, noises[key])
+            latents.append(noisy[key, start])  # one tensor: its ControlNet pass is shared
         for (end, start), indices in _by_key(plans, lambda p: p if p[1] is not None else None):
             if start > end:
                 latents = self._denoise(latents, indices, conditions, time_ids, start, end)
