@@ -412,3 +412,75 @@ def test_the_real_config_builds(tiny):
                                      'gate_dinov2_spair.py'))
     assert fused.source.sources.dino.type == 'DINOv2Source'
     assert fused.aggregator.bypass == ('attn.cross_attention_maps', 'dino.last_hidden_state')
+    authors = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence',
+                                       'gate_spair_authors.py'))
+    assert authors.train == dict(cfg.train, val_mode='train', val_offset=1, val_last=False)
+    assert cfg.train.get('val_mode', 'eval') == 'eval'
+
+
+def test_validation_in_train_mode_as_the_authors(spair_root, tmp_path):
+    """``val_mode='train'``: each pair in one batch through the network in train mode
+    (BatchNorm over the pair, dropout active), as the authors' validation; written out here
+    with the network and ``match``. Validation leaves the BatchNorm statistics."""
+    from mmseg_gate.protocols.correspondence.metric import evaluate
+    from mmseg_gate.protocols.correspondence.model import GATEAggregationNetwork
+    from mmseg_gate.protocols.correspondence.training import (aggregated, in_train_mode,
+                                                               train_aggregator, validate)
+    info = [dict(module='conv.a', num_chs=6, num_variants=2),
+            dict(module='attn.cross_attention_maps', num_chs=3, num_variants=1)]
+    pairs = load_pairs(spair_root, 'val') + load_pairs(spair_root, 'trn')
+    paths = sorted({p[k] for p in pairs for k in ('src_path', 'trg_path')})
+    torch.manual_seed(0)
+    feats = {path: [{'conv.a': torch.randn(1, 6, 4, 4) * (i + 1) + i} for _ in range(2)]
+             + [{'attn.cross_attention_maps': torch.rand(1, 3, 4, 4)}]
+             for i, path in enumerate(paths)}
+    net = GATEAggregationNetwork(info, output='conv', grid=8, dropout_ratio=0.0)
+    outputs, predictions = [], []
+    for pair in pairs:
+        both = [{k: torch.cat([feats[pair['src_path']][v][k], feats[pair['trg_path']][v][k]])
+                 for k in feats[pair['src_path']][v]} for v in range(3)]
+        with torch.no_grad():
+            out = net.train()(both)
+        outputs.append(out)
+        predictions.append(match(out[0], out[1],
+                                 torch.tensor(pair['src_kps'], dtype=torch.float32),
+                                 tuple(pair['src_imsize'][:2]), tuple(pair['trg_imsize'][:2])))
+    features = in_train_mode(net, feats.__getitem__)
+    first = features(pairs[0]['src_path'], pairs[0]['trg_path'])
+    assert torch.equal(first[0], outputs[0][0]) and torch.equal(first[1], outputs[0][1])
+    other = next(p for p in paths if p not in (pairs[0]['src_path'], pairs[0]['trg_path']))
+    assert not torch.allclose(features(pairs[0]['src_path'], other)[0], first[0])  # the pair's BN
+    net.eval()
+    assert not torch.allclose(aggregated(net, feats.__getitem__)(pairs[0]['src_path']), first[0])
+    _, predicted = evaluate(pairs, None, pair_features=features, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(predicted, predictions))
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    validate(net, feats.__getitem__, pairs, 0.1, val_mode='train')
+    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())
+    # Dropout active: validations are noisy, the paper reports their maximum.
+    noisy = GATEAggregationNetwork(info, output='nn', grid=8, dropout_ratio=0.5)
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        noisy.train()(feats[paths[0]])
+        weights.append(noisy.amalgamation.last_weights[0].clone())
+    assert not torch.equal(*weights)
+    work = tmp_path / 'work'
+    work.mkdir()
+    log = train_aggregator(noisy, feats.__getitem__, pairs, pairs, str(work), steps=3,
+                           val_every=1, val_mode='train', progress=False)
+    assert [h['step'] for h in log['history']] == [1, 2, 3]
+    assert log['paper']['pck_bbox'] == max(h['pck_bbox'] for h in log['history'])
+    assert json.loads((work / 'training.json').read_text())['history'] == log['history']
+    with pytest.raises(ValueError, match="val_mode must be one of .*'dropout'"):
+        train_aggregator(noisy, feats.__getitem__, pairs, pairs, str(work), steps=1,
+                         val_mode='dropout', progress=False)
+    # The authors' schedule: their 0-based step counter validates after 501, 1001, ... updates,
+    # never after the last.
+    theirs = train_aggregator(noisy, feats.__getitem__, pairs, pairs, str(tmp_path / 'theirs'),
+                              steps=6, val_every=2, val_offset=1, val_last=False,
+                              progress=False)
+    assert [h['step'] for h in theirs['history']] == [3, 5]
+    with pytest.raises(ValueError, match='never validate'):
+        train_aggregator(noisy, feats.__getitem__, pairs, pairs, str(work), steps=2,
+                         val_every=2, val_offset=1, val_last=False, progress=False)

@@ -424,3 +424,65 @@ def test_vote_takes_the_majority_and_the_lowest_on_ties():
             return [torch.zeros(len(ys), 1, 1)]
     members = [Fixed([2, 1]), Fixed([2, 0]), Fixed([1, 2])]
     assert predict(members, Bank(), 0).tolist() == [[2, 0]]  # 2 wins; 1/0/2 tie -> 0
+
+
+class _Maps:
+    """A store's reading surface over given maps: variants named as a composite names them."""
+
+    folder = 'maps'
+
+    def __init__(self, maps):
+        self.maps = maps  # {variant name: {feature: (N, C, h, w)}}
+        self.variant_names = list(maps)
+
+    def names(self, variant):
+        return list(self.maps[self.variant_names[variant]])
+
+    def feature(self, index, variant, name):
+        return self.maps[self.variant_names[variant]][name][index]
+
+
+def test_nearest_first_reads_the_authors_extraction_grid():
+    """SD maps nearest to the variant's largest map, then bilinear (the authors'
+    extract_feature.py + task-pixel.py); the ADM part stays bilinear from its native maps."""
+    from mmseg_gate.protocols.pixel_training import PixelBank
+    torch.manual_seed(0)
+    sd = {'coarse': torch.randn(2, 3, 4, 4), 'fine': torch.randn(2, 2, 16, 16)}
+    adm = {'block': torch.randn(2, 2, 4, 4), 'other': torch.randn(2, 1, 8, 8)}
+    store = _Maps({'sd: plain': sd, 'adm: t=50': adm})
+    labels = [torch.zeros(32, 32), torch.zeros(32, 32)]
+    images = torch.tensor([0, 1, 1, 0, 1])
+    ys, xs = torch.tensor([0, 5, 17, 31, 9]), torch.tensor([3, 30, 2, 14, 21])
+
+    def bilinear(maps, size=(32, 32)):
+        return F.interpolate(maps, size=size, mode='bilinear', align_corners=False)
+
+    def nearest(maps):
+        return F.interpolate(maps, size=(16, 16), mode='nearest')
+    theirs = PixelBank(store, [0, 1], labels, 255, 0, nearest_first=('sd', ))
+    sd_ref = torch.cat([bilinear(nearest(sd['coarse'])), bilinear(sd['fine'])], dim=1)
+    adm_ref = torch.cat([bilinear(adm['block']), bilinear(adm['other'])], dim=1)
+    sd_out, adm_out = theirs.features(images, ys, xs)
+    torch.testing.assert_close(sd_out[:, 0], sd_ref[images, :, ys, xs], rtol=0, atol=2e-3)
+    torch.testing.assert_close(adm_out[:, 0], adm_ref[images, :, ys, xs], rtol=0, atol=2e-3)
+    ours = PixelBank(store, [0, 1], labels, 255, 0, nearest_first=())
+    plain = torch.cat([bilinear(sd['coarse']), bilinear(sd['fine'])], dim=1)
+    torch.testing.assert_close(ours.features(images, ys, xs)[0][:, 0],
+                               plain[images, :, ys, xs], rtol=0, atol=2e-3)
+    assert not torch.allclose(sd_out[:, 0, :3], plain[images, :3, ys, xs], atol=1e-2)
+    with pytest.raises(ValueError, match=r"names \['vae'\].*its parts: \['adm', 'sd'\]"):
+        PixelBank(store, [0, 1], labels, 255, 0, nearest_first=('sd', 'vae'))
+
+
+def test_nearest_then_bilinear_reads_equal_resizing_twice():
+    from mmseg_gate.store.reader import bilinear_at
+    torch.manual_seed(0)
+    for native, grid, size in (((16, 16), (64, 64), (256, 256)), ((5, 7), (12, 9), (31, 17)),
+                               ((7, 3), (64, 64), (50, 50))):
+        maps = torch.randn(3, 4, *native)
+        images = torch.randint(0, 3, (300, ))
+        ys, xs = torch.randint(0, size[0], (300, )), torch.randint(0, size[1], (300, ))
+        twice = F.interpolate(F.interpolate(maps, size=grid, mode='nearest'), size=size,
+                              mode='bilinear', align_corners=False)
+        torch.testing.assert_close(bilinear_at(maps, images, ys, xs, size, via=grid),
+                                   twice[images, :, ys, xs], rtol=1e-5, atol=1e-5)

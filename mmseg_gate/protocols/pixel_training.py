@@ -10,12 +10,15 @@ the majority vote of the members' argmax at the labels' resolution.
 Here the features come from a store (``mmseg_gate.store``): the training images' native maps
 are held in RAM (their stored size: 1.5 GB for Horse-21's 30 images at SD1.5 shapes) and each
 batch is read bilinearly at its pixels, which equals the benchmark's resizing of every map to
-the labels' 256x256 (the authors hold those: 231 GB) without building it.
+the labels' 256x256 (the authors hold those: 231 GB) without building it. With
+``pixel_ensemble.nearest_first`` the named sources' maps are read as the authors' extraction
+leaves them: resized nearest-neighbour to the variant's largest map (SD1.5's 64x64), then
+bilinearly to the labels' size.
 """
 import json
 import os
 import os.path as osp
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,16 +45,44 @@ def feature_groups(store: FeatureStore) -> Groups:
     return [(tuple(variants), names) for names, variants in groups.items()]
 
 
+def nearest_grids(store: FeatureStore, nearest_first: Union[bool, Sequence[str]]
+                  ) -> Dict[int, Optional[Tuple[int, int]]]:
+    """Per variant, the grid its maps are first resized to nearest-neighbour (its largest
+    map's height and width, as the authors' ``extract_feature.py --aggregate_output``), or
+    None (bilinear from the native maps). ``nearest_first``: True for every variant, or the
+    names of the composite source's parts it applies to (variants named ``'<part>: ...'``)."""
+    if isinstance(nearest_first, str):
+        nearest_first = (nearest_first, )
+    grids = {}
+    for variant, label in enumerate(store.variant_names):
+        part = label.split(': ', 1)[0] if ': ' in label else None
+        if nearest_first is True or (part is not None and part in (nearest_first or ())):
+            shapes = [store.feature(0, variant, name).shape[1:] for name in store.names(variant)]
+            grids[variant] = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+        else:
+            grids[variant] = None
+    parts = {label.split(': ', 1)[0] for label in store.variant_names if ': ' in label}
+    unknown = [] if isinstance(nearest_first, bool) else sorted(set(nearest_first) - parts)
+    if unknown:
+        raise ValueError(f'pixel_ensemble.nearest_first names {unknown}, which are not parts '
+                         f"of the store '{store.folder}' (its parts: {sorted(parts)}); name "
+                         'parts of the composite source, or set it to True for every variant.')
+    return grids
+
+
 class PixelBank:
     """Images of a split from a store, with their labels: features of any pixels, read
-    bilinearly at the labels' resolution from the native maps held in RAM (float16). When
-    the training pixels' features fit in ``table_bytes`` they are read once into a table
-    (float16) that batches index, the same values faster, and the maps are let go."""
+    bilinearly at the labels' resolution from the native maps held in RAM (float16) --
+    through a nearest-neighbour grid first for the variants ``nearest_first`` names
+    (:func:`nearest_grids`). When the training pixels' features fit in ``table_bytes`` they
+    are read once into a table (float16) that batches index, the same values faster, and
+    the maps are let go."""
 
     def __init__(self, store: FeatureStore, indices: Sequence[int],
-                 labels: Sequence[torch.Tensor], ignore_index: int = 255,
-                 table_bytes: float = 2 * 1024**3):
+                 labels: Sequence[torch.Tensor], ignore_index: int,
+                 table_bytes: float, nearest_first: Union[bool, Sequence[str]]):
         self.groups = feature_groups(store)
+        self.via = nearest_grids(store, nearest_first)
         self.maps = {(v, name): torch.stack([store.feature(i, v, name).half() for i in indices])
                      for variants, names in self.groups for v in variants for name in names}
         self.labels = torch.stack([label.long() for label in labels])
@@ -85,7 +116,8 @@ class PixelBank:
         """Per group (P, buckets, channels) float32 at pixels (``ys``, ``xs``) of the labels'
         grid of images ``images``."""
         return [torch.stack([torch.cat([bilinear_at(self.maps[v, name], images, ys, xs,
-                                                    self.size) for name in names], dim=1)
+                                                    self.size, self.via[v])
+                                        for name in names], dim=1)
                              for v in variants], dim=1)
                 for variants, names in self.groups]
 
@@ -148,7 +180,7 @@ def predict(members: Sequence[PixelMember], bank: PixelBank, image: int,
     return votes.argmax(dim=1).view(height, width)
 
 
-def split_bank(cfg, split: str, store: FeatureStore,
+def split_bank(cfg, split: str, store: FeatureStore, nearest_first: Union[bool, Sequence[str]],
                table_bytes: float = 2 * 1024**3) -> Tuple[PixelBank, List, Dict]:
     """The split's images from the store (found by their pixels) with their labels, their
     data samples and the dataset's metainfo."""
@@ -164,7 +196,7 @@ def split_bank(cfg, split: str, store: FeatureStore,
         labels.append(sample.gt_sem_seg.data[0])
         samples.append(sample)
     ignore = cfg.model.decode_head.get('ignore_index', 255)
-    return (PixelBank(store, indices, labels, ignore, table_bytes), samples,
+    return (PixelBank(store, indices, labels, ignore, table_bytes, nearest_first), samples,
             images.dataset.metainfo)
 
 
@@ -177,7 +209,8 @@ def run_pixel_split(cfg, store: FeatureStore, work_dir: str,
     num_members = settings.pop('num_members', 10)
     seed = settings.pop('seed', 0)
     member_cfg = settings.pop('member', {})
-    train, _, _ = split_bank(cfg, 'train', store)
+    nearest_first = settings.pop('nearest_first', ())  # bilinear from the native maps
+    train, _, _ = split_bank(cfg, 'train', store, nearest_first)
     members, log = [], []
     for k in range(num_members):
         torch.manual_seed(seed + k)
@@ -197,7 +230,8 @@ def run_pixel_split(cfg, store: FeatureStore, work_dir: str,
                           tmp)
         members.append(member)
     del train
-    test, samples, metainfo = split_bank(cfg, 'test', store, table_bytes=0)  # whole maps
+    test, samples, metainfo = split_bank(cfg, 'test', store, nearest_first,
+                                         table_bytes=0)  # whole maps
     evaluator = Evaluator(cfg.test_evaluator)
     evaluator.dataset_meta = metainfo
     for i, sample in enumerate(samples):

@@ -118,17 +118,34 @@ class FeatureStore:
                                       size) for name in names or self.names(variant)], dim=1)
 
 
+def nearest_index(index: torch.Tensor, out: int, native: int) -> torch.Tensor:
+    """The native index ``F.interpolate(mode='nearest')`` reads for output ``index`` of an
+    ``out``-long axis (PyTorch's float32 ``floor(index * native / out)``)."""
+    if out == native:
+        return index
+    scale = torch.tensor(native, dtype=torch.float32) / out
+    return (index.float() * scale).floor().long().clamp(max=native - 1)
+
+
 def bilinear_at(maps: torch.Tensor, images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                size: Tuple[int, int]) -> torch.Tensor:
+                size: Tuple[int, int], via: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``F.interpolate(maps, size, mode='bilinear', align_corners=False)[images, :, ys, xs]``
     without building the resized maps: maps (N, C, h, w), pixel ``i`` of image ``images[i]``
-    at (``ys[i]``, ``xs[i]``) of the ``size`` grid -> (P, C) float32."""
-    def axis(dst: torch.Tensor, out: int, native: int):
-        src = ((dst.double() + 0.5) * (native / out) - 0.5).clamp(min=0)
-        low = src.floor().long().clamp(max=native - 1)
-        return low, (low + 1).clamp(max=native - 1), (src - low).float()[:, None]
-    y0, y1, wy = axis(ys, size[0], maps.shape[2])
-    x0, x1, wx = axis(xs, size[1], maps.shape[3])
+    at (``ys[i]``, ``xs[i]``) of the ``size`` grid -> (P, C) float32.
+
+    With ``via``, the maps are first resized nearest-neighbour to ``via`` (the GATE
+    authors' extraction), then bilinearly to ``size``: still without building either."""
+    def axis(dst: torch.Tensor, out: int, native: int, mid: Optional[int]):
+        grid = mid or native
+        src = ((dst.double() + 0.5) * (grid / out) - 0.5).clamp(min=0)
+        low = src.floor().long().clamp(max=grid - 1)
+        high, weight = (low + 1).clamp(max=grid - 1), (src - low).float()[:, None]
+        if mid is not None:
+            low, high = nearest_index(low, mid, native), nearest_index(high, mid, native)
+        return low, high, weight
+    via = via or (None, None)
+    y0, y1, wy = axis(ys, size[0], maps.shape[2], via[0])
+    x0, x1, wx = axis(xs, size[1], maps.shape[3], via[1])
 
     def at(y, x):
         return maps[images, :, y, x].float()

@@ -129,11 +129,14 @@ val_dataloader = val_evaluator = val_cfg = None
 # sparsity term (lambda random-walking from 0), on random 64-pixel batches of every training
 # pixel read from the feature store, Adam 1e-3, at most 100 epochs, early stopping from the
 # fifth epoch (more than 50 batches without a new best batch loss), the majority vote at the
-# labels' 256x256. `--cfg-options pixel_ensemble=None` trains the MMSeg segmentor below
+# labels' 256x256. The SD maps are read as the authors' extraction leaves them: resized
+# nearest-neighbour to the variant's largest map (64x64), then bilinearly to 256x256
+# (`nearest_first=()`: bilinear from the native 16/32/64 maps); ADM's bilinearly, as
+# DDPM-segmentation's. `--cfg-options pixel_ensemble=None` trains the MMSeg segmentor below
 # (GATEBackbone's per-level amalgamation + PixelClassifierHead) on whole images instead.
 pixel_ensemble = dict(num_members=10, seed=0, batch_size=64, lr=1e-3, max_epochs=100,
                       min_epochs=4, patience=50, sparsity='random_walk',
-                      member=dict(assigner_hidden=128, dropout=0.5))
+                      member=dict(assigner_hidden=128, dropout=0.5), nearest_first=('sd', ))
 
 # The segmentor's training (pixel_ensemble=None): about 100 epochs of the training images at batch 2 (the benchmark's MLPs: Adam 1e-3, at
 # most 100 epochs of 64-pixel batches, early stopping on the training loss).

@@ -8,6 +8,11 @@ in ``training.json``: the paper's (the best per-image and the best per-bbox PCK 
 validations, taken independently) and a selection (the step with the best per-bbox PCK,
 whose weights are ``best.safetensors``, tested on held-out pairs afterwards).
 
+Validation runs the network in eval mode (running BatchNorm statistics, no dropout), or with
+``val_mode='train'`` as the authors' does: in train mode, each pair's two images in one batch
+(BatchNorm over the pair, dropout active), so every validation is a noisy one. Either way
+validation leaves the network and every random stream as it found them.
+
 The run is resumable exactly: every validation before the last also writes
 ``last_checkpoint.pt`` (plain tensors and numbers: the network, the optimizer, the torch and
 sparsity-walk random states, the step, the history, the run's settings), atomically; a rerun
@@ -22,7 +27,7 @@ are kept in the checkpoint.
 import json
 import os
 import os.path as osp
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ from .metric import evaluate
 from .model import save_aggregator
 
 LAST = 'last_checkpoint.pt'
+VAL_MODES = ('eval', 'train')
 
 
 def earlier_best(work_dir: str) -> Optional[Dict]:
@@ -121,13 +127,24 @@ def train_aggregator(aggregator: nn.Module, cache: FeatureCache, train_pairs: Li
                      lr: float = 5e-4, weight_decay: float = 0.01, temperature: float = 0.07,
                      sparsity: Union[float, str] = 0.0, val_every: int = 500,
                      alpha: float = 0.1, seed: int = 0, steps_per_epoch: Optional[int] = None,
-                     matching: Optional[Dict] = None, progress: bool = True) -> Dict:
+                     matching: Optional[Dict] = None, val_mode: str = 'eval',
+                     val_offset: int = 0, val_last: bool = True,
+                     progress: bool = True) -> Dict:
     """Train on keypoint pairs (one pair per step, AdamW), validate every ``val_every``
     steps and at the end, keep the step with the best validation PCK@alpha per bbox
     (``best.safetensors``; one an earlier finished run left is replaced only by a better
     model). ``sparsity``: a fixed lambda (0: none) or ``'random_walk'`` (the authors').
     ``matching``: :func:`~.matching.match` options for validation and the keypoint grid
-    (``pixel_centres``). Resumes from ``last_checkpoint.pt`` when there is one."""
+    (``pixel_centres``). ``val_mode``: 'eval' or 'train' (the authors'; module docstring).
+    Validations come after steps ``val_offset + k * val_every`` (k >= 1) and, with
+    ``val_last``, after the last (the authors': offset 1, no last -- their 0-based step
+    counter validates after 501, 1001, ... updates). Resumes from ``last_checkpoint.pt`` when there is one."""
+    if val_mode not in VAL_MODES:
+        raise ValueError(f'train.val_mode must be one of {VAL_MODES}, got {val_mode!r}.')
+    if not val_last and steps < val_offset + val_every:
+        raise ValueError(f'train: {steps} steps with val_every={val_every}, '
+                         f'val_offset={val_offset} and val_last=False never validate (nothing '
+                         'to select): train longer or set val_last=True.')
     matching = dict(matching or {})
     centres = matching.get('pixel_centres', True)
     device = next(aggregator.parameters()).device
@@ -142,7 +159,8 @@ def train_aggregator(aggregator: nn.Module, cache: FeatureCache, train_pairs: Li
                                temperature=temperature, sparsity=sparsity, val_every=val_every,
                                seed=seed, steps_per_epoch=steps_per_epoch,
                                train_pairs=len(train_pairs), val_pairs=len(val_pairs),
-                               processes=world),
+                               processes=world, val_mode=val_mode, val_offset=val_offset,
+                               val_last=val_last),
                           sort_keys=True)
     start, history, best = 0, [], None
     resume = osp.isfile(last)
@@ -185,11 +203,12 @@ def train_aggregator(aggregator: nn.Module, cache: FeatureCache, train_pairs: Li
             value /= world
         walk.update(step - 1, value.item())
         bar.set_postfix(loss=f'{value.item():.3f}')
-        if step % val_every == 0 or step == steps:
+        scheduled = step > val_offset and (step - val_offset) % val_every == 0
+        if scheduled or (val_last and step == steps):
             rng = torch.get_rng_state()  # validation draws nothing from the training stream
             rng_states = all_gather_object(rng) if world > 1 else [rng]
             if rank == 0:
-                score = validate(aggregator, cache, val_pairs, alpha, matching)
+                score = validate(aggregator, cache, val_pairs, alpha, matching, val_mode)
                 torch.set_rng_state(rng)
                 history.append(dict(step=step, loss=value.item(), sparsity_lambda=lam,
                                     **score))
@@ -225,8 +244,35 @@ def aggregated(aggregator: nn.Module, cache: FeatureCache) -> Callable[[str], to
     return features
 
 
-def validate(aggregator, cache, pairs, alpha, matching: Optional[Dict] = None
-             ) -> Dict[str, float]:
-    results, _ = evaluate(pairs, aggregated(aggregator, cache), alpha, progress=False,
-                          matching=matching)
+def in_train_mode(aggregator: nn.Module, cache: FeatureCache
+                  ) -> Callable[[str, str], Tuple[torch.Tensor, torch.Tensor]]:
+    """``(source path, target path) -> two (C, h, w)``: the pair's features in one batch,
+    the network in train mode (the authors' validation: BatchNorm over the pair, dropout
+    active), without gradients."""
+    device = next(aggregator.parameters()).device
+
+    def features(source: str, target: str):
+        aggregator.train()
+        with torch.no_grad():
+            out = aggregator([{k: v.to(device) for k, v in f.items()}
+                              for f in batch_features(cache(source), cache(target))])
+        return out[0], out[1]
+    return features
+
+
+def validate(aggregator, cache, pairs, alpha, matching: Optional[Dict] = None,
+             val_mode: str = 'eval') -> Dict[str, float]:
+    """PCK on ``pairs`` in ``val_mode`` ('eval' or 'train'); the network's buffers (BatchNorm
+    running statistics) are as before afterwards."""
+    if val_mode == 'eval':
+        results, _ = evaluate(pairs, aggregated(aggregator, cache), alpha, progress=False,
+                              matching=matching)
+        return results['overall']
+    buffers = {name: value.clone() for name, value in aggregator.named_buffers()}
+    try:
+        results, _ = evaluate(pairs, None, alpha, progress=False, matching=matching,
+                              pair_features=in_train_mode(aggregator, cache))
+    finally:
+        for name, value in aggregator.named_buffers():
+            value.copy_(buffers[name])
     return results['overall']
