@@ -111,10 +111,14 @@ def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
     before = {k: v.clone() for k, v in model.source.unet.state_dict().items()}
     model.init_weights()
     assert all(torch.equal(before[k], v) for k, v in model.source.unet.state_dict().items())
-    # The refinement blocks are still the identity after a Kaiming init of their convs.
-    for stack in model.fusion.refiners:
-        for block in stack:
-            assert torch.all(block.conv2.norm.weight == 0)
+    # The refinement blocks are still the identity after a Kaiming init of their convs,
+    # each level its own block with trainable non-zero convolutions (the authors' ResBlock
+    # zero-initialises every weight and `[ResBlock] * n` shares one: README).
+    blocks = [block for stack in model.fusion.refiners for block in stack]
+    assert blocks and len({id(block) for block in blocks}) == len(blocks)
+    for block in blocks:
+        assert torch.all(block.conv2.norm.weight == 0)
+        assert block.conv1.conv.weight.abs().sum() > 0 and block.conv2.conv.weight.abs().sum() > 0
 
 
 def test_deterministic_with_seed(backbone, tiny_sd):

@@ -43,6 +43,9 @@ def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, ti
     assert type(model).__name__ == 'EncoderDecoder'
     scale = cfg.model.backbone.source.get('input_scale', 1.0)  # strides in input pixels
     assert model.backbone.out_strides == [int(s / scale) for s in (8, 16, 32)]
+    # UPerHead fed finest first, so it decodes at stride 8 (the authors' released configs
+    # feed it low-to-high resolution, and it decodes at 32: a bug, README).
+    assert list(model.decode_head.in_index) == [0, 1, 2]
     assert model.backbone.out_channels == [64, 64, 64]  # SD1.5/2.1/SDXL: 640, 1280, 1280
     if 'demo' in path:
         model.eval()
