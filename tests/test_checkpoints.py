@@ -70,13 +70,16 @@ def test_crafted_payloads_are_rejected(payload, tmp_path):
     assert HistoryBuffer._statistics_methods['mean'] is HistoryBuffer.mean
 
 
-def test_mmengine_loads_local_files_safely_too(tmp_path):
-    """load_from, init_cfg=Pretrained and mmseg.apis.init_model use MMEngine's loader."""
-    from mmengine.runner.checkpoint import _load_checkpoint
+def test_mmengine_loads_local_files_safely_too(make_demo_cfg, tmp_path):
+    """load_from, init_cfg=Pretrained and mmseg.apis.init_model use MMEngine's loader; a
+    GATERunner registers the safe reader as its local-file loader when it is built (importing
+    mmseg_gate replaces nothing)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
     path = tmp_path / 'crafted.pth'
     torch.save({'state_dict': {}, 'x': CraftedHistoryBuffer()}, path)
+    RUNNERS.build(make_demo_cfg(tmp_path / 'run', 1))
     with pytest.raises(UnsafeCheckpointError):
-        _load_checkpoint(str(path), map_location='cpu')
+        CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
 
 
 def test_truncated_checkpoint_is_named(tmp_path):
@@ -179,3 +182,52 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     plain = tmp_path / 'plain'
     plain.write_text('x')
     assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_training_state_round_trip(tmp_path):
+    """The one resume format of the hand-written loops: plain data, the settings as JSON."""
+    from mmseg_gate.engine.checkpoint import (TRAINING_STATE_FORMAT, load_training_state,
+                                              save_training_state)
+    path = str(tmp_path / 'state.pth')
+    settings = dict(lr=1e-4, targets=('to_q', 'to_k'), seed=0, captions=None)
+    rng = np.random.default_rng(3).bit_generator.state  # numpy RNG state: a dict of ints
+    state = dict(model={'w': torch.arange(3.)}, rng=rng, log=[dict(step=1, loss=0.5)])
+    save_training_state(path, 'lora', settings, 7, state)
+    raw = torch.load(path, weights_only=True)
+    assert raw['format'] == TRAINING_STATE_FORMAT and raw['kind'] == 'lora'
+    assert isinstance(raw['settings'], str) and raw['step'] == 7
+    step, loaded = load_training_state(path, 'lora', dict(settings, targets=['to_q', 'to_k']))
+    assert step == 7 and torch.equal(loaded['model']['w'], state['model']['w'])
+    assert loaded['rng'] == rng and loaded['log'] == state['log']
+    assert list(tmp_path.iterdir()) == [tmp_path / 'state.pth']  # no temporary left
+
+
+def test_training_state_refuses_what_it_cannot_resume(tmp_path):
+    from mmseg_gate.engine.checkpoint import load_training_state, save_training_state
+    path = str(tmp_path / 'last_checkpoint.pt')
+    with pytest.raises(TypeError, match=r"\['state'\]\['walk'\] is a numpy.random"):
+        save_training_state(path, 'correspondence', {}, 1,
+                            dict(walk=np.random.default_rng(0)))
+    assert not osp.exists(path)  # nothing written
+    settings = dict(steps=20, lr=5e-4, seed=0)
+    save_training_state(path, 'correspondence', settings, 4, dict(x=torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"'correspondence' run, not of this 'lora' run"):
+        load_training_state(path, 'lora', settings)
+    with pytest.raises(ValueError) as err:
+        load_training_state(path, 'correspondence', dict(settings, lr=1e-3, val_last=False))
+    message = str(err.value)
+    assert path in message and 'lr: 0.0005 there, 0.001 now' in message
+    assert 'val_last: unset there, False now' in message and 'steps' not in message
+    assert 'remove it to train from scratch' in message
+
+
+def test_an_older_training_state_is_named_with_the_fix(tmp_path):
+    """Resume files written before the one format (their own dicts, no 'format')."""
+    from mmseg_gate.engine.checkpoint import load_training_state
+    path = tmp_path / 'last_state.pth'
+    torch.save(dict(step=10, log=[], lora={}, generator=torch.zeros(2, dtype=torch.uint8)),
+               path)
+    with pytest.raises(ValueError, match=r"'.*last_state\.pth' is not a training state this "
+                       r'version can resume .*older mmseg_gate version.* Remove it to train '
+                       'from scratch'):
+        load_training_state(str(path), 'lora', {})

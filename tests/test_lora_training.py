@@ -8,7 +8,7 @@ from mmengine.config import Config
 from safetensors.torch import load_file
 
 from mmseg_gate import StableDiffusionSource
-from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
+from mmseg_gate.protocols.lora_training import LoRATrainer
 from mmseg_gate.testing.demo_data import write_ade_layout_dataset
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -120,3 +120,17 @@ def test_tool_with_resume_and_bad_settings(tiny_sd, lora_images, tmp_path, run_t
                           '--cfg-options', *options[:-4], 'steps=6', *options[-3:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'resumed from' in again.stdout and (tmp_path / 'lora_step6.safetensors').exists()
+
+
+def test_resume_with_other_settings_is_refused(tiny_sd, lora_images, tmp_path):
+    """The saved state holds the recipe's settings; a resume that changes one that alters the
+    training (here the rank and the UNet's learning rate) is refused by name, before any
+    step."""
+    work = tmp_path / 'lora'
+    LoRATrainer(recipe(tiny_sd, lora_images, work, steps=2, save_every=2),
+                torch.device('cpu')).train(progress=False)
+    changed = recipe(tiny_sd, lora_images, work, steps=4, save_every=2, rank=2, unet_lr=1e-3)
+    with pytest.raises(ValueError, match=r'other settings \(rank: 8 there, 2 now; unet_lr: '
+                       r'0.003 there, 0.001 now\)'):
+        LoRATrainer(changed, torch.device('cpu')).train(resume=True, progress=False)
+    assert not (work / 'lora_step4.safetensors').exists()

@@ -15,16 +15,23 @@ replace the table or lay an object dtype over raw bytes, so instead:
 - :func:`install_safe_local_loader` makes MMEngine's own local-file loader (used by
   ``load_from``, ``init_cfg=dict(type='Pretrained')`` and ``mmseg.apis.init_model``) read that
   way too, whatever the MMEngine version's default.
+
+The hand-written training loops (correspondence, LoRA) keep their resume state in one format,
+:func:`save_training_state` / :func:`load_training_state`: plain data, written atomically,
+refused with a clear message when it belongs to another version, kind of run or settings.
 """
+import json
 import os.path as osp
 import pickle
 from collections import OrderedDict
-from typing import Any, Callable, Union
+from typing import Any, Callable, Dict, Tuple, Union
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
+
+from ..fileio import atomic_file
 
 MapLocation = Union[str, torch.device, Callable, None]
 _HISTORY = '__history_buffer__'
@@ -105,6 +112,70 @@ def check_plain(value: Any, where: str = 'checkpoint') -> None:
         raise TypeError(f'{where} is a {type(value).__module__}.{type(value).__qualname__}; '
                         'checkpoints hold tensors, numbers, strings, lists and dicts only, so '
                         'that loading them cannot run code. Store it as plain data.')
+
+
+TRAINING_STATE_FORMAT = 'mmseg_gate.training_state/1'
+
+
+def settings_json(settings: Dict[str, Any]) -> str:
+    """``settings`` as the JSON text a training state records (keys sorted, tuples as lists),
+    so that equal settings give equal text."""
+    return json.dumps(settings, sort_keys=True)
+
+
+def save_training_state(path: str, kind: str, settings: Dict[str, Any], step: int,
+                        state: Dict[str, Any]) -> None:
+    """Write the resume state of a hand-written training loop: ``{'format', 'kind',
+    'settings', 'step', 'state'}``, plain data only (checked before anything is written, so a
+    state that could not be resumed is never saved), atomically (a kill leaves the previous
+    file). ``kind`` names the loop ('correspondence', 'lora'); ``settings`` (JSON-able) are
+    those that must not change across a resume."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TypeError(f'the step of a training state is a non-negative int, got {step!r}.')
+    checkpoint = dict(format=TRAINING_STATE_FORMAT, kind=kind,
+                      settings=settings_json(settings), step=step, state=state)
+    check_plain(checkpoint, f'training state {osp.basename(path)!r}')
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_training_state(path: str, kind: str,
+                        settings: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
+    """``(step, state)`` of a file :func:`save_training_state` wrote for a ``kind`` run with
+    these ``settings``; a ``ValueError`` naming the file, the problem and the fix otherwise."""
+    checkpoint = read_checkpoint(path)
+    found = checkpoint.get('format') if isinstance(checkpoint, dict) else None
+    if found != TRAINING_STATE_FORMAT:
+        written_by = f'format {found!r}' if isinstance(found, str) else \
+            'no format: written by an older mmseg_gate version or another program'
+        raise ValueError(f"'{path}' is not a training state this version can resume (expected "
+                         f'format {TRAINING_STATE_FORMAT!r}, it has {written_by}). Remove it to '
+                         'train from scratch, or finish that run with the version that wrote it.')
+    if checkpoint.get('kind') != kind:
+        raise ValueError(f"'{path}' is the training state of a {checkpoint.get('kind')!r} run, "
+                         f'not of this {kind!r} run; use another work dir, or remove it to '
+                         'train from scratch.')
+    try:
+        theirs = json.loads(checkpoint['settings'])
+        step, state = checkpoint['step'], checkpoint['state']
+        if not (isinstance(theirs, dict) and isinstance(step, int) and isinstance(state, dict)):
+            raise TypeError('settings, step or state of the wrong type')
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"'{path}' is a damaged training state ({err}); remove it to train "
+                         'from scratch.') from err
+    ours = json.loads(settings_json(settings))
+    changed = [key for key in sorted(set(theirs) | set(ours))
+               if key not in theirs or key not in ours or theirs[key] != ours[key]]
+    if changed:
+        def shown(table: dict, key: str) -> str:
+            return repr(table[key]) if key in table else 'unset'
+
+        differences = '; '.join(f'{key}: {shown(theirs, key)} there, {shown(ours, key)} now'
+                                for key in changed)
+        raise ValueError(f"'{path}' is the training state of a run with other settings "
+                         f'({differences}); rerun with the settings it was written with, or '
+                         'remove it to train from scratch.')
+    return step, state
 
 
 def plain_message_hub(state: dict) -> dict:

@@ -14,9 +14,11 @@ Validation runs the network in eval mode (running BatchNorm statistics, no dropo
 validation leaves the network and every random stream as it found them.
 
 The run is resumable exactly: every validation before the last also writes
-``last_checkpoint.pt`` (plain tensors and numbers: the network, the optimizer, the torch and
-sparsity-walk random states, the step, the history, the run's settings), atomically; a rerun
-with the same settings continues from it and ends bitwise where an uninterrupted run ends.
+``last_checkpoint.pt`` (the one training-state format of
+:func:`~mmseg_gate.engine.checkpoint.save_training_state`: plain tensors and numbers, the
+network, the optimizer, the torch and sparsity-walk random states, the step, the history, the
+run's settings), atomically; a rerun with the same settings continues from it and ends bitwise
+where an uninterrupted run ends.
 A finished run removes it, so a later run trains anew (keeping a better earlier model).
 
 Under ``torchrun`` (``tools/dist_correspondence.sh``) every process trains on its own pair
@@ -37,15 +39,16 @@ from mmengine.dist import all_gather_object, barrier, get_dist_info
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ...engine.checkpoint import read_checkpoint
+from ...engine.checkpoint import load_training_state, save_training_state
 from ...fileio import atomic_file
 from ...models.amalgamation import SparsityWalk, sparsity_loss
 from .features import FeatureCache, batch_features
 from .matching import keypoint_loss, to_grid
 from .metric import evaluate
-from .model import save_aggregator
+from ...models.correspondence import save_aggregator
 
 LAST = 'last_checkpoint.pt'
+KIND = 'correspondence'  # of the training state in LAST
 VAL_MODES = ('eval', 'train')
 
 
@@ -86,25 +89,19 @@ def paper_report(history: List[Dict]) -> Dict:
                 pck_bbox_step=bbox['step'], validations=len(history))
 
 
-def _save_last(path: str, settings: str, aggregator, optimizer, walk: SparsityWalk,
+def _save_last(path: str, settings: Dict, aggregator, optimizer, walk: SparsityWalk,
                step: int, history: List[Dict], best: Optional[Dict],
                rng_states: List[torch.Tensor]) -> None:
-    state = dict(settings=settings, step=step, model=aggregator.state_dict(),
-                 optimizer=optimizer.state_dict(),
+    state = dict(model=aggregator.state_dict(), optimizer=optimizer.state_dict(),
                  torch_rng=torch.stack(rng_states), walk=dict(
                      rng=walk.rng.bit_generator.state, value=walk.value, base=walk.base,
                      best_drop=walk.best_drop, last_loss=walk.last_loss),
                  history=json.dumps(history), best=json.dumps(best))
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    save_training_state(path, KIND, settings, step, state)
 
 
-def _load_last(path: str, settings: str, aggregator, optimizer, walk: SparsityWalk):
-    state = read_checkpoint(path)
-    if state.get('settings') != settings:
-        raise ValueError(f"'{path}' is the checkpoint of another training run (its settings "
-                         f"{state.get('settings')}, this run's {settings}); remove it to train "
-                         'from scratch, or rerun with the settings it was written with.')
+def _load_last(path: str, settings: Dict, aggregator, optimizer, walk: SparsityWalk):
+    step, state = load_training_state(path, KIND, settings)
     try:
         aggregator.load_state_dict(state['model'], strict=True)
         optimizer.load_state_dict(state['optimizer'])
@@ -116,7 +113,7 @@ def _load_last(path: str, settings: str, aggregator, optimizer, walk: SparsityWa
         walk.rng.bit_generator.state = state['walk']['rng']
         for key in ('value', 'base', 'best_drop', 'last_loss'):
             setattr(walk, key, state['walk'][key])
-        return int(state['step']), json.loads(state['history']), json.loads(state['best'])
+        return step, json.loads(state['history']), json.loads(state['best'])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise ValueError(f"'{path}' is not a training checkpoint of this config ({err}); "
                          'remove it to train from scratch.') from err
@@ -138,7 +135,8 @@ def train_aggregator(aggregator: nn.Module, cache: FeatureCache, train_pairs: Li
     (``pixel_centres``). ``val_mode``: 'eval' or 'train' (the authors'; module docstring).
     Validations come after steps ``val_offset + k * val_every`` (k >= 1) and, with
     ``val_last``, after the last (the authors': offset 1, no last -- their 0-based step
-    counter validates after 501, 1001, ... updates). Resumes from ``last_checkpoint.pt`` when there is one."""
+    counter validates after 501, 1001, ... updates). Resumes from ``last_checkpoint.pt``
+    when there is one."""
     if val_mode not in VAL_MODES:
         raise ValueError(f'train.val_mode must be one of {VAL_MODES}, got {val_mode!r}.')
     if not val_last and steps < val_offset + val_every:
@@ -155,13 +153,11 @@ def train_aggregator(aggregator: nn.Module, cache: FeatureCache, train_pairs: Li
     torch.manual_seed(seed + rank)  # each process its own dropout
     walk = SparsityWalk(np.random.default_rng(seed))
     last = osp.join(work_dir, LAST)
-    settings = json.dumps(dict(steps=steps, lr=lr, weight_decay=weight_decay,
-                               temperature=temperature, sparsity=sparsity, val_every=val_every,
-                               seed=seed, steps_per_epoch=steps_per_epoch,
-                               train_pairs=len(train_pairs), val_pairs=len(val_pairs),
-                               processes=world, val_mode=val_mode, val_offset=val_offset,
-                               val_last=val_last),
-                          sort_keys=True)
+    settings = dict(steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature,
+                    sparsity=sparsity, val_every=val_every, seed=seed,
+                    steps_per_epoch=steps_per_epoch, train_pairs=len(train_pairs),
+                    val_pairs=len(val_pairs), processes=world, val_mode=val_mode,
+                    val_offset=val_offset, val_last=val_last)
     start, history, best = 0, [], None
     resume = osp.isfile(last)
     barrier()  # every rank has looked before rank 0 may write
