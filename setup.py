@@ -2,8 +2,9 @@
 
 These are compatible ranges for installing into an environment of your own; their upper bounds
 stop at the newest versions tested. ``tools/install.sh`` installs the exact, verified set of
-``requirements/lock.txt`` instead (README: "What gets installed"). torch and mmcv are installed
-first there: mmcv 2.1.0 is a source build compiled against the torch already present.
+``requirements/lock.txt`` instead (docs/installation.md: "What gets installed"). torch and mmcv
+are installed first there: mmcv 2.1.0 is a source build compiled against the torch already
+present.
 """
 from setuptools import find_packages, setup
 

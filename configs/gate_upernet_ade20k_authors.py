@@ -7,11 +7,11 @@
 # - the assigner's convolution with PyTorch's default initialisation;
 # - PolyLR down to eta_min 1e-4 (from 1.6e-4: the rate barely decays);
 # - slide test with 512x512 windows at stride 512 (no overlap).
-# Not reproduced, because they are bugs (README, "Standard segmentation: what differs"): the
-# released config's `DiffusionSegmentor` never passes the ControlNet or the LoRAs and
-# concatenates the three variants (here the paper's recipe: prompt-only, Canny + LoRA A, Canny
-# + LoRA B, amalgamated), UPerHead fed from low to high resolution, refinement blocks with
-# every weight zero and one block shared by all levels, `seg_pad_val=1`.
+# Not reproduced, because they are bugs (docs/segmentation.md, "what differs from the authors'
+# run"): the released config's `DiffusionSegmentor` never passes the ControlNet or the LoRAs and
+# concatenates the three variants (here the paper's recipe: prompt-only, Canny + LoRA A, Canny +
+# LoRA B, amalgamated), UPerHead fed from low to high resolution, refinement blocks with every
+# weight zero and one block shared by all levels, `seg_pad_val=1`.
 _base_ = ['./gate_upernet_ade20k.py']
 crop_size = (512, 512)
 model = dict(

@@ -9,7 +9,8 @@ features extracted once into a store (``mmseg_gate.store``, ``tools/extract_feat
 from . import datasets, engine, evaluation  # noqa: F401  (registrations, safe loading)
 from .models import GATEBackbone
 from .sources import (ADMSource, CompositeSource, FeatureSource, GATEFeatureExtractor,
-                      StableDiffusionSource, StoredSource, build_source)
+                      StableDiffusionSource, build_source)
+from .store import StoredSource
 
 __version__ = '0.2.0'
 __all__ = ['GATEBackbone', 'FeatureSource', 'StableDiffusionSource', 'ADMSource',

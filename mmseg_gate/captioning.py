@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .datasets.images import list_images, read_image
-from .sources.stable_diffusion.loading import is_local_path
+from .sources.common.loading import is_local_path
 
 
 def check_model_source(model: str, what: str) -> None:

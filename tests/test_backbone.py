@@ -32,7 +32,7 @@ def test_early_exit_matches_full_unet_forward(layout, taps, request):
     from diffusers import UNet2DConditionModel
 
     from mmseg_gate import StableDiffusionSource
-    from mmseg_gate.sources.stable_diffusion.unet_taps import first_tensor
+    from mmseg_gate.sources.common.taps import first_tensor
     folder = request.getfixturevalue(layout)
     extractor = StableDiffusionSource(sd_model=folder, prompt='a photo',
                                      **(dict(taps=taps) if taps else {}))
@@ -70,7 +70,7 @@ def test_unet_stops_after_last_tapped_block(backbone):
 
 
 def test_refinement_starts_as_identity(backbone):
-    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    from mmseg_gate.sources.common.latents import PerImageNoise
     x = torch.randn(1, 3, 64, 64)
     images = backbone.to_vae_range(x)
     raw = backbone.source(images, generator=PerImageNoise.for_images(images, 0))
@@ -113,7 +113,7 @@ def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
     assert all(torch.equal(before[k], v) for k, v in model.source.unet.state_dict().items())
     # The refinement blocks are still the identity after a Kaiming init of their convs,
     # each level its own block with trainable non-zero convolutions (the authors' ResBlock
-    # zero-initialises every weight and `[ResBlock] * n` shares one: README).
+    # zero-initialises every weight and `[ResBlock] * n` shares one: docs/segmentation.md).
     blocks = [block for stack in model.fusion.refiners for block in stack]
     assert blocks and len({id(block) for block in blocks}) == len(blocks)
     for block in blocks:
@@ -133,7 +133,7 @@ def test_deterministic_with_seed(backbone, tiny_sd):
 def test_eval_noise_is_per_image_and_independent_of_the_batch(backbone):
     """Eval noise: each image's own (from its pixels), the same in any batch or position;
     another image gets another noise field, also where their pixels are alike."""
-    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    from mmseg_gate.sources.common.latents import PerImageNoise
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     noise = PerImageNoise.for_images(images, 0)
     together = noise.draw((3, 4, 4, 4))

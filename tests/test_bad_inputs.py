@@ -122,8 +122,8 @@ def test_keypoint_outside_its_image(spair_root):
 
 def test_a_rerun_never_replaces_a_better_model(tiny, tmp_path):
     from mmseg_gate import StableDiffusionSource
-    from mmseg_gate.protocols.correspondence import (CorrespondenceAggregator, FeatureCache,
-                                                     train_aggregator)
+    from mmseg_gate.models.correspondence import CorrespondenceAggregator
+    from mmseg_gate.protocols.correspondence import FeatureCache, train_aggregator
     root = tmp_path / 'SPair-71k'
     write_spair_layout_dataset(str(root), dict(trn=2, val=2), size=64)
     source = StableDiffusionSource(sd_model=tiny['sd_model'])

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from mmseg_gate import StableDiffusionSource
-from mmseg_gate.testing.naive import NaiveGATE
+from mmseg_gate.benchmark import NaiveGATE
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def _benchmark_random(config: str, arch: str, folder) -> dict:
     of ``arch`` written for every part of the config's source, then the benchmark."""
     from mmengine.config import Config
     from mmseg_gate.benchmark import benchmark, with_backbone
-    from mmseg_gate.testing.architectures import write_random_models
+    from mmseg_gate.testing.random_models import write_random_models
     cfg = with_backbone(Config.fromfile(osp.join(ROOT, 'configs', config)))
     recipe = Config.fromfile(osp.join(ROOT, 'configs', 'lora', '_base_.py'))
     write_random_models(cfg.model.backbone.source, str(folder), arch, 4, recipe.target_modules)

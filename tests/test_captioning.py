@@ -56,7 +56,7 @@ def test_clip_filter_and_train_lora_reads_the_file(images, tmp_path, tiny_sd, ru
     assert len(kept) == sum(d['clip_score'] >= threshold for d in details.values())
     from mmengine.config import Config
 
-    from mmseg_gate.sources.stable_diffusion.lora_training import captions_for
+    from mmseg_gate.protocols.lora_training import captions_for
     cfg = Config(dict(captions=str(tmp_path / 'kept.json'), caption=''))
     paths = [osp.join(images, name) for name in sorted(details)]
     assert captions_for(cfg, paths) == [kept.get(osp.basename(p), '') for p in paths]

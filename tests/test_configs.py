@@ -44,7 +44,7 @@ def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, ti
     scale = cfg.model.backbone.source.get('input_scale', 1.0)  # strides in input pixels
     assert model.backbone.out_strides == [int(s / scale) for s in (8, 16, 32)]
     # UPerHead fed finest first, so it decodes at stride 8 (the authors' released configs
-    # feed it low-to-high resolution, and it decodes at 32: a bug, README).
+    # feed it low-to-high resolution, and it decodes at 32: a bug, docs/segmentation.md).
     assert list(model.decode_head.in_index) == [0, 1, 2]
     assert model.backbone.out_channels == [64, 64, 64]  # SD1.5/2.1/SDXL: 640, 1280, 1280
     if 'demo' in path:
@@ -92,7 +92,7 @@ def test_paper_settings():
 
 def test_authors_configs_hold_their_settings():
     """The _authors configs: the paper's recipe with every setting of the released configs
-    that is not a bug (README: "Standard segmentation: what differs")."""
+    that is not a bug (docs/segmentation.md: "what differs from the authors' run")."""
     for name, dataset in (('ade20k', 'ADE20KDataset'), ('cityscapes', 'CityscapesDataset')):
         ours = Config.fromfile(osp.join(ROOT, 'configs', f'gate_upernet_{name}.py'))
         theirs = Config.fromfile(osp.join(ROOT, 'configs', f'gate_upernet_{name}_authors.py'))

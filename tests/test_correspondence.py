@@ -162,7 +162,7 @@ def test_dhf_split_files_read_as_the_layout(spair_root, tmp_path):
 def test_the_authors_aggregator():
     """Their AggregationNetwork: one amalgamation of the concatenated conv features, the
     attention maps concatenated unweighted, a 3x3 conv ('conv') or none ('nn')."""
-    from mmseg_gate.protocols.correspondence.model import GATEAggregationNetwork
+    from mmseg_gate.models.correspondence import GATEAggregationNetwork
     info = [dict(module='conv.a', num_chs=6, num_variants=3),
             dict(module='conv.b', num_chs=4, num_variants=3),
             dict(module='attn.cross_attention_maps', num_chs=5, num_variants=1)]
@@ -375,7 +375,7 @@ def test_the_real_config_builds(tiny):
     from mmengine.config import Config
 
     from mmseg_gate import build_source
-    from mmseg_gate.protocols.correspondence.model import build_aggregator
+    from mmseg_gate.models.correspondence import build_aggregator
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'correspondence', 'gate_spair.py'))
     conv, attn = cfg.source.sources.conv, cfg.source.sources.attn
     assert cfg.data.image_size == 512 and conv.timestep == attn.timestep == 50
@@ -423,7 +423,7 @@ def test_validation_in_train_mode_as_the_authors(spair_root, tmp_path):
     (BatchNorm over the pair, dropout active), as the authors' validation; written out here
     with the network and ``match``. Validation leaves the BatchNorm statistics."""
     from mmseg_gate.protocols.correspondence.metric import evaluate
-    from mmseg_gate.protocols.correspondence.model import GATEAggregationNetwork
+    from mmseg_gate.models.correspondence import GATEAggregationNetwork
     from mmseg_gate.protocols.correspondence.training import (aggregated, in_train_mode,
                                                                train_aggregator, validate)
     info = [dict(module='conv.a', num_chs=6, num_variants=2),

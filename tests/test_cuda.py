@@ -51,7 +51,7 @@ def test_training_iterations_on_cuda(make_demo_cfg, tmp_path):
 def test_lora_training_on_cuda(tiny_sd, tmp_path):
     from mmengine.config import Config
 
-    from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
+    from mmseg_gate.protocols.lora_training import LoRATrainer
     write_ade_layout_dataset(str(tmp_path / 'ade'), num_train=4, num_val=0)
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'lora', 'demo.py'))
     cfg.merge_from_dict(dict(sd_model=tiny_sd, image_dir=str(tmp_path / 'ade/images/training'),

@@ -412,7 +412,8 @@ def test_dit_features_extract_once_into_the_store(models, tmp_path, kind):
     from PIL import Image
 
     from mmseg_gate import GATEBackbone
-    from mmseg_gate.store import extract_features, folder_images
+    from mmseg_gate.datasets.image_lists import folder_images
+    from mmseg_gate.store import extract_features
     folder = tmp_path / 'images'
     folder.mkdir()
     for i in range(2):

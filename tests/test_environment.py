@@ -54,7 +54,7 @@ def test_the_environment_is_the_lock():
     assert not problems, (
         'This environment differs from requirements/lock.txt:\n  ' + '\n  '.join(problems)
         + '\nReinstall from the lock (bash tools/install.sh), or refresh the lock '
-        '(README, "Refreshing the lock").')
+        '(docs/installation.md, "Refreshing the lock").')
 
 
 def test_drift_is_named():

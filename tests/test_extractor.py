@@ -8,8 +8,8 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from mmseg.registry import RUNNERS
 from mmseg_gate import GATEFeatureExtractor, StableDiffusionSource, build_source
 from mmseg_gate.sources.stable_diffusion import ATTENTION_MAPS, DEFAULT_TAPS
-from mmseg_gate.sources.stable_diffusion.conditions import ConditionDetector
-from mmseg_gate.sources.stable_diffusion.unet_taps import first_tensor
+from mmseg_gate.sources.common.conditions import ConditionDetector
+from mmseg_gate.sources.common.taps import first_tensor
 
 BLOCK = 'up_blocks.2.attentions.0'
 TOKEN_TAPS = [f'{BLOCK}.transformer_blocks.0.attn1', f'{BLOCK}.transformer_blocks.0.attn2.to_q',
@@ -139,7 +139,7 @@ def test_independent_variant_noise(tiny_sd, tiny_controlnet):
     """variant_noise='independent': each variant its own draw (the authors' runs): two equal
     variants then differ; each equals a one-variant source given that variant's draw; a
     variant's ControlNet pass is no longer shared."""
-    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    from mmseg_gate.sources.common.latents import PerImageNoise
     common = dict(sd_model=tiny_sd, prompt='a photo',
                   controlnets=dict(canny=dict(model=tiny_controlnet)))
     variants = [dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=1.0))]
@@ -288,7 +288,7 @@ def test_random_loras_have_the_recipe_targets(tmp_path):
     from mmengine.config import Config
     from safetensors.torch import load_file
 
-    from mmseg_gate.testing.architectures import write_random_models
+    from mmseg_gate.testing.random_models import write_random_models
     from conftest import ROOT, lora_recipe_targets
     cfg = Config.fromfile(f'{ROOT}/configs/gate_upernet_ade20k.py')
     targets = lora_recipe_targets()

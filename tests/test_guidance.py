@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmseg_gate import GATEBackbone
-from mmseg_gate.sources.stable_diffusion.conditions import ConditionDetector
+from mmseg_gate.sources.common.conditions import ConditionDetector
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -162,7 +162,7 @@ def test_lora_of_another_unet_is_rejected(gate_kwargs, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from mmseg_gate.sources.stable_diffusion.lora import save_lora_file
+    from mmseg_gate.sources.common.lora import save_lora_file
     other = UNet2DConditionModel(
         block_out_channels=(64, 64, 128, 128), layers_per_block=1, cross_attention_dim=32,
         norm_num_groups=16, sample_size=16,

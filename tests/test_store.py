@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmseg_gate.sources import StoredSource, build_source
-from mmseg_gate.store import (FeatureStore, ImageList, StoreError, extract_features,
-                              folder_images, pixel_key)
-from mmseg_gate.store.images import dataset_images
+from mmseg_gate.datasets.image_lists import ImageList, dataset_images, folder_images
+from mmseg_gate.datasets.images import pixel_key
+from mmseg_gate.sources import build_source
+from mmseg_gate.store import FeatureStore, StoreError, StoredSource, extract_features
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py')
@@ -57,7 +57,7 @@ def store32(source_cfg, source, images, tmp_path_factory) -> FeatureStore:
 def test_stored_features_are_the_sources(store32, source, images):
     """float32: bitwise the source's call on the image with its own noise (drawn from the
     seed and its pixels); another image's noise would give other features."""
-    from mmseg_gate.sources.stable_diffusion.latents import PerImageNoise
+    from mmseg_gate.sources.common.latents import PerImageNoise
     assert len(store32) == 3 and store32.variant_names == source.variant_names
     assert store32.header['noise'].startswith('per image')
     first = images.load(0)[None]

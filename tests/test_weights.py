@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mmseg_gate import GATEBackbone
-from mmseg_gate.sources.stable_diffusion.lora import load_lora_adapters, save_lora_file
+from mmseg_gate.sources.common.lora import load_lora_adapters, save_lora_file
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 UNET_FILE = osp.join('unet', 'diffusion_pytorch_model.safetensors')

@@ -32,7 +32,7 @@ import mmseg_gate  # noqa: F401
 from mmseg_gate.benchmark import benchmark, benchmark_naive, compare, with_backbone
 from mmseg_gate.engine.cli import UsageError, run_tool
 from mmseg_gate.engine.devices import default_device
-from mmseg_gate.testing.architectures import write_random_models
+from mmseg_gate.testing.random_models import write_random_models
 from mmseg_gate.testing.dit_architectures import DIT_ARCHITECTURES, text_encoder_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,8 +27,8 @@ from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
 from mmseg_gate.engine.distributed import init_process_group
 from mmseg_gate.store import extract_features
-from mmseg_gate.store.images import extraction_plan
-from mmseg_gate.testing.architectures import write_random_models
+from mmseg_gate.protocols.extraction import extraction_plan
+from mmseg_gate.testing.random_models import write_random_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@
 MMSeg's tools/test.py with ``mmseg_gate`` imported. For a leaderboard submission, write the
 predictions without evaluating, e.g. ADE20K test images:
 ``--cfg-options test_evaluator.format_only=True test_evaluator.output_dir=work_dirs/submit``
-(see README.md).
+(see docs/segmentation.md).
 """
 import argparse
 

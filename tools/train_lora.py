@@ -20,7 +20,7 @@ from mmengine.config import DictAction
 
 from mmseg_gate.engine.cli import read_config, run_tool
 from mmseg_gate.engine.devices import default_device
-from mmseg_gate.sources.stable_diffusion.lora_training import LoRATrainer
+from mmseg_gate.protocols.lora_training import LoRATrainer
 
 
 def parse_args():

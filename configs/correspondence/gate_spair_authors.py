@@ -6,7 +6,7 @@
 #   them (`paper` in results_train.json);
 # - after 501, 1001, ..., 9501 updates (their 0-based step counter), not after the last:
 #   19 validations.
-# What still differs is in the README's correspondence table.
+# What still differs is in docs/correspondence.md's table.
 #   python tools/correspondence.py train configs/correspondence/gate_spair_authors.py
 _base_ = ['./gate_spair.py']
 train = dict(val_mode='train', val_offset=1, val_last=False)

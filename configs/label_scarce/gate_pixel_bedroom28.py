@@ -3,7 +3,7 @@
 # prompt; one LoRA with the short prompt. Train the LoRA with
 # `python tools/train_lora.py configs/lora/bedroom28.py`.
 # DDPM-segmentation's ADM features beside them need its `lsun_bedroom.pt` in checkpoints/ddpm/
-# (README, "Label-scarce segmentation"). Run the protocol with
+# (docs/label_scarce.md). Run the protocol with
 # `python tools/label_scarce.py configs/label_scarce/gate_pixel_bedroom28.py --splits 5`.
 _base_ = ['./_base_/gate_pixel.py']
 num_classes = 28

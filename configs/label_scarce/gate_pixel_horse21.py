@@ -3,7 +3,7 @@
 # prompt; two LoRAs (moderate and slightly overfit) with the short prompt. Train the LoRAs
 # with `python tools/train_lora.py configs/lora/horse21.py`.
 # DDPM-segmentation's ADM features beside them need its `lsun_horse.pt` in checkpoints/ddpm/
-# (README, "Label-scarce segmentation"). Run the protocol with
+# (docs/label_scarce.md). Run the protocol with
 # `python tools/label_scarce.py configs/label_scarce/gate_pixel_horse21.py --splits 5`.
 _base_ = ['./_base_/gate_pixel.py']
 num_classes = 21

@@ -20,9 +20,9 @@ from PIL import Image
 
 from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
                            load_scheduler, load_text_parts, model_classes)
-from ..sources.stable_diffusion.conditions import ConditionDetector
-from ..sources.stable_diffusion.loading import load_weights
-from ..sources.stable_diffusion.lora import activate_adapter
+from ..sources.common.conditions import ConditionDetector
+from ..sources.common.loading import load_weights
+from ..sources.common.lora import activate_adapter
 from .pictures import to_pil
 
 

@@ -13,11 +13,11 @@ from typing import Dict, List
 import torch
 from PIL import Image
 
-from ..sources.stable_diffusion.conditions import ConditionDetector
+from ..sources.common.conditions import ConditionDetector
 from ..sources.stable_diffusion.controlnets import load_controlnet
-from ..sources.stable_diffusion.latents import latent_scheduler
+from ..sources.common.latents import latent_scheduler
 from ..sources.stable_diffusion.loading import load_stable_diffusion
-from ..sources.stable_diffusion.lora import (activate_adapter, load_lora_adapters,
+from ..sources.common.lora import (activate_adapter, load_lora_adapters,
                                      load_text_encoder_loras)
 from ..sources.stable_diffusion.prompts import PromptEmbedding, encode_prompt
 from ..sources.stable_diffusion.variants import Variant

@@ -5,8 +5,11 @@
 for any config that names no runner):
 
 - **Nothing from a checkpoint runs.** Files are read with ``torch.load(weights_only=True)``
-  and nothing allow-listed (:mod:`mmseg_gate.engine.checkpoint`); the message hub is written as
-  plain data; ``meta['config']``, which ``Runner.resume`` would execute as Python, is dropped.
+  and nothing allow-listed (:mod:`mmseg_gate.engine.checkpoint`; building a ``GATERunner``
+  registers that reader as MMEngine's local-file loader, through MMEngine's
+  ``CheckpointLoader.register_scheme``); the message hub is written as plain data;
+  ``meta['config']``, which ``Runner.resume`` would execute as Python, is dropped (in
+  ``TrainingStateHook.after_load_checkpoint``, before ``resume`` reads it).
 - **Loads are complete.** ``load_from`` and ``--resume`` load the weights strictly: a key
   missing on either side, or of another shape, is an error naming the file (set
   ``load_strict = False`` in a config to fine-tune from a checkpoint of another model).
@@ -26,20 +29,20 @@ from mmengine.dist import get_rank, master_only
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
-from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
 
 from mmseg.registry import HOOKS, RUNNERS
 from ..fileio import commit, remove_stale_temporaries, temporary_name
-from .checkpoint import (check_plain, is_plain_message_hub, plain_message_hub,
-                         read_checkpoint, restore_message_hub, to_plain)
+from .checkpoint import (check_plain, install_safe_local_loader, is_plain_message_hub,
+                         plain_message_hub, restore_message_hub, to_plain)
 from .random_state import capture_random_state, restore_random_state
 
 
 @HOOKS.register_module()
 class TrainingStateHook(Hook):
     """Writes the message hub as plain data and the random streams into each checkpoint;
-    restores the streams before the first resumed iteration; keeps validation from
-    consuming them. ``GATERunner`` registers it itself."""
+    cleans a loaded one and, when resuming, restores the message hub and (before the first
+    resumed iteration) the streams; keeps validation from consuming them. ``GATERunner``
+    registers it itself."""
 
     priority = 'LOWEST'  # after hooks that add their own state to the checkpoint
 
@@ -52,6 +55,28 @@ class TrainingStateHook(Hook):
         checkpoint['meta'] = to_plain(checkpoint['meta'])  # dataset_meta may hold numpy
         checkpoint['random_state'] = capture_random_state(_unwrap(runner.model))
         check_plain(checkpoint)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Before the weights load: drop ``meta['config']`` (``Runner.resume`` would execute
+        it as Python) and take out the random state; when resuming, rebuild the message hub
+        from its plain data and keep the random state for the first resumed iteration."""
+        meta = checkpoint.get('meta', {})
+        if isinstance(meta, dict) and meta.pop('config', None) is not None:
+            runner.logger.warning("Ignoring the checkpoint's meta['config'] (Runner.resume "
+                                  'would execute it as Python).')
+        random_state = checkpoint.pop('random_state', None)
+        if not getattr(runner, 'resuming', False):
+            return
+        hub = checkpoint.get('message_hub')
+        if hub is None or not is_plain_message_hub(hub):
+            raise ValueError('The checkpoint cannot be resumed: its message hub is missing or '
+                             'not plain data (not written by GATERunner).')
+        checkpoint['message_hub'] = restore_message_hub(hub)
+        if random_state is None:
+            runner.logger.warning('The checkpoint holds no random state: the resumed run will '
+                                  'not repeat the uninterrupted one exactly.')
+        elif get_rank() == 0:
+            self.pending_random_state = random_state
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         # The resumed loop has replayed the data pipeline up to here (MMEngine skips the
@@ -81,61 +106,42 @@ class GATERunner(Runner):
     True) from the config."""
 
     def __init__(self, *args, **kwargs):
+        install_safe_local_loader()  # before the model is built (init_cfg=Pretrained reads)
         super().__init__(*args, **kwargs)
-        self._state_hook = TrainingStateHook()
-        self.register_hook(self._state_hook)
-        self._resuming = False
+        self.register_hook(TrainingStateHook())
+        self.resuming = False
 
     @property
     def load_strict(self) -> bool:
         return bool(self.cfg.get('load_strict', True))
 
     def resume(self, filename: str, *args, **kwargs) -> None:
-        self._resuming = True
+        """MMEngine's ``resume``; ``resuming`` tells the hook to restore the run's state."""
+        self.resuming = True
         try:
             super().resume(filename, *args, **kwargs)
         finally:
-            self._resuming = False
+            self.resuming = False
 
     def load_checkpoint(self, filename: str, map_location='cpu', strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]):
-        """Read ``filename`` as plain data, drop what must not run, load the weights
-        strictly (``load_strict``), and keep its random state if resuming."""
-        if '://' in filename:
-            checkpoint = _load_checkpoint(filename, map_location=map_location)
-        else:
-            checkpoint = read_checkpoint(filename, map_location=map_location)
-        meta = checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
-        if meta.pop('config', None) is not None:
-            self.logger.warning(f"'{filename}': ignoring meta['config'] (Runner.resume would "
-                                'execute it as Python).')
-        random_state = checkpoint.pop('random_state', None) \
-            if isinstance(checkpoint, dict) else None
-        if self._resuming:
-            hub = checkpoint.get('message_hub')
-            if hub is None or not is_plain_message_hub(hub):
-                raise ValueError(f"Checkpoint '{filename}' cannot be resumed: its message hub "
-                                 'is missing or not plain data (not written by GATERunner).')
-            checkpoint['message_hub'] = restore_message_hub(hub)
-            if random_state is None:
-                self.logger.warning(f"'{filename}' holds no random state: the resumed run "
-                                    'will not repeat the uninterrupted one exactly.')
-            elif get_rank() == 0:
-                self._state_hook.pending_random_state = random_state
-        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        model = _unwrap(self.model)
+        """MMEngine's ``load_checkpoint``, strict unless the config sets ``load_strict=False``
+        (always when resuming), with a message that names the file when the weights do not
+        fit. The file is read as plain data (:func:`install_safe_local_loader`) and cleaned
+        in :meth:`TrainingStateHook.after_load_checkpoint`."""
         try:
-            checkpoint = _load_checkpoint_to_model(model, checkpoint,
-                                                   strict or self.load_strict or self._resuming,
-                                                   revise_keys=revise_keys)
+            return super().load_checkpoint(
+                filename, map_location=map_location,
+                strict=strict or self.load_strict or self.resuming, revise_keys=revise_keys)
         except RuntimeError as err:
             raise RuntimeError(
                 f"Checkpoint '{filename}' does not match the model: {err}\nCheck that the "
                 'config is the one the checkpoint was trained with (or set load_strict=False '
                 'in the config to load a checkpoint of another model partially).') from err
-        self._has_loaded = True
-        self.logger.info(f'Load checkpoint from {filename}')
-        return checkpoint
+        except ValueError as err:  # the hook's, which cannot know the file
+            if filename in str(err):
+                raise
+            raise ValueError(f"Checkpoint '{filename}': {err}") from err
 
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:

@@ -11,9 +11,9 @@ run of the config's segmentor. Its result is written when it finishes, so a reru
 finished splits and resumes an unfinished one (trained members, or the last checkpoint).
 
 By default the frozen half runs once: every image of train+test is extracted into a feature
-store (``mmseg_gate.store``, fixed noise, as the benchmark extracts its features once) and
-every split trains and tests on it (the segmentor through :class:`StoredSource`); re-splits
-change the image lists, not the features. The report says what the frozen half cost with the store and what
+store (``mmseg_gate.store``, fixed noise, as the benchmark extracts its features once) and every
+split trains and tests on it (the segmentor through :class:`StoredSource`); re-splits change the
+image lists, not the features. The report says what the frozen half cost with the store and what
 recomputing it for every training and test image would have cost.
 """
 import copy
@@ -28,7 +28,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from ..fileio import atomic_file
-from ..store import FeatureStore, dataset_images, extract_features
+from ..datasets.image_lists import dataset_images
+from ..store import FeatureStore, extract_features
 from ..store.writer import finished_images
 from .pixel_training import run_pixel_split
 

@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from ..fileio import atomic_file
 from ..models.amalgamation import SparsityWalk, sparsity_loss
 from ..models.pixel_ensemble import PixelMember
-from ..store import FeatureStore, pixel_key
-from ..store.images import DatasetImages
+from ..datasets.image_lists import DatasetImages
+from ..datasets.images import pixel_key
+from ..store import FeatureStore
 from ..store.reader import bilinear_at
 
 Groups = List[Tuple[Tuple[int, ...], Tuple[str, ...]]]  # (variants, feature names) per group

@@ -5,8 +5,7 @@ from .composite import CompositeSource
 from .dinov2 import DINOv2Source
 from .dit import DiTSource
 from .stable_diffusion import GATEFeatureExtractor, StableDiffusionSource
-from .stored import StoredSource  # last: it reads stores, whose writer builds sources
 
 __all__ = ['SOURCES', 'FeatureSource', 'build_source', 'ADMSource', 'CompositeSource',
            'DINOv2Source', 'DiTSource',
-           'StableDiffusionSource', 'GATEFeatureExtractor', 'StoredSource']
+           'StableDiffusionSource', 'GATEFeatureExtractor']

@@ -31,12 +31,11 @@ from ..engine.checkpoint import read_checkpoint
 from ..fileio import read_safetensors
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   rescaled)
-from .stable_diffusion.latents import Noise, draw_noise, noised
-from .stable_diffusion.loading import check_finite
-from .stable_diffusion.source import pad_to_multiple
-from .stable_diffusion.unet_taps import UNetTaps
-from .stable_diffusion.variants import check_timesteps
+                   pad_to_multiple, rescaled)
+from .common.latents import Noise, draw_noise, noised
+from .common.loading import check_finite
+from .common.taps import UNetTaps
+from .common.timesteps import check_timesteps
 
 # guided-diffusion's arguments of DDPM-segmentation's LSUN models (its README's MODEL_FLAGS).
 ADM_LSUN_256 = dict(image_size=256, model_channels=256, num_res_blocks=2,

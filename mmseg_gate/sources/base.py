@@ -33,7 +33,11 @@ from mmengine.registry import Registry
 from ..engine.devices import resolve_dtype
 
 SOURCES = Registry('frozen feature source')
-Features = Dict[str, torch.Tensor]
+# The work sources count in ``counts``, reported per image by the store and the benchmark.
+COUNTS = ('vae_encodes', 'noise_samples', 'controlnet_passes', 'unet_passes',
+          'denoising_passes', 'transformer_passes')
+Features = Dict[str, torch.Tensor]  # one variant's: feature name -> (N, C, h, w)
+SourceOutput = List[Features]  # a source call's: per variant
 
 
 class FeatureSource(ABC):
@@ -124,3 +128,11 @@ def build_source(cfg) -> FeatureSource:
     cfg = dict(cfg)
     cfg.setdefault('type', 'StableDiffusionSource')
     return SOURCES.build(cfg)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right by edge replication (no artificial borders in the features)."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import SOURCES, FeatureSource, Features, build_source
-from .stable_diffusion.latents import Noise, PerImageNoise
+from .common.latents import Noise, PerImageNoise
 
 MODES = ('separate', 'concat', 'variants')
 

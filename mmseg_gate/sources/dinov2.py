@@ -19,9 +19,8 @@ from torch import nn
 
 from ..engine.devices import resolve_dtype
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   rescaled)
-from .stable_diffusion.loading import check_finite
-from .stable_diffusion.source import pad_to_multiple
+                   pad_to_multiple, rescaled)
+from .common.loading import check_finite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -54,14 +54,13 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
 from ..engine.devices import resolve_dtype
 from ..fileio import read_safetensors
 from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   rescaled)
-from .stable_diffusion.conditions import ConditionDetector
-from .stable_diffusion.latents import Noise, draw_noise, encode_latents
-from .stable_diffusion.loading import check_parts, drop_vae_decoder, load_weights
-from .stable_diffusion.lora import (BASE, activate_adapter, adapters_per_sample,
+                   pad_to_multiple, rescaled)
+from .common.conditions import ConditionDetector
+from .common.latents import Noise, draw_noise, encode_latents
+from .common.loading import check_parts, drop_vae_decoder, load_weights
+from .common.lora import (BASE, activate_adapter, adapters_per_sample,
                                    check_lora_landed, enable_adapters)
-from .stable_diffusion.source import pad_to_multiple
-from .stable_diffusion.unet_taps import StopForward
+from .common.taps import StopForward
 
 KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
 GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '

@@ -28,10 +28,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..fileio import FolderLocked, atomic_file, exclusive_lock, remove_stale_temporaries
+from ..engine.flops import count_flops
 from ..sources import build_source
-from ..sources.stable_diffusion.latents import PerImageNoise
+from ..sources.base import COUNTS
+from ..sources.common.latents import PerImageNoise
+from ..datasets.image_lists import ImageList
 from ..datasets.images import pixel_key
-from .images import ImageList
 from .manifest import (StoreError, check_header, check_store_folder, differences, make_header,
                        read_manifest, shard_name, to_plain, write_manifest)
 from .reader import FeatureStore
@@ -139,7 +141,6 @@ def _extract_one(source, image: torch.Tensor, noise_seed: int, device,
                  flops_by_shape: Dict) -> tuple:
     """The source's features of one image, its FLOPs and passes. FLOPs depend on the shape
     only, so torch's counter (slow for small models) runs once per shape."""
-    from ..benchmark import COUNTS, count_flops
     before = dict(getattr(source, 'counts', {}))
     out = []
 

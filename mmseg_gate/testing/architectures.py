@@ -36,11 +36,11 @@ _VAE_BLOCKS = dict(down_block_types=('DownEncoderBlock2D', ) * 4,
                    in_channels=3, out_channels=3)
 _SD_VAE = dict(_VAE_BLOCKS, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-_TINY_VAE = dict(_VAE_BLOCKS, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+TINY_VAE = dict(_VAE_BLOCKS, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                  norm_num_groups=8, sample_size=128, scaling_factor=0.18215)
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, projection_dim=768, hidden_act='quick_gelu')
-_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, projection_dim=32, hidden_act='quick_gelu')
 # Noise schedules: SD1.x/2.x (PNDM as shipped) and SDXL (Euler, "leading" spacing).
 _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
@@ -78,14 +78,14 @@ ARCHITECTURES: Dict[str, dict] = {
         unet=dict(_SD_BLOCKS, sample_size=16, in_channels=4, out_channels=4,
                   block_out_channels=(32, 64, 64, 64), layers_per_block=1,
                   cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
-        vae=_TINY_VAE, text_encoders=[_TINY_CLIP]),
+        vae=TINY_VAE, text_encoders=[TINY_CLIP]),
     'tiny-sd21': dict(
         unet=dict(_SD_BLOCKS, sample_size=16, in_channels=4, out_channels=4,
                   block_out_channels=(32, 64, 64, 64), layers_per_block=1,
                   cross_attention_dim=48, attention_head_dim=(2, 4, 8, 8),
                   use_linear_projection=True, norm_num_groups=16),
-        vae=_TINY_VAE, pad_token='!', prediction_type='v_prediction',
-        text_encoders=[dict(_TINY_CLIP, hidden_size=48, hidden_act='gelu')]),
+        vae=TINY_VAE, pad_token='!', prediction_type='v_prediction',
+        text_encoders=[dict(TINY_CLIP, hidden_size=48, hidden_act='gelu')]),
     'tiny-sdxl': dict(
         unet=dict(_XL_BLOCKS, sample_size=16, in_channels=4, out_channels=4,
                   block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -93,8 +93,8 @@ ARCHITECTURES: Dict[str, dict] = {
                   attention_head_dim=(2, 4, 8), use_linear_projection=True,
                   addition_embed_type='text_time', addition_time_embed_dim=8,
                   projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16),
-        vae=dict(_TINY_VAE, scaling_factor=0.13025), xl=True,
-        text_encoders=[_TINY_CLIP, dict(_TINY_CLIP, hidden_act='gelu')]),
+        vae=dict(TINY_VAE, scaling_factor=0.13025), xl=True,
+        text_encoders=[TINY_CLIP, dict(TINY_CLIP, hidden_act='gelu')]),
 }
 
 
@@ -197,7 +197,7 @@ def save_random_lora(path: str, sd_folder: str, rank: int = 4, seed: int = 0,
     trained adapter."""
     from peft import LoraConfig
 
-    from ..sources.stable_diffusion.lora import save_lora_file
+    from ..sources.common.lora import save_lora_file
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder='unet',
                                                 use_safetensors=True)
@@ -243,44 +243,3 @@ def save_random_dinov2(folder: str, arch: Optional[Dict] = None, seed: int = 0) 
     Dinov2Model(Dinov2Config(**(arch or TINY_DINOV2))).save_pretrained(
         folder, safe_serialization=True)
     return folder
-
-
-def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
-                        lora_targets: Optional[Sequence[str]] = None) -> None:
-    """Random weights of ``arch`` for a source config's models (SD model, ControlNets and
-    LoRAs; an ADM: the real LSUN layout, or :data:`TINY_ADM` for the tiny archs; a DiT:
-    'sd35' or 'flux', :func:`save_random_dit`; each source of a composite), written under
-    ``folder``; the config is pointed at them."""
-    kind = source_cfg.get('type', 'StableDiffusionSource')
-    if kind == 'CompositeSource':
-        for name, source in source_cfg.sources.items():
-            write_random_models(source, osp.join(folder, name), arch, lora_rank, lora_targets)
-        return
-    if kind == 'DINOv2Source':
-        source_cfg.model = save_random_dinov2(
-            osp.join(folder, 'dinov2'), TINY_DINOV2 if arch.startswith('tiny') else DINOV2_BASE)
-        return
-    if kind == 'DiTSource':
-        from .dit_architectures import DIT_ARCHITECTURES, save_random_dit
-        if arch not in DIT_ARCHITECTURES:
-            raise ValueError(f'--arch {arch}: a DiTSource config takes one of '
-                             f'{sorted(DIT_ARCHITECTURES)}.')
-        if source_cfg.get('loras') or source_cfg.get('controlnets'):
-            raise ValueError('Random LoRAs and ControlNets of diffusion transformers are not '
-                             'written yet: benchmark the config without them.')
-        source_cfg.model = save_random_dit(osp.join(folder, arch), arch)
-        return
-    if kind == 'ADMSource':
-        from ..sources.adm import ADM_LSUN_256
-        model = TINY_ADM if arch.startswith('tiny') else ADM_LSUN_256
-        source_cfg.model = dict(model)
-        source_cfg.checkpoint = save_random_adm(osp.join(folder, 'adm.pt'), model)
-        return
-    source_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
-    for name, controlnet in (source_cfg.get('controlnets') or {}).items():
-        controlnet.model = save_random_controlnet(osp.join(folder, f'controlnet-{name}'),
-                                                  source_cfg.sd_model)
-    for i, name in enumerate(source_cfg.get('loras') or {}):
-        source_cfg.loras[name] = save_random_lora(
-            osp.join(folder, f'lora-{name}.safetensors'), source_cfg.sd_model, lora_rank,
-            seed=i, targets=lora_targets)

@@ -12,9 +12,8 @@ from typing import Dict
 import numpy as np
 from PIL import Image
 
-# ADE20K ids (1-based in the annotation files; 0 is "other" and ignored) and their colours.
-DEMO_CLASSES = {1: (120, 120, 120), 2: (180, 120, 90), 3: (90, 160, 235), 4: (200, 190, 140),
-                5: (40, 140, 40)}
+from ..datasets.demo import DEMO_CLASSES
+
 IMAGE_SIZE = (96, 128)  # height, width: non-square on purpose
 
 

@@ -18,7 +18,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxContr
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           T5Config, T5EncoderModel, T5TokenizerFast)
 
-from .architectures import _TINY_CLIP, _TINY_VAE, save_clip_tokenizer
+from .architectures import TINY_CLIP, TINY_VAE, save_clip_tokenizer
 
 _T5_WORDS = ('<pad> </s> <unk> ▁a ▁photo ▁of ▁cat ▁dog ▁horse ▁street ▁high ▁quality ▁, '
              '▁the ▁and ▁').split()
@@ -36,7 +36,7 @@ def save_t5_tokenizer(folder: str) -> T5TokenizerFast:
 
 
 def _vae(shift: float, scale: float) -> AutoencoderKL:
-    return AutoencoderKL(**dict(_TINY_VAE, shift_factor=shift, scaling_factor=scale))
+    return AutoencoderKL(**dict(TINY_VAE, shift_factor=shift, scaling_factor=scale))
 
 
 def save_random_sd3(folder: str, seed: int = 0) -> str:
@@ -46,7 +46,7 @@ def save_random_sd3(folder: str, seed: int = 0) -> str:
         sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
         pooled_projection_dim=64, out_channels=4)
-    clip = CLIPTextConfig(**_TINY_CLIP)
+    clip = CLIPTextConfig(**TINY_CLIP)
     with tempfile.TemporaryDirectory() as tmp:
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -112,7 +112,7 @@ def save_random_flux(folder: str, seed: int = 0, guidance: bool = True) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = FluxPipeline(
             scheduler=scheduler, vae=_vae(0.1159, 0.3611),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**_TINY_CLIP)),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
             tokenizer=save_clip_tokenizer(osp.join(tmp, 'a')),
             text_encoder_2=T5EncoderModel(T5Config(**_TINY_T5)),
             tokenizer_2=save_t5_tokenizer(osp.join(tmp, 'b')), transformer=transformer)
@@ -167,8 +167,8 @@ DIT_ARCHITECTURES['tiny-sd35'] = dict(
                      num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
                      pooled_projection_dim=64, sample_size=32),
     vae=dict(_TINY_DIT_VAE, shift_factor=0.0609, scaling_factor=1.5305),
-    text_encoders=dict(text_encoder=(CLIPTextModelWithProjection, _TINY_CLIP),
-                       text_encoder_2=(CLIPTextModelWithProjection, _TINY_CLIP),
+    text_encoders=dict(text_encoder=(CLIPTextModelWithProjection, TINY_CLIP),
+                       text_encoder_2=(CLIPTextModelWithProjection, TINY_CLIP),
                        text_encoder_3=(T5EncoderModel, _TINY_T5_TEXT)))
 DIT_ARCHITECTURES['tiny-flux'] = dict(
     DIT_ARCHITECTURES['flux'], shard_bytes=2**20,
@@ -176,7 +176,7 @@ DIT_ARCHITECTURES['tiny-flux'] = dict(
                      num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
                      axes_dims_rope=(4, 6, 6)),
     vae=dict(_TINY_DIT_VAE, shift_factor=0.1159, scaling_factor=0.3611),
-    text_encoders=dict(text_encoder=(CLIPTextModel, _TINY_CLIP),
+    text_encoders=dict(text_encoder=(CLIPTextModel, TINY_CLIP),
                        text_encoder_2=(T5EncoderModel, _TINY_T5_TEXT)))
 
 

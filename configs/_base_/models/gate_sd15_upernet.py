@@ -27,7 +27,7 @@ model = dict(
         # The frozen half (mmseg_gate/sources/): GATE's guided Stable Diffusion features.
         source=dict(
             type='StableDiffusionSource',
-            # A local diffusers folder (see README) or the hub id.
+            # A local diffusers folder (see docs/segmentation.md) or the hub id.
             sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
             prompt='',
             taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',

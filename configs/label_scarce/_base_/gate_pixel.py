@@ -5,7 +5,7 @@
 # cross-attention maps (strides 32 and 16, 77 tokens each: the authors' `up_cross`), beside
 # DDPM-segmentation's ADM features; an ensemble of 10 pixel classifiers, each amalgamating
 # the variants per pixel, on features read at the labels' 256x256, where predictions are
-# scored. The README's table lists what still differs from their pipeline.
+# scored. docs/label_scarce.md lists what still differs from their pipeline.
 custom_imports = dict(imports=['mmseg_gate'], allow_failed_imports=False)
 default_scope = 'mmseg'
 runner_type = 'GATERunner'

@@ -9,7 +9,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from ...datasets.images import normalized_to_model_range
 from ...sources import build_source
-from ...sources.stable_diffusion.latents import Noise, PerImageNoise
+from ...sources.common.latents import Noise, PerImageNoise
 from ..amalgamation import GATEFusion
 
 

@@ -14,22 +14,19 @@ prediction is correct within alpha * max(H, W) of the target image ("per image")
 max(h, w) of the target bounding box ("per bbox"); per keypoint over all pairs (DHF's and the
 GATE authors' figure) and as a mean over pairs (DIFT's), per category and overall.
 
-Modules, one job each: ``features`` (split files, cached and raw features), ``model`` (the
-aggregation networks and their checkpoints), ``matching`` (keypoint grids, the loss, nearest
-neighbours), ``metric`` (matching a split, scored by ``PCKMetric``), ``training`` (resumable,
-distributed), ``pictures``, ``run`` (what ``tools/correspondence.py`` runs).
+Modules, one job each: ``features`` (split files, cached and raw features), ``matching``
+(keypoint grids, the loss, nearest neighbours), ``metric`` (matching a split, scored by
+``PCKMetric``), ``training`` (resumable, distributed), ``pictures``, ``run`` (what
+``tools/correspondence.py`` runs). The trainable aggregation networks and their checkpoints are
+models: ``mmseg_gate.models.correspondence``.
 """
 from ...evaluation.pck import pck, summarize_pck
 from .features import FeatureCache, batch_features, raw_features
 from .matching import keypoint_loss, match, to_grid
 from .metric import evaluate
-from .model import (Bottleneck, CorrespondenceAggregator, GATEAggregationNetwork,
-                    build_aggregator, load_aggregator, save_aggregator)
 from .pictures import draw_matches
 from .training import aggregated, earlier_best, train_aggregator, validate
 
 __all__ = ['FeatureCache', 'batch_features', 'raw_features', 'keypoint_loss', 'match',
-           'to_grid', 'evaluate', 'pck', 'summarize_pck', 'Bottleneck',
-           'CorrespondenceAggregator', 'GATEAggregationNetwork', 'build_aggregator',
-           'load_aggregator', 'save_aggregator', 'draw_matches',
+           'to_grid', 'evaluate', 'pck', 'summarize_pck', 'draw_matches',
            'aggregated', 'earlier_best', 'train_aggregator', 'validate']

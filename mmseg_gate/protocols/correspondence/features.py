@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from ...datasets.images import read_square
 from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
-from ...sources.stable_diffusion.latents import PerImageNoise
-from ...store.images import ImageList
+from ...sources.common.latents import PerImageNoise
+from ...datasets.image_lists import ImageList
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 

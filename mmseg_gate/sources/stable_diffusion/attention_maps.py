@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .unet_taps import stage_of
+from ..common.taps import stage_of
 
 _PLACES = {'down': 'down_blocks', 'mid': 'mid_block', 'up': 'up_blocks'}
 

@@ -4,7 +4,7 @@ import os.path as osp
 
 from diffusers import ControlNetModel
 
-from .loading import is_local_path, load_weights
+from ..common.loading import is_local_path, load_weights
 
 DEFAULT_CANNY = 'lllyasviel/sd-controlnet-canny'
 _GET_CONTROLNET_HINT = (

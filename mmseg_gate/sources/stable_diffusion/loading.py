@@ -6,20 +6,19 @@ is resolved by huggingface_hub (which honours ``HF_HUB_OFFLINE``).
 """
 import os
 import os.path as osp
-import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .latents import latent_scheduler
+from ..common.latents import latent_scheduler
+from ..common.loading import (check_parts, drop_vae_decoder, is_local_path, load_error,
+                              load_weights)
 
 DEFAULT_MODEL = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _WEIGHT_COMPONENTS = ('vae', 'unet', 'text_encoder')
-_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _GET_WEIGHTS_HINT = (
     'Get Stable Diffusion v1.5 in diffusers format with\n'
     f'  hf download {DEFAULT_MODEL} --local-dir checkpoints/sd15 '
@@ -43,11 +42,6 @@ class StableDiffusionParts:
         return len(self.text_encoders) == 2
 
 
-def is_local_path(pretrained: str) -> bool:
-    """A hub id is ``owner/name``; anything else (or anything on disk) is a path."""
-    return osp.exists(pretrained) or not _HUB_ID.match(pretrained)
-
-
 def is_sdxl_model(pretrained: str) -> bool:
     """SDXL's folders (or hub repos) hold a second text encoder."""
     if osp.isdir(pretrained):
@@ -55,33 +49,8 @@ def is_sdxl_model(pretrained: str) -> bool:
     try:
         index = DiffusionPipeline.load_config(pretrained)
     except (OSError, ValueError) as err:
-        raise _load_error(pretrained, 'model_index.json', err, _GET_WEIGHTS_HINT) from err
+        raise load_error(pretrained, 'model_index.json', err, _GET_WEIGHTS_HINT) from err
     return 'text_encoder_2' in index
-
-
-# What a pipeline part's loader needs in its folder: alternatives, each a set of files that
-# must all be there. transformers 5 builds a default tokenizer, silently, from a folder
-# without its vocabulary: every prompt would become unknown tokens.
-PART_FILES = dict(model=(('config.json', ), ), scheduler=(('scheduler_config.json', ), ),
-                  clip_tokenizer=(('vocab.json', 'merges.txt'), ('tokenizer.json', )),
-                  t5_tokenizer=(('spiece.model', ), ('tokenizer.json', )))
-
-
-def check_parts(folder: str, parts: Dict[str, str], pipeline: str, hint: str) -> None:
-    """Refuse a diffusers pipeline folder that lacks one of ``parts`` (subfolder -> kind of
-    :data:`PART_FILES`) or a file its loader needs, naming the folder and the part."""
-    for name, kind in parts.items():
-        sub = osp.join(folder, name)
-        if not osp.isdir(sub):
-            raise FileNotFoundError(
-                f"'{folder}' has no '{name}/' folder. A diffusers-format {pipeline} folder "
-                f"holds {', '.join(n + '/' for n in parts)}.\n{hint}")
-        options = PART_FILES[kind]
-        if not any(all(osp.isfile(osp.join(sub, f)) for f in files) for files in options):
-            wanted = ' or '.join(' + '.join(files) for files in options)
-            raise FileNotFoundError(
-                f"'{sub}' lacks {wanted}: its {kind.replace('_', ' ')} cannot be loaded (an "
-                f'incomplete download?). Download that folder again.\n{hint}')
 
 
 def check_local_model(folder: str) -> None:
@@ -142,13 +111,14 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
     if local:
         check_local_model(pretrained)
     dtype = dict(torch_dtype=torch_dtype)
-    vae = load_weights(AutoencoderKL, pretrained, 'vae', **dtype)
-    unet = load_weights(UNet2DConditionModel, pretrained, 'unet', **dtype)
+    vae = load_weights(AutoencoderKL, pretrained, 'vae', _GET_WEIGHTS_HINT, **dtype)
+    unet = load_weights(UNet2DConditionModel, pretrained, 'unet', _GET_WEIGHTS_HINT, **dtype)
     names = ['text_encoder', 'text_encoder_2'] if is_sdxl_model(pretrained) \
         else ['text_encoder']
     text_encoders = [
         load_weights(CLIPTextModelWithProjection if name.endswith('_2') else CLIPTextModel,
-                     pretrained, name, dtype=torch_dtype or torch.float32) for name in names]
+                     pretrained, name, _GET_WEIGHTS_HINT, dtype=torch_dtype or torch.float32)
+        for name in names]
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(pretrained,
                                                     subfolder=name.replace('text_encoder',
@@ -158,70 +128,8 @@ def load_stable_diffusion(pretrained: str = DEFAULT_MODEL,
         scheduler = latent_scheduler(DDPMScheduler, DDPMScheduler.load_config(
             pretrained, subfolder='scheduler'))
     except (OSError, ValueError) as err:
-        raise _load_error(pretrained, 'tokenizer/ or scheduler/', err,
+        raise load_error(pretrained, 'tokenizer/ or scheduler/', err,
                           _GET_WEIGHTS_HINT) from err
     if not keep_decoder:
         drop_vae_decoder(vae)
     return StableDiffusionParts(vae, unet, text_encoders, tokenizers, scheduler, pretrained)
-
-
-def load_weights(model_class, pretrained: str, subfolder: Optional[str] = None,
-                 hint: str = _GET_WEIGHTS_HINT, unused_blocks: Sequence[str] = (), **kwargs):
-    """``model_class.from_pretrained`` (safetensors only) that fails, naming the weights and
-    ending with ``hint``, unless every tensor of the file landed in the model and all of them
-    are finite. ``unused_blocks``: modules deliberately not built (``kwargs`` override the
-    config to leave them out, e.g. a transformer's blocks after the last tap), whose tensors
-    alone may stay in the file."""
-    where = f'{pretrained}/{subfolder}' if subfolder else pretrained
-    verbosity = diffusers_logging.get_verbosity()
-    if unused_blocks:  # diffusers would list every tensor left out, which is intended here
-        diffusers_logging.set_verbosity_error()
-    try:
-        model, info = model_class.from_pretrained(
-            pretrained, subfolder=subfolder, use_safetensors=True, output_loading_info=True,
-            **kwargs)
-    except Exception as err:  # SafetensorError, OSError, size mismatches: add the file
-        raise _load_error(pretrained, where, err, hint) from err
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    prefixes = tuple(f'{block}.' for block in unused_blocks)
-    problems = {kind: [key for key in info.get(kind) or []
-                       if kind != 'unexpected_keys' or not key.startswith(prefixes)]
-                for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
-    if any(problems.values()):
-        summary = '; '.join(f'{len(keys)} {kind.replace("_", " ")} (e.g. {keys[:3]})'
-                            for kind, keys in problems.items() if keys)
-        raise ValueError(
-            f"'{where}' does not load completely into {model_class.__name__}: {summary}. The "
-            'weights belong to another architecture or the file is incomplete; re-download '
-            f'it.\n{hint}')
-    check_finite(model, where)
-    return model
-
-
-def check_finite(model: torch.nn.Module, where: str) -> None:
-    """NaN or infinite weights would train silently into `loss: nan`: refuse them."""
-    bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
-           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        raise ValueError(f"'{where}' holds non-finite (NaN or infinite) weights in "
-                         f'{len(bad)} tensor(s), e.g. {bad[:3]}. The file is corrupt: '
-                         'download or export it again.')
-
-
-def _load_error(pretrained: str, where: str, err: Exception, hint: str) -> Exception:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not is_local_path(pretrained) and isinstance(err, OSError):
-        return OSError(
-            f"'{pretrained}' is not a local folder, and could not be loaded as a Hugging Face "
-            f'hub id from the hub or its local cache ({message}). Download it first (online), '
-            f'or give a local folder.\n{hint}')
-    return ValueError(f"Cannot load '{where}' ({type(err).__name__}: {message}). The file is "
-                      'truncated, empty or not what its config describes: download it '
-                      f'again.\n{hint}')
-
-
-def drop_vae_decoder(vae: AutoencoderKL) -> None:
-    """Features never need pixels back: free the decoder (2.5 TFLOPs, 50M params)."""
-    vae.decoder = None
-    vae.post_quant_conv = None

@@ -25,21 +25,22 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, FeatureSource, check_images, input_stride, rescaled
+from ..base import (SOURCES, FeatureSource, check_images, input_stride, pad_to_multiple,
+                    rescaled)
 from .attention_maps import CrossAttentionMaps
-from .conditions import ConditionDetector
+from ..common.conditions import ConditionDetector
 from .controlnets import load_controlnet
-from .latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
+from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from .loading import DEFAULT_MODEL, load_stable_diffusion
-from .lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
+from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                    load_text_encoder_loras)
 from .prompts import PromptEmbedding, encode_prompt, sdxl_time_ids
-from .unet_taps import UNetTaps
-from .variants import Variant, check_timesteps, parse_variants
+from ..common.taps import UNetTaps
+from ..common.timesteps import check_timesteps
+from .variants import Variant, parse_variants
 
 # The paper's segmentation features: the upsampler outputs of up blocks 0, 1 and 2
 # (SD1.5 at 512x512: 1280 ch @ 1/32, 1280 ch @ 1/16, 640 ch @ 1/8).
@@ -60,14 +61,6 @@ def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
         from mmseg.utils import get_classes
         return ', '.join(get_classes(class_names))
     return ', '.join(class_names)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad bottom/right by edge replication (no artificial borders in the features)."""
-    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
 
 
 @SOURCES.register_module()

@@ -11,9 +11,9 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from safetensors.torch import load_file, save_file
 
-from ...fileio import atomic_file
-from ...models.amalgamation import VariantAmalgamation, amalgamation_sparsity
-from .features import Features
+from ..fileio import atomic_file
+from ..sources.base import SourceOutput
+from .amalgamation import VariantAmalgamation, amalgamation_sparsity
 
 
 class Bottleneck(nn.Module):
@@ -61,7 +61,7 @@ class CorrespondenceAggregator(BaseModule):
             Bottleneck(a.out_channels, projection_dim) for a in self.amalgamations)
         self.mixing_weights = nn.Parameter(torch.ones(len(feature_info)))
 
-    def forward(self, feats: Features) -> torch.Tensor:
+    def forward(self, feats: SourceOutput) -> torch.Tensor:
         """(N, projection_dim, h, w) at the finest level's resolution."""
         levels = [bottleneck(amalgamation([variant[name] for variant in feats
                                            if name in variant]))
@@ -146,7 +146,7 @@ class GATEAggregationNetwork(BaseModule):
             return x.float()
         return F.interpolate(x.float(), size=self.grid, mode=self.resize_mode)
 
-    def forward(self, feats: Features) -> torch.Tensor:
+    def forward(self, feats: SourceOutput) -> torch.Tensor:
         """(N, out_channels, grid, grid)."""
         variants = [torch.cat([self._resized(v[name]) for name in self.fused], dim=1)
                     for v in feats if self.fused[0] in v]

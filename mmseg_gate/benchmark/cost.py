@@ -21,40 +21,15 @@ from collections import Counter
 import torch
 from diffusers import UNet2DConditionModel
 from mmengine.config import Config
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 from mmseg.registry import MODELS
-from .models.amalgamation import GATEFusion
-from .sources.dit import DiTSource
-from .sources.stable_diffusion import StableDiffusionSource
-from .sources.stable_diffusion.latents import encode_latents
-from .testing.naive import NaiveGATE
-
-# The work the sources count, reported per image.
-COUNTS = ('vae_encodes', 'noise_samples', 'controlnet_passes', 'unet_passes',
-          'denoising_passes', 'transformer_passes')
-
-
-def _count_cpu_attention() -> None:
-    """torch's FLOP counter knows the CUDA attention kernels but not the CPU one that
-    ``F.scaled_dot_product_attention`` dispatches to here; count it like the others."""
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if op in flop_counter.flop_registry:
-        return
-
-    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    flop_counter.register_flop_formula(op)(formula)
-
-
-def count_flops(fn) -> int:
-    _count_cpu_attention()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+from ..engine.flops import count_flops
+from ..models.amalgamation import GATEFusion
+from ..sources.base import COUNTS
+from ..sources.dit import DiTSource
+from ..sources.stable_diffusion import StableDiffusionSource
+from ..sources.common.latents import encode_latents
+from .naive import NaiveGATE
 
 
 def resident_bytes(field: str = 'VmRSS') -> int:
@@ -208,8 +183,8 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
 
 
 def compare(result: dict, naive: dict, fused: dict) -> dict:
-    """The ratios of the README's cost figures, each against the naive way: FLOPs of the
-    fused mode (no LoRA compute: the floor), latency and peak memory of the config's own mode
+    """The ratios of the cost figures in docs/benchmark.md, each against the naive way: FLOPs
+    of the fused mode (no LoRA compute: the floor), latency and peak memory of the config's own mode
     as built (``speedup``, ``peak_mem_ratio``), and the fused mode's latency
     (``fused_speedup``)."""
     return dict(flops_ratio=round(fused['flops'] / naive['flops'], 4),

@@ -1,4 +1,4 @@
-"""What a store is extracted from: images as the model sees them, each with a key.
+"""Lists of images as the model sees them, each with a key: what a store is extracted from.
 
 A stored feature is found again by the exact pixels it was computed from (:func:`pixel_key`),
 so whatever serves it -- an MMSeg data pipeline, the correspondence protocol, a folder of
@@ -9,8 +9,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..datasets.images import (list_images, normalized_to_model_range, read_image,
-                               read_square, to_model_range)
+from .images import (list_images, normalized_to_model_range, read_image, read_square,
+                     to_model_range)
 
 
 class ImageList:
@@ -116,26 +116,3 @@ def dataset_images(cfg, splits: Sequence[str] = ('train', 'test')) -> ImageList:
                 entries.append((key, path, images, i))
     return ImageList([e[0] for e in entries], [e[1] for e in entries],
                      lambda i: entries[i][2].sample(entries[i][3])[0])
-
-
-def extraction_plan(cfg, splits: Optional[Sequence[str]] = None,
-                    images: Optional[str] = None,
-                    image_size: Optional[int] = None) -> Tuple[dict, int, ImageList]:
-    """(source config, noise seed, images) a config names: an MMSeg config's
-    ``model.backbone.source`` over its datasets' images (``splits``, default train and
-    test), a correspondence config's ``source`` over its pairs' images, or either's source
-    over a folder of ``images``."""
-    if cfg.get('model') is not None and 'backbone' in cfg.model:
-        source = cfg.model.backbone.get('source', {})
-        seed = cfg.model.backbone.get('noise_seed', 0)
-        if images is None:
-            return source, seed, dataset_images(cfg, splits or ('train', 'test'))
-    elif cfg.get('source') is not None:
-        source, seed = cfg.source, cfg.get('train', {}).get('seed', 0)
-        if images is None:
-            from ..protocols.correspondence.features import spair_images
-            return source, seed, spair_images(cfg.data, splits)  # default: every split
-    else:
-        raise ValueError('The config names no frozen source: it needs model.backbone.source '
-                         '(an MMSeg config) or source (a correspondence config).')
-    return source, seed, folder_images(images, image_size)

@@ -12,9 +12,9 @@ from typing import List, Optional
 import torch
 
 from ..datasets.images import pixel_key
-from ..store.manifest import StoreError, make_header
-from ..store.reader import FeatureStore
-from .base import SOURCES, FeatureSource, Features
+from ..sources.base import SOURCES, FeatureSource, Features
+from .manifest import StoreError, make_header
+from .reader import FeatureStore
 
 
 @SOURCES.register_module()
