@@ -6,6 +6,7 @@ import torch
 from mmseg_gate import CompositeSource, GATEBackbone, StableDiffusionSource, build_source
 from mmseg_gate.analysis.content_shift import measure_content_shift
 from mmseg_gate.protocols.correspondence import raw_features
+from mmseg_gate.sources.base import SOURCES, FeatureSource
 
 
 def images(seed=0):
@@ -108,3 +109,47 @@ def test_input_scale_runs_the_model_at_another_resolution(parts):
             assert ours[name].shape[-1] == -(-48 // doubled.feature(name)['reduction'])
     with pytest.raises(ValueError, match='keeps it whole'):
         build_source(dict(parts['sd'], input_scale=3.0))
+
+
+class _Pooled(FeatureSource):
+    """A source written on the template: ``_extract`` only (4x4 average pooling)."""
+
+    feature_info = [dict(module='pool', num_chs=3, reduction=2, num_variants=1)]
+    input_scale, size_multiple = 2.0, 4
+    variant_names = ['pooled']
+
+    def __init__(self):
+        self.seen = []
+
+    def to(self, device):
+        return self
+
+    def check_timestep(self, timestep):
+        if timestep is not None and timestep < 0:
+            raise ValueError('negative timestep')
+
+    def _extract(self, pixels, timestep, generator):
+        self.seen.append(tuple(pixels.shape))
+        return [dict(pool=torch.nn.functional.avg_pool2d(pixels, 4))]
+
+
+def test_every_source_runs_the_template():
+    """One ``__call__`` for all: images checked, resized by ``input_scale``, padded to
+    ``size_multiple`` (edge replication), ``_extract``, each feature cropped to the input."""
+    for name, cls in SOURCES.module_dict.items():
+        assert cls.__call__ is FeatureSource.__call__, f'{name} has a __call__ of its own'
+    source = _Pooled()
+    x = torch.rand(1, 3, 5, 7) * 2 - 1
+    out = source(x)[0]['pool']
+    assert source.seen[-1] == (1, 3, 12, 16)  # 10x14 padded to multiples of 4
+    assert out.shape == (1, 3, 3, 4)  # ceil(5 / 2) x ceil(7 / 2)
+    big = torch.nn.functional.interpolate(x, size=(10, 14), mode='bilinear',
+                                          align_corners=False)
+    big = torch.nn.functional.pad(big, (0, 2, 0, 2), mode='replicate')
+    torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(big, 4)[..., :3, :4])
+    with pytest.raises(ValueError, match=r'\(N, 3, H, W\)'):
+        source(torch.rand(3, 5, 7))
+    with pytest.raises(ValueError, match='negative timestep'):
+        source(x, timestep=-1)
+    with pytest.raises(TypeError, match='generator='):
+        source(x, torch.Generator())

@@ -18,11 +18,11 @@ from diffusers import (AutoencoderKL, FluxControlNetImg2ImgPipeline, FluxImg2Img
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline)
 from PIL import Image
 
-from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
-                           load_scheduler, load_text_parts, model_classes)
 from ..sources.common.conditions import ConditionDetector
 from ..sources.common.loading import load_weights
 from ..sources.common.lora import activate_adapter
+from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
+                           load_scheduler, load_text_parts, model_classes)
 from .pictures import to_pil
 
 

@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 from ..sources.common.conditions import ConditionDetector
-from ..sources.stable_diffusion.controlnets import load_controlnet
 from ..sources.common.latents import latent_scheduler
+from ..sources.common.lora import activate_adapter, load_lora_adapters, load_text_encoder_loras
+from ..sources.stable_diffusion.controlnets import load_controlnet
 from ..sources.stable_diffusion.loading import load_stable_diffusion
-from ..sources.common.lora import (activate_adapter, load_lora_adapters,
-                                     load_text_encoder_loras)
 from ..sources.stable_diffusion.prompts import PromptEmbedding, encode_prompt
 from ..sources.stable_diffusion.variants import Variant
 from .pictures import to_pil

@@ -26,9 +26,9 @@ from mmseg.registry import MODELS
 from ..engine.flops import count_flops
 from ..models.amalgamation import GATEFusion
 from ..sources.base import COUNTS
+from ..sources.common.latents import encode_latents
 from ..sources.dit import DiTSource
 from ..sources.stable_diffusion import StableDiffusionSource
-from ..sources.common.latents import encode_latents
 from .naive import NaiveGATE
 
 

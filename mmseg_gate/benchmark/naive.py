@@ -20,16 +20,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
 from ..engine.devices import resolve_dtype
+from ..sources.base import pad_to_multiple
 from ..sources.common.conditions import ConditionDetector
-from ..sources.stable_diffusion.controlnets import load_controlnet
 from ..sources.common.latents import add_noise, encode_latents
-from ..sources.stable_diffusion.loading import load_stable_diffusion
-from ..sources.common.lora import (TEXT_ENCODERS, load_lora_adapters,
-                                             load_text_encoder_lora, read_lora_file)
-from ..sources.stable_diffusion.prompts import encode_prompt
-from ..sources.stable_diffusion.source import (StableDiffusionSource, class_names_text,
-                                               pad_to_multiple)
+from ..sources.common.lora import (TEXT_ENCODERS, load_lora_adapters, load_text_encoder_lora,
+                                   read_lora_file)
 from ..sources.common.taps import as_spatial, first_tensor
+from ..sources.stable_diffusion.controlnets import load_controlnet
+from ..sources.stable_diffusion.loading import load_stable_diffusion
+from ..sources.stable_diffusion.prompts import encode_prompt
+from ..sources.stable_diffusion.source import StableDiffusionSource, class_names_text
 from ..sources.stable_diffusion.variants import parse_variants
 
 

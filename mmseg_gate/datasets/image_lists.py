@@ -9,8 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .images import (list_images, normalized_to_model_range, read_image, read_square,
-                     to_model_range)
+from .images import list_images, normalized_to_model_range, read_image, read_square, to_model_range
 
 
 class ImageList:

@@ -1,6 +1,6 @@
 from .backbones import GATEBackbone
-from .correspondence import (CorrespondenceAggregator, GATEAggregationNetwork,
-                             build_aggregator, load_aggregator, save_aggregator)
+from .correspondence import (CorrespondenceAggregator, GATEAggregationNetwork, build_aggregator,
+                             load_aggregator, save_aggregator)
 from .heads import PixelClassifierHead
 from .segmentors import GATEEncoderDecoder
 

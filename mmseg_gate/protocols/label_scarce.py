@@ -27,8 +27,8 @@ import numpy as np
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from ..fileio import atomic_file
 from ..datasets.image_lists import dataset_images
+from ..fileio import atomic_file
 from ..store import FeatureStore, extract_features
 from ..store.writer import finished_images
 from .pixel_training import run_pixel_split

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from mmengine.evaluator import Evaluator
 from safetensors.torch import load_file, save_file
 
+from ..datasets.image_lists import DatasetImages
+from ..datasets.images import pixel_key
 from ..fileio import atomic_file
 from ..models.amalgamation import SparsityWalk, sparsity_loss
 from ..models.pixel_ensemble import PixelMember
-from ..datasets.image_lists import DatasetImages
-from ..datasets.images import pixel_key
 from ..store import FeatureStore
 from ..store.reader import bilinear_at
 

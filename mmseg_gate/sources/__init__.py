@@ -1,6 +1,6 @@
 """The frozen half: feature sources behind one small contract (``base.py``)."""
-from .base import SOURCES, FeatureSource, build_source
 from .adm import ADMSource
+from .base import SOURCES, FeatureSource, build_source
 from .composite import CompositeSource
 from .dinov2 import DINOv2Source
 from .dit import DiTSource

@@ -19,7 +19,6 @@ unscaled step, and forward hooks keep the outputs of chosen ``output_blocks``: b
 Each step is one variant here, so GATE's amalgamation weighs the steps as it weighs guided
 variants.
 """
-import math
 import os.path as osp
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,10 +27,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..engine.checkpoint import read_checkpoint
-from ..fileio import read_safetensors
 from ..engine.devices import resolve_dtype
-from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   pad_to_multiple, rescaled)
+from ..fileio import read_safetensors
+from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
 from .common.latents import Noise, draw_noise, noised
 from .common.loading import check_finite
 from .common.taps import UNetTaps
@@ -292,7 +290,7 @@ class ADMSource(FeatureSource):
                                        beta_schedule='linear', beta_start=scale * 1e-4,
                                        beta_end=scale * 0.02)
         self.num_train_steps = num_train_steps
-        self.multiple = 2**(len(self.model['channel_mult']) - 1)
+        self.size_multiple = 2**(len(self.model['channel_mult']) - 1)
         self.share_noise, self.noise_seed, self.dtype_name = share_noise, noise_seed, \
             frozen_dtype
         self.device, self.dtype = torch.device('cpu'), torch.float32
@@ -315,10 +313,6 @@ class ADMSource(FeatureSource):
         if timestep is not None:
             check_timesteps(timestep, None, self.num_train_steps, 'ADMSource: ')
 
-    def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] at the ADM's resolution, padded to its multiple."""
-        return pad_to_multiple(rescaled(images, self.input_scale), self.multiple)
-
     def noise(self, shape, generator: Optional[Noise]) -> torch.Tensor:
         """The noise of a call: one shared draw (expanded over the images), or one per
         image from the call's generator."""
@@ -328,35 +322,26 @@ class ADMSource(FeatureSource):
         return draw_noise(shape, generator if generator is not None else
                           torch.Generator().manual_seed(self.noise_seed))
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[Noise] = None) -> List[Features]:
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator: Optional[Noise]) -> List[Features]:
         """Per step (or at ``timestep`` for every variant; 0: the clean image) a dict
-        ``'output_blocks.<i>'`` -> (N, C, ceil(H / stride), ceil(W / stride))."""
-        check_images(images)
-        self.check_timestep(timestep)
-        height, width = images.shape[-2:]
-        self.to(images.device)
-        clean = self.model_input(images).to(self.device)
+        ``'output_blocks.<i>'`` -> (N, C, h, w)."""
         steps = self.steps if timestep is None else [int(timestep)] * len(self.steps)
-        noise = self.noise(clean.shape, generator) if any(steps) else None
-        self.counts['noise_samples'] += images.shape[0] if noise is not None else 0
-        samples = [clean if t == 0 else noised(self.scheduler, clean, t, noise)
+        noise = self.noise(pixels.shape, generator) if any(steps) else None
+        self.counts['noise_samples'] += pixels.shape[0] if noise is not None else 0
+        samples = [pixels if t == 0 else noised(self.scheduler, pixels, t, noise)
                    for t in steps]
         batch = torch.cat(samples).to(self.dtype)
-        times = torch.tensor(steps, device=self.device).repeat_interleave(images.shape[0])
+        times = torch.tensor(steps, device=self.device).repeat_interleave(pixels.shape[0])
         self.counts['unet_passes'] += batch.shape[0]
         out = self.taps.run(batch, times)
-        strides = [info['reduction'] for info in self.feature_info]
-        num = images.shape[0]
-        return [{f'output_blocks.{b}': out[tap][v * num:(v + 1) * num, :,
-                                                 :math.ceil(height / stride),
-                                                 :math.ceil(width / stride)]
-                 for b, tap, stride in zip(self.blocks, self.taps.taps, strides)}
+        num = pixels.shape[0]
+        return [{f'output_blocks.{b}': out[tap][v * num:(v + 1) * num]
+                 for b, tap in zip(self.blocks, self.taps.taps)}
                 for v in range(len(steps))]
 
     def _probe(self) -> List[dict]:
-        size = self.multiple
+        size = self.size_multiple
         out = self.taps.run(torch.zeros(1, 3, size, size), torch.tensor([self.steps[0]]))
         return [dict(module=f'output_blocks.{block}', num_chs=out[tap].shape[1],
                      reduction=input_stride(size / out[tap].shape[-1], self.input_scale,

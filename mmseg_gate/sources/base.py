@@ -19,10 +19,17 @@ sources side by side) fits anywhere:
   independent per image) mean what they mean for the source, ``check_timestep`` validates a
   timestep before any work.
 
+``FeatureSource.__call__`` is the one template every source runs: it checks the images and
+the timestep, moves the weights to the images' device, resizes the images by
+``input_scale`` and pads them to ``size_multiple``, calls the source's ``_extract`` and crops
+every feature to the input's grid. A source implements ``_extract`` (and ``to``,
+``check_timestep``, ``variant_names``, ``feature_info``).
+
 Sources are deliberately not ``nn.Module``s: a model that owns one keeps the frozen weights
 out of its checkpoints, optimizer, DDP and ``init_weights``, and ``deepcopy`` (EMA) shares
 them instead of copying.
 """
+import math
 from abc import ABC, abstractmethod
 from typing import Dict, List, Optional
 
@@ -44,6 +51,8 @@ class FeatureSource(ABC):
     """Base of the frozen feature sources (see the module docstring for the contract)."""
 
     feature_info: List[dict]
+    input_scale: float = 1.0  # the model sees the input resized by this factor
+    size_multiple: int = 1  # the model's input sides must be multiples of this
 
     @property
     @abstractmethod
@@ -62,10 +71,31 @@ class FeatureSource(ABC):
     def check_timestep(self, timestep: Optional[int]) -> None:
         """Raise a ValueError naming the problem if ``timestep`` means nothing here."""
 
-    @abstractmethod
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
-        """One dict of features per variant for ``images`` in [-1, 1]."""
+                 generator=None) -> SourceOutput:
+        """One dict of features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any
+        size: name -> (N, C, ceil(H / reduction), ceil(W / reduction)). The template of
+        every source (module docstring)."""
+        check_images(images)
+        if isinstance(timestep, torch.Generator):
+            raise TypeError('The second argument is the timestep; pass the noise generator as '
+                            '`generator=` (source(images, timestep=None, generator=...)).')
+        self.check_timestep(timestep)
+        self.to(images.device)
+        height, width = images.shape[-2:]
+        pixels = pad_to_multiple(rescaled(images, self.input_scale), self.size_multiple)
+        strides = {f['module']: f['reduction'] for f in self.feature_info}
+        return [{name: f[..., :math.ceil(height / strides[name]),
+                         :math.ceil(width / strides[name])] for name, f in variant.items()}
+                for variant in self._extract(pixels, timestep, generator)]
+
+    @abstractmethod
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator) -> SourceOutput:
+        """Features per variant of ``pixels``: the images in [-1, 1] (float32) resized by
+        ``input_scale`` and padded to ``size_multiple``, on the source's device; maps at
+        the padded size (the template crops them)."""
 
     def __deepcopy__(self, memo):
         return self  # frozen weights are shared, never copied

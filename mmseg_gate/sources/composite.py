@@ -113,12 +113,12 @@ class CompositeSource(FeatureSource):
         for source in self.sources.values():
             source.check_timestep(timestep)
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[Noise] = None) -> List[Features]:
-        """Each source on ``images``, combined: a generator stream is drawn from in turn;
-        :class:`PerImageNoise` gives each source its own, independent noise."""
-        outputs = {name: source(images, timestep=timestep,
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator: Optional[Noise]) -> List[Features]:
+        """Each source on the images (each resizing them itself), combined: a generator
+        stream is drawn from in turn; :class:`PerImageNoise` gives each source its own,
+        independent noise."""
+        outputs = {name: source(pixels, timestep=timestep,
                                 generator=generator.part(name)
                                 if isinstance(generator, PerImageNoise) else generator)
                    for name, source in self.sources.items()}

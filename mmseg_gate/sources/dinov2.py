@@ -10,7 +10,6 @@ a 512 input into 448 = 32 x 14, a stride of 16 input pixels), padded to whole pa
 normalised with ImageNet's mean and std as its image processor does, and run through
 transformers' own forward; blocks after the last hidden state read are freed.
 """
-import math
 import os.path as osp
 from typing import List, Optional, Sequence
 
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 
 from ..engine.devices import resolve_dtype
-from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   pad_to_multiple, rescaled)
+from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
 from .common.loading import check_finite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,7 +93,7 @@ class DINOv2Source(FeatureSource):
         if 'last_hidden_state' not in self.features and needed < depth:
             # Blocks after the last one read never run.
             self.network.encoder.layer = nn.ModuleList(self.network.encoder.layer[:needed])
-        self.patch = self.network.config.patch_size
+        self.patch = self.size_multiple = self.network.config.patch_size
         self.input_scale = float(input_scale)
         stride = input_stride(self.patch, self.input_scale, 'DINOv2 patch tokens')
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
@@ -119,27 +117,16 @@ class DINOv2Source(FeatureSource):
     def check_timestep(self, timestep: Optional[int]) -> None:
         """DINOv2 has no noise: any timestep gives the same features."""
 
-    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] as DINOv2's normalised input, whole patches."""
-        pixels = pad_to_multiple(rescaled(images, self.input_scale), self.patch)
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator=None) -> List[Features]:
         mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        return ((pixels + 1) / 2 - mean) / std
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
-        check_images(images)
-        self.to(images.device)
-        pixels = self.pixel_values(images.float()).to(self.device, self.dtype)
+        pixels = (((pixels + 1) / 2 - mean) / std).to(self.device, self.dtype)
         out = self.network(pixel_values=pixels, output_hidden_states=True)
         h, w = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
-        stride = self.feature_info[0]['reduction']
-        height, width = math.ceil(images.shape[-2] / stride), math.ceil(images.shape[-1] / stride)
         maps = {}
         for name in self.features:
             tokens = out.last_hidden_state if name == 'last_hidden_state' else \
                 out.hidden_states[int(name.split('.')[1])]
             patches = tokens[:, tokens.shape[1] - h * w:]  # the class token dropped
-            grid = patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-            maps[name] = grid[..., :height, :width]
+            maps[name] = patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
         return [maps]

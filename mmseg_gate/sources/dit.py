@@ -36,7 +36,6 @@ afterwards, so they never share memory with it. FLUX's latents are
 packed 2x2 into tokens with their position ids, and its guidance embedding gets
 ``guidance_scale`` (FLUX.1-dev; FLUX.1-schnell has none).
 """
-import math
 import os.path as osp
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -53,13 +52,12 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
 
 from ..engine.devices import resolve_dtype
 from ..fileio import read_safetensors
-from .base import (SOURCES, FeatureSource, Features, check_images, input_stride, move_frozen,
-                   pad_to_multiple, rescaled)
+from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
 from .common.conditions import ConditionDetector
 from .common.latents import Noise, draw_noise, encode_latents
 from .common.loading import check_parts, drop_vae_decoder, load_weights
-from .common.lora import (BASE, activate_adapter, adapters_per_sample,
-                                   check_lora_landed, enable_adapters)
+from .common.lora import (BASE, activate_adapter, adapters_per_sample, check_lora_landed,
+                          enable_adapters)
 from .common.taps import StopForward
 
 KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
@@ -325,6 +323,7 @@ class DiTSource(FeatureSource):
         self.guidance_scale = guidance_scale
         self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         self.patch = (self.transformer.config.patch_size if self.kind == 'sd3' else 2)
+        self.size_multiple = self.vae_factor * self.patch
         self.input_scale = float(input_scale)
         self.stride = input_stride(self.vae_factor * self.patch, self.input_scale,
                                    'the transformer tokens')
@@ -555,17 +554,13 @@ class DiTSource(FeatureSource):
                                                       for _ in range(n)])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[Noise] = None) -> List[Features]:
-        check_images(images)
-        timestep = self.timestep if timestep is None else self._checked(timestep)
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator: Optional[Noise]) -> List[Features]:
+        timestep = self.timestep if timestep is None else timestep
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise_seed)
-        self.to(images.device)
-        height, width = images.shape[-2:]
-        pixels = pad_to_multiple(rescaled(images, self.input_scale),
-                                 self.vae_factor * self.patch).to(self.device, self.dtype)
-        self.counts['vae_encodes'] += images.shape[0]
+        pixels = pixels.to(self.device, self.dtype)
+        self.counts['vae_encodes'] += pixels.shape[0]
         clean = encode_latents(self.vae, pixels)
         n, _, lh, lw = clean.shape
         grid = (lh // self.patch, lw // self.patch)
@@ -606,7 +601,6 @@ class DiTSource(FeatureSource):
                     pass
             for j, i in enumerate(indices):
                 outputs[i] = {
-                    name: store[name][j * n:(j + 1) * n].transpose(1, 2).reshape(n, -1, *grid)[
-                        ..., :math.ceil(height / self.stride), :math.ceil(width / self.stride)]
+                    name: store[name][j * n:(j + 1) * n].transpose(1, 2).reshape(n, -1, *grid)
                     for name in self.taps}
         return outputs

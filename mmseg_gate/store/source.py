@@ -55,11 +55,11 @@ class StoredSource(FeatureSource):
                              f't = {timestep}. Extract a store at that timestep, or use the '
                              'source itself.')
 
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> List[Features]:
-        self.check_timestep(timestep)
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator=None) -> List[Features]:
+        """The stored features of the images, found by their pixels."""
         found = []
-        for image in images:
+        for image in pixels:
             index = self.store.index_of_pixels(pixel_key(image))
             if index is None:
                 raise StoreError(

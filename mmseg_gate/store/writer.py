@@ -27,13 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..fileio import FolderLocked, atomic_file, exclusive_lock, remove_stale_temporaries
+from ..datasets.image_lists import ImageList
+from ..datasets.images import pixel_key
 from ..engine.flops import count_flops
+from ..fileio import FolderLocked, atomic_file, exclusive_lock, remove_stale_temporaries
 from ..sources import build_source
 from ..sources.base import COUNTS
 from ..sources.common.latents import PerImageNoise
-from ..datasets.image_lists import ImageList
-from ..datasets.images import pixel_key
 from .manifest import (StoreError, check_header, check_store_folder, differences, make_header,
                        read_manifest, shard_name, to_plain, write_manifest)
 from .reader import FeatureStore

@@ -8,10 +8,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...datasets.image_lists import ImageList
 from ...datasets.images import read_square
 from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
 from ...sources.common.latents import PerImageNoise
-from ...datasets.image_lists import ImageList
 
 Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 

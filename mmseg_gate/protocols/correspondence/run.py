@@ -11,12 +11,12 @@ from mmengine.dist import get_dist_info
 from ...analysis.pictures import save_png
 from ...datasets.spair import DHF_FILES
 from ...fileio import atomic_file
+from ...models.correspondence import build_aggregator, load_aggregator
 from ...sources import build_source
 from ...store import FeatureStore, StoredSource, extract_features
 from ...store.writer import finished_images
 from .features import FeatureCache, protocol_pairs, raw_features, spair_images
 from .metric import evaluate
-from ...models.correspondence import build_aggregator, load_aggregator
 from .pictures import draw_matches
 from .training import aggregated, train_aggregator
 

@@ -42,10 +42,10 @@ from tqdm import tqdm
 from ...engine.checkpoint import load_training_state, save_training_state
 from ...fileio import atomic_file
 from ...models.amalgamation import SparsityWalk, sparsity_loss
+from ...models.correspondence import save_aggregator
 from .features import FeatureCache, batch_features
 from .matching import keypoint_loss, to_grid
 from .metric import evaluate
-from ...models.correspondence import save_aggregator
 
 LAST = 'last_checkpoint.pt'
 KIND = 'correspondence'  # of the training state in LAST

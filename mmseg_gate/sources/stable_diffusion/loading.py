@@ -14,8 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..common.latents import latent_scheduler
-from ..common.loading import (check_parts, drop_vae_decoder, is_local_path, load_error,
-                              load_weights)
+from ..common.loading import check_parts, drop_vae_decoder, is_local_path, load_error, load_weights
 
 DEFAULT_MODEL = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _WEIGHT_COMPONENTS = ('vae', 'unet', 'text_encoder')

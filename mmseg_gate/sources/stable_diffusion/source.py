@@ -10,7 +10,7 @@ ControlNets, an optional LoRA, its own noise recipe), the activations of chosen 
     feats = source(images)               # images: (N, 3, H, W) in [-1, 1], any size
     feats[0]['up_blocks.1.upsamplers.0']  # variant 0: (N, 1280, ceil(H / 16), ceil(W / 16))
 
-Work is shared across variants (see :meth:`StableDiffusionSource.extract_padded`): one VAE
+Work is shared across variants (see :meth:`StableDiffusionSource._extract`): one VAE
 encode per image, prompt embeddings encoded once at build time (then the text encoders are
 dropped), one ControlNet pass per (ControlNet, prompt, latent, timestep) whatever the number of
 variants using it, variants run as one UNet batch with a LoRA adapter chosen per sample (or on
@@ -18,7 +18,6 @@ fused UNet copies, ``lora_mode='fused'``), and each feature pass stops after the
 block.
 """
 import copy
-import math
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
@@ -28,18 +27,17 @@ import torch
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import (SOURCES, FeatureSource, check_images, input_stride, pad_to_multiple,
-                    rescaled)
-from .attention_maps import CrossAttentionMaps
+from ..base import SOURCES, FeatureSource, input_stride
 from ..common.conditions import ConditionDetector
-from .controlnets import load_controlnet
 from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
-from .loading import DEFAULT_MODEL, load_stable_diffusion
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
-                   load_text_encoder_loras)
-from .prompts import PromptEmbedding, encode_prompt, sdxl_time_ids
+                           load_text_encoder_loras)
 from ..common.taps import UNetTaps
 from ..common.timesteps import check_timesteps
+from .attention_maps import CrossAttentionMaps
+from .controlnets import load_controlnet
+from .loading import DEFAULT_MODEL, load_stable_diffusion
+from .prompts import PromptEmbedding, encode_prompt, sdxl_time_ids
 from .variants import Variant, parse_variants
 
 # The paper's segmentation features: the upsampler outputs of up blocks 0, 1 and 2
@@ -255,32 +253,6 @@ class StableDiffusionSource(FeatureSource):
 
     # -- extraction ------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, timestep: Optional[int] = None,
-                 generator: Optional[Noise] = None) -> List[Features]:
-        """Features per variant for ``images`` (N, 3, H, W) in [-1, 1] of any size: a dict
-        tap -> (N, C, ceil(H / stride), ceil(W / stride)) for each variant, in order.
-
-        ``timestep`` (default: each variant's own) is validated at every call; see
-        :meth:`noise_plan` for what it means. ``generator`` draws the noise of the variants
-        without a ``noise_seed`` of their own (default: one seeded with ``noise_seed``): a
-        ``torch.Generator`` for the whole batch, or a ``PerImageNoise`` (each image's own,
-        also for the variants with a ``noise_seed``)."""
-        check_images(images)
-        if isinstance(timestep, torch.Generator):
-            raise TypeError('The second argument is the timestep; pass the noise generator as '
-                            '`generator=` (extractor(images, timestep=None, generator=...)).')
-        if generator is None:
-            generator = torch.Generator().manual_seed(self.noise_seed)
-        height, width = images.shape[-2:]
-        feats = self.extract_padded(
-            pad_to_multiple(rescaled(images, self.input_scale), self.size_multiple), timestep,
-            generator)
-        strides = {f['module']: f['reduction'] for f in self.feature_info}
-        return [{name: f[..., :math.ceil(height / strides[name]),
-                         :math.ceil(width / strides[name])] for name, f in variant.items()}
-                for variant in feats]
-
     def noise_plan(self, timestep: Optional[int] = None, variant: int = 0
                    ) -> Tuple[int, Optional[int]]:
         """(feature timestep, timestep the noise is added at) of ``variant`` in a call.
@@ -298,18 +270,21 @@ class StableDiffusionSource(FeatureSource):
             return timestep, recipe.denoising_from
         return timestep, timestep
 
-    @torch.no_grad()
-    def extract_padded(self, pixels: torch.Tensor, timestep: Optional[int],
-                       generator: Noise) -> List[Features]:
+    def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
+                 generator: Optional[Noise]) -> List[Features]:
         """Features per variant for images in [-1, 1] whose sides are multiples of
-        ``size_multiple``, at ``timestep`` (:meth:`noise_plan`).
+        ``size_multiple``, at ``timestep`` (:meth:`noise_plan`). ``generator`` draws the noise
+        of the variants without a ``noise_seed`` of their own (default: one seeded with
+        ``noise_seed``): a ``torch.Generator`` for the whole batch, or a ``PerImageNoise``
+        (each image's own, also for the variants with a ``noise_seed``).
 
         Shared wherever recipes agree: one VAE encode; one noise per noise source (the call's
         generator, or a variant's ``noise_seed``); one noised latent per (noise, start); one
         ControlNet pass per (ControlNet, prompt, latent, timestep); one UNet batch per
         (timestep, UNet, prompt length); denoising per (start, timestep)."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.noise_seed)
         plans = [self.noise_plan(timestep, i) for i in range(len(self.variants))]
-        self.to(pixels.device)
         self.counts['vae_encodes'] += pixels.shape[0]
         clean = encode_latents(self.vae, pixels)
         used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
