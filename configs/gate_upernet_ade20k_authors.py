@@ -18,7 +18,7 @@ model = dict(
     backbone=dict(
         source=dict(append_class_names=False, variant_noise='independent'),
         eval_noise='fresh',
-        assigner_cfg=dict(hidden_channels=128, dropout_ratio=0.5, conv_init='pytorch')),
+        assigner_cfg=dict(conv_init='pytorch')),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(512, 512)))
 param_scheduler = [
     dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=80000, by_epoch=False)

@@ -17,7 +17,7 @@ model = dict(
     backbone=dict(
         source=dict(append_class_names=False, variant_noise='independent', input_scale=0.5),
         eval_noise='fresh',
-        assigner_cfg=dict(hidden_channels=128, dropout_ratio=0.5, conv_init='pytorch')),
+        assigner_cfg=dict(conv_init='pytorch')),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(512, 512)))
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -6,6 +6,7 @@ _base_ = [
     './_base_/models/gate_sd15_upernet.py',
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
+    './_base_/gate_recipe.py',
 ]
 data_root = 'data/demo/ade/ADEChallengeData2016'
 num_classes = 5  # GATEDemoDataset: wall, building, sky, floor, tree (ADE20K ids 1-5)
@@ -23,14 +24,10 @@ model = dict(
             class_names=('wall', 'building', 'sky', 'floor', 'tree'),
             append_class_names=True,
             controlnets=dict(canny=dict(model='data/demo/controlnet-canny',
-                                        condition=dict(type='canny'))),
+                                        condition={{_base_.gate_canny}})),
             loras=dict(a='data/demo/lora/lora_step100.safetensors',
                        b='data/demo/lora/lora_step200.safetensors'),
-            variants=[
-                dict(),
-                dict(controlnets=dict(canny=1.0), lora='a'),
-                dict(controlnets=dict(canny=1.0), lora='b'),
-            ]),
+            variants={{_base_.gate_variants}}),
         norm_cfg=dict(type='BN', requires_grad=True)),
     decode_head=dict(in_channels=tiny_channels, channels=32, num_classes=num_classes,
                      norm_cfg=dict(type='BN', requires_grad=True)),

@@ -434,7 +434,8 @@ def test_validation_in_train_mode_as_the_authors(spair_root, tmp_path):
     feats = {path: [{'conv.a': torch.randn(1, 6, 4, 4) * (i + 1) + i} for _ in range(2)]
              + [{'attn.cross_attention_maps': torch.rand(1, 3, 4, 4)}]
              for i, path in enumerate(paths)}
-    net = GATEAggregationNetwork(info, output='conv', grid=8, dropout_ratio=0.0)
+    net = GATEAggregationNetwork(info, output='conv', grid=8,
+                                 assigner_cfg=dict(dropout_ratio=0.0))
     outputs, predictions = [], []
     for pair in pairs:
         both = [{k: torch.cat([feats[pair['src_path']][v][k], feats[pair['trg_path']][v][k]])
@@ -458,7 +459,8 @@ def test_validation_in_train_mode_as_the_authors(spair_root, tmp_path):
     validate(net, feats.__getitem__, pairs, 0.1, val_mode='train')
     assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())
     # Dropout active: validations are noisy, the paper reports their maximum.
-    noisy = GATEAggregationNetwork(info, output='nn', grid=8, dropout_ratio=0.5)
+    noisy = GATEAggregationNetwork(info, output='nn', grid=8,
+                                   assigner_cfg=dict(dropout_ratio=0.5))
     weights = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -484,3 +486,19 @@ def test_validation_in_train_mode_as_the_authors(spair_root, tmp_path):
     with pytest.raises(ValueError, match='never validate'):
         train_aggregator(noisy, feats.__getitem__, pairs, pairs, str(work), steps=2,
                          val_every=2, val_offset=1, val_last=False, progress=False)
+
+
+def test_assigner_settings_live_in_assigner_cfg():
+    """The weight assigner owns its defaults; the aggregators pass ``assigner_cfg`` through
+    and name it when given the old keyword arguments."""
+    from mmseg_gate.models.correspondence import (CorrespondenceAggregator,
+                                                  GATEAggregationNetwork)
+    info = [dict(module='conv.a', num_chs=6, num_variants=2),
+            dict(module='attn.cross_attention_maps', num_chs=3, num_variants=1)]
+    net = GATEAggregationNetwork(info, assigner_cfg=dict(dropout_ratio=0.25))
+    assigner = net.amalgamation.assigners[0]
+    assert assigner.dropout.p == 0.25 and assigner.fc.in_features == 128
+    assert assigner.conv_init == 'kaiming'
+    for cls, extra in ((GATEAggregationNetwork, {}), (CorrespondenceAggregator, {})):
+        with pytest.raises(TypeError, match=r"assigner_cfg=\{'conv_init': 'pytorch'\}"):
+            cls(info[:1], conv_init='pytorch', **extra)

@@ -74,7 +74,8 @@ data = dict(
     test_per_category=None)
 aggregator = dict(type='GATEAggregationNetwork', output='conv', grid=64, resize_mode='nearest',
                   bypass=('attn.cross_attention_maps', ),
-                  conv_init='pytorch')  # their assigner's plain nn.Conv2d initialisation
+                  # their assigner's plain nn.Conv2d initialisation
+                  assigner_cfg=dict(conv_init='pytorch'))
 # Theirs: both maps upsampled to 512x512, keypoints scaled without a half-pixel offset.
 matching = dict(size=512, pixel_centres=False)
 train = dict(steps=10000, steps_per_epoch=5000, lr=5e-4, weight_decay=0.01, temperature=0.07,

@@ -175,10 +175,9 @@ def benchmark_naive(cfg: Config, shape, device: torch.device, iters: int, batch:
     images = torch.rand(batch, 3, *shape, device=device) * 2 - 1
     with torch.no_grad():
         naive(images)  # learns its features' channels and strides
-    fusion = GATEFusion(naive.feature_info, backbone_cfg.get('num_assigners', 1),
-                        backbone_cfg.get('assigner_cfg', dict(hidden_channels=128,
-                                                              dropout_ratio=0.5)),
-                        backbone_cfg.get('num_refine_blocks', 1)).to(device).eval()
+    fusion = GATEFusion(naive.feature_info, **{  # the backbone's settings, GATEFusion's defaults
+        key: backbone_cfg[key] for key in ('num_assigners', 'assigner_cfg', 'num_refine_blocks',
+                                           'norm_cfg') if key in backbone_cfg}).to(device).eval()
     return measure(lambda: naive(images), fusion, naive, device, iters, batch, baseline)
 
 

@@ -107,18 +107,20 @@ class VariantAmalgamation(BaseModule):
         num_variants: number of variants fused.
         num_assigners: number of weight assigners; output channels are
             ``channels * num_assigners`` (1 with a single variant).
-        hidden_channels, dropout_ratio, norm_cfg, conv_init: of each :class:`WeightAssigner`.
+        assigner_cfg: :class:`WeightAssigner`'s ``hidden_channels``, ``dropout_ratio`` and
+            ``conv_init`` (its defaults for those not given).
+        norm_cfg: of each assigner.
     """
 
     def __init__(self, channels: int, num_variants: int, num_assigners: int = 1,
-                 hidden_channels: int = 128, dropout_ratio: float = 0.5,
+                 assigner_cfg: Optional[dict] = None,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
-                 conv_init: str = 'kaiming', init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None):
         super().__init__(init_cfg)
         self.num_variants = num_variants
         if num_variants > 1:
             self.assigners = nn.ModuleList(
-                WeightAssigner(channels, hidden_channels, dropout_ratio, norm_cfg, conv_init)
+                WeightAssigner(channels, norm_cfg=norm_cfg, **(assigner_cfg or {}))
                 for _ in range(num_assigners))
         self.out_channels = channels * (num_assigners if num_variants > 1 else 1)
         self.last_weights: Optional[torch.Tensor] = None
@@ -151,14 +153,13 @@ class GATEFusion(BaseModule):
         feature_info: a source's ``feature_info``: ``module``, ``num_chs``, ``reduction``
             and ``num_variants`` (the variants that hold it) per feature.
         num_assigners: weight assigners per level (see :class:`VariantAmalgamation`).
-        assigner_cfg: ``hidden_channels``, ``dropout_ratio`` and (optionally)
-            ``conv_init`` of the assigners.
+        assigner_cfg: of the assigners (:class:`VariantAmalgamation`).
         num_refine_blocks: refinement blocks per level.
         norm_cfg: norm layer of the assigners and refinement blocks.
     """
 
     def __init__(self, feature_info: List[dict], num_assigners: int = 1,
-                 assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
+                 assigner_cfg: Optional[dict] = None,
                  num_refine_blocks: int = 1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  init_cfg: Optional[dict] = None):
@@ -168,8 +169,8 @@ class GATEFusion(BaseModule):
         self.names = [f['module'] for f in levels]
         self.strides = [f['reduction'] for f in levels]
         self.amalgamations = nn.ModuleList(
-            VariantAmalgamation(f['num_chs'], f['num_variants'], num_assigners,
-                                norm_cfg=norm_cfg, **assigner_cfg) for f in levels)
+            VariantAmalgamation(f['num_chs'], f['num_variants'], num_assigners, assigner_cfg,
+                                norm_cfg) for f in levels)
         self.out_channels = [a.out_channels for a in self.amalgamations]
         self.refiners = nn.ModuleList(
             refinement_stack(c, num_refine_blocks, norm_cfg) for c in self.out_channels)

@@ -2,7 +2,7 @@
 completely): the GATE authors' ``GATEAggregationNetwork`` and the Diffusion-Hyperfeatures-style
 ``CorrespondenceAggregator``, both registered in MMSeg's ``MODELS``.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,14 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
+def refuse_renamed(name: str, given: dict) -> None:
+    """The assigner's settings moved into ``assigner_cfg``: name the new key."""
+    if given:
+        raise TypeError(f'{name} got {sorted(given)}: the weight assigner\'s settings '
+                        '(hidden_channels, dropout_ratio, conv_init) now go in '
+                        f'assigner_cfg=dict(...), e.g. assigner_cfg={dict(given)}.')
+
+
 @MODELS.register_module()
 class CorrespondenceAggregator(BaseModule):
     """GATE's amalgamation per level, DHF's bottleneck per level and learned level mixing.
@@ -46,17 +54,18 @@ class CorrespondenceAggregator(BaseModule):
         feature_info: the source's ``feature_info`` (``module``, ``num_chs``,
             ``num_variants`` per level).
         projection_dim: channels of the output (DHF: 384).
-        num_assigners, hidden_channels, dropout_ratio: of each level's amalgamation.
+        num_assigners, assigner_cfg: of each level's amalgamation
+            (:class:`VariantAmalgamation`).
     """
 
     def __init__(self, feature_info: List[dict], projection_dim: int = 384,
-                 num_assigners: int = 1, hidden_channels: int = 128,
-                 dropout_ratio: float = 0.5):
+                 num_assigners: int = 1, assigner_cfg: Optional[dict] = None, **renamed):
+        refuse_renamed(type(self).__name__, renamed)
         super().__init__()
         self.names = [info['module'] for info in feature_info]
         self.amalgamations = nn.ModuleList(
             VariantAmalgamation(info['num_chs'], info['num_variants'], num_assigners,
-                                hidden_channels, dropout_ratio) for info in feature_info)
+                                assigner_cfg) for info in feature_info)
         self.bottlenecks = nn.ModuleList(
             Bottleneck(a.out_channels, projection_dim) for a in self.amalgamations)
         self.mixing_weights = nn.Parameter(torch.ones(len(feature_info)))
@@ -104,16 +113,16 @@ class GATEAggregationNetwork(BaseModule):
         output (str): 'conv' or 'nn'. Default: 'conv'.
         grid (int): side of the output grid (64 for their 512x512 inputs). Default: 64.
         resize_mode (str): how levels are resized to the grid. Default: 'nearest'.
-        hidden_channels, dropout_ratio: of the weight assigner. Default: 128, 0.5.
-        conv_init (str): the assigner convolution's initialisation, 'kaiming' (mmcv's) or
-            'pytorch' (the authors' plain ``nn.Conv2d``). Default: 'kaiming'.
+        assigner_cfg (dict, optional): the weight assigner's ``hidden_channels``,
+            ``dropout_ratio`` and ``conv_init`` ('kaiming', mmcv's, or 'pytorch', the authors'
+            plain ``nn.Conv2d``); :class:`WeightAssigner`'s defaults for those not given.
     """
 
     def __init__(self, feature_info: List[dict],
                  bypass: Sequence[str] = ('attn.cross_attention_maps', ),
                  output: str = 'conv', grid: int = 64, resize_mode: str = 'nearest',
-                 hidden_channels: int = 128, dropout_ratio: float = 0.5,
-                 conv_init: str = 'kaiming'):
+                 assigner_cfg: Optional[dict] = None, **renamed):
+        refuse_renamed(type(self).__name__, renamed)
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f'GATEAggregationNetwork output must be one of {OUTPUTS}, got '
@@ -132,8 +141,7 @@ class GATEAggregationNetwork(BaseModule):
         self.fused = [info['module'] for info in fused]
         channels = sum(info['num_chs'] for info in fused)
         self.amalgamation = VariantAmalgamation(channels, fused[0]['num_variants'], 1,
-                                                hidden_channels, dropout_ratio,
-                                                conv_init=conv_init)
+                                                assigner_cfg)
         width = channels + sum(info['num_chs'] for info in feature_info
                                if info['module'] in self.bypass)
         self.output = output

@@ -48,9 +48,9 @@ class GATEBackbone(BaseModule):
             run to run. Default: 'per_image'.
         num_assigners (int): weight assigners per level in the amalgamation; each adds the
             level's channels to the output. Default: 1.
-        assigner_cfg (dict): ``hidden_channels`` and ``dropout_ratio`` of the assigners, and
-            optionally ``conv_init`` ('kaiming', mmcv's, by default; 'pytorch': the
-            authors').
+        assigner_cfg (dict, optional): ``hidden_channels``, ``dropout_ratio`` and
+            ``conv_init`` of the assigners ('kaiming', mmcv's, or 'pytorch', the authors');
+            :class:`WeightAssigner`'s defaults (128, 0.5, 'kaiming') for those not given.
         input_mean (Sequence[float]): the data preprocessor's ``mean`` (0-255 pixel units),
             used to turn its output back into the VAE's [-1, 1]. Default: 127.5 each.
         input_std (Sequence[float]): the data preprocessor's ``std``. Default: 127.5 each.
@@ -65,7 +65,7 @@ class GATEBackbone(BaseModule):
                  noise_seed: int = 0,
                  eval_noise: str = 'per_image',
                  num_assigners: int = 1,
-                 assigner_cfg: dict = dict(hidden_channels=128, dropout_ratio=0.5),
+                 assigner_cfg: Optional[dict] = None,
                  input_mean: Sequence[float] = (127.5, 127.5, 127.5),
                  input_std: Sequence[float] = (127.5, 127.5, 127.5),
                  num_refine_blocks: int = 1,
