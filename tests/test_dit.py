@@ -149,6 +149,56 @@ def test_taps_and_variants_are_checked(models):
         build_source(dict(type='DiTSource', model=models['sd3'], timestep=1000))
 
 
+def test_dit_source_builds_the_family_of_the_folder(models, monkeypatch):
+    """``DiTSource`` (the configs' type) reads the folder's pipeline and is that family's
+    class, built once; ``SD3Source`` and ``FluxSource`` may be named directly."""
+    from mmseg_gate.sources.dit import DiTSource, FluxSource, SD3Source
+    built = []
+    init = DiTSource.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(type(self))
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(DiTSource, '__init__', counted)
+    for kind, family in (('sd3', SD3Source), ('flux', FluxSource)):
+        for cfg in (dict(type='DiTSource'), dict(type=family.__name__)):
+            source = build_source(dict(cfg, model=models[kind], taps=('transformer_blocks.0', )))
+            assert type(source) is family and isinstance(source, DiTSource)
+            assert source.kind == kind and repr(source).startswith('DiTSource(')
+        assert type(DiTSource(models[kind], taps=('transformer_blocks.0', ))) is family
+        assert type(family(model=models[kind], taps=('transformer_blocks.0', ))) is family
+    assert built == [SD3Source] * 4 + [FluxSource] * 4
+
+
+@pytest.mark.parametrize('named,kind,right', [
+    ('SD3Source', 'flux', 'FluxPipeline: name its source FluxSource'),
+    ('FluxSource', 'sd3', 'StableDiffusion3Pipeline: name its source SD3Source')])
+def test_the_wrong_family_for_a_folder_is_refused(models, named, kind, right):
+    import re
+    with pytest.raises(ValueError, match=re.escape(f"'{models[kind]}' holds a {right}")):
+        build_source(dict(type=named, model=models[kind]))
+
+
+def test_shared_dit_code_asks_no_family():
+    """The families differ by the methods their classes override: no file of the package
+    compares a ``kind``."""
+    import ast
+    import glob
+    import os.path as osp
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    files = sorted(glob.glob(osp.join(root, 'mmseg_gate', 'sources', 'dit', '*.py')))
+    assert {osp.basename(f) for f in files} >= {'__init__.py', 'base.py', 'sd3.py', 'flux.py'}
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read(), path)):
+            if isinstance(node, ast.Compare):
+                names = [getattr(side, 'id', getattr(side, 'attr', None))
+                         for side in (node.left, *node.comparators)]
+                if 'kind' in names:
+                    found.append(f'{osp.basename(path)}:{node.lineno}')
+    assert not found, f'kind compared at {found}'
+
+
 def test_flux_builds_only_the_blocks_it_runs(models, tmp_path):
     """FLUX is built cut after the last tap (the file's later blocks stay unread), in the
     frozen precision asked for; a file missing a tensor of a block that runs is refused."""

@@ -9,7 +9,7 @@ timestep) over the img2img schedule's remaining sigmas, which is img2img with th
 added (tested: at ControlNet scale 0 it is the img2img reconstruction). The models load
 whole, with the VAE decoder, through the same complete-or-fail loaders as the features.
 """
-from typing import List
+from typing import List, NamedTuple
 
 import numpy as np
 import torch
@@ -21,9 +21,30 @@ from PIL import Image
 from ..sources.common.conditions import ConditionDetector
 from ..sources.common.loading import load_weights
 from ..sources.common.lora import activate_adapter
-from ..sources.dit import (GET_DIT_HINT, DiTSource, load_dit_controlnet, load_dit_lora,
-                           load_scheduler, load_text_parts, model_classes)
+from ..sources.dit import GET_DIT_HINT, DiTSource, load_dit_lora, load_scheduler
 from .pictures import to_pil
+
+
+class Pipelines(NamedTuple):
+    """A DiT family's diffusers pipelines for reconstructions: ``img2img``, ``controlnet``
+    (built from the img2img one's parts) and ``multi_controlnet`` (several ControlNets as
+    one); ``controlnet_img2img``: whether the ControlNet pipeline is an img2img one (else it
+    starts from img2img's first latent, :func:`sd3_img2img_start`); ``classifier_free``:
+    whether a call's ``guidance_scale`` is classifier-free guidance (else the source's
+    guidance embedding, as its features use)."""
+    img2img: type
+    controlnet: type
+    multi_controlnet: type
+    controlnet_img2img: bool
+    classifier_free: bool
+
+
+# Per family: the source's ``kind``.
+PIPELINES = dict(
+    sd3=Pipelines(StableDiffusion3Img2ImgPipeline, StableDiffusion3ControlNetPipeline,
+                  SD3MultiControlNetModel, controlnet_img2img=False, classifier_free=True),
+    flux=Pipelines(FluxImg2ImgPipeline, FluxControlNetImg2ImgPipeline,
+                   FluxMultiControlNetModel, controlnet_img2img=True, classifier_free=False))
 
 
 def sd3_img2img_start(pipe: StableDiffusion3Img2ImgPipeline, image: Image.Image,
@@ -58,23 +79,22 @@ class DiTReconstructor:
 
     def __init__(self, source: DiTSource, loras: dict, controlnets: dict,
                  max_sequence_length, device: torch.device, dtype: torch.dtype):
-        model, self.kind = source.model_name, source.kind
+        model, self.pipelines = source.model_name, PIPELINES[source.kind]
         self.prompts, self.loras = source.prompts, source.variant_loras
         self.nets, self.scales = source.variant_controlnets, source.lora_scales
         self.guidance = source.guidance_scale
         self.length = dict(max_sequence_length=max_sequence_length) \
             if max_sequence_length else {}
-        transformer = load_weights(model_classes(self.kind)[0], model, 'transformer', GET_DIT_HINT,
-                                   torch_dtype=dtype)
+        transformer = load_weights(source.transformer_class, model, 'transformer',
+                                   GET_DIT_HINT, torch_dtype=dtype)
         for name in dict.fromkeys(n for n in self.loras if n is not None):
             load_dit_lora(transformer, name, loras[name])
         parts = dict(transformer=transformer, scheduler=load_scheduler(model),
                      vae=load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT, torch_dtype=dtype),
-                     **load_text_parts(model, self.kind, dtype))
-        pipeline = StableDiffusion3Img2ImgPipeline if self.kind == 'sd3' else FluxImg2ImgPipeline
-        self.pipe = pipeline(**parts).to(device)
+                     **source.load_text_parts(model, dtype))
+        self.pipe = self.pipelines.img2img(**parts).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.controlnets = {name: load_dit_controlnet(self.kind, name, cfg).to(device, dtype)
+        self.controlnets = {name: source.load_controlnet(name, cfg).to(device, dtype)
                             for name, cfg in controlnets.items()}
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
@@ -82,11 +102,8 @@ class DiTReconstructor:
     def _controlnet_pipe(self, nets: dict):
         """The ControlNet pipeline sharing this one's parts, with ``nets``' models."""
         models = [self.controlnets[name] for name in nets]
-        many = FluxMultiControlNetModel if self.kind == 'flux' else SD3MultiControlNetModel
-        controlnet = models[0] if len(models) == 1 else many(models)
-        pipeline = FluxControlNetImg2ImgPipeline if self.kind == 'flux' \
-            else StableDiffusion3ControlNetPipeline
-        pipe = pipeline.from_pipe(self.pipe, controlnet=controlnet)
+        controlnet = models[0] if len(models) == 1 else self.pipelines.multi_controlnet(models)
+        pipe = self.pipelines.controlnet.from_pipe(self.pipe, controlnet=controlnet)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -104,7 +121,7 @@ class DiTReconstructor:
             generator = torch.Generator().manual_seed(seed)  # the same noise on any device
             kwargs = dict(prompt=prompt, num_inference_steps=steps, generator=generator,
                           height=height, width=width, output_type='pil', **self.length,
-                          guidance_scale=guidance_scale if self.kind == 'sd3'
+                          guidance_scale=guidance_scale if self.pipelines.classifier_free
                           else self.guidance)
             pipe = self.pipe
             if nets:
@@ -115,7 +132,7 @@ class DiTReconstructor:
                 kwargs.update(control_image=conditions[0] if len(nets) == 1 else conditions,
                               controlnet_conditioning_scale=scales[0] if len(nets) == 1
                               else scales)
-            if nets and self.kind == 'sd3':
+            if nets and not self.pipelines.controlnet_img2img:
                 latents, sigmas = sd3_img2img_start(self.pipe, source, strength, steps,
                                                     generator)
                 kwargs.update(latents=latents, sigmas=sigmas,

@@ -35,61 +35,41 @@ any length as they encode them) before the transformer loads; the text encoders 
 afterwards, so they never share memory with it. FLUX's latents are
 packed 2x2 into tokens with their position ids, and its guidance embedding gets
 ``guidance_scale`` (FLUX.1-dev; FLUX.1-schnell has none).
+
+This file holds what both families share; each family's differences are the methods its
+class overrides, ``SD3Source`` (``sd3.py``) and ``FluxSource`` (``flux.py``), so that the
+shared code never asks which family it runs. ``DiTSource(model=...)`` returns the one the
+folder's ``model_index.json`` names.
 """
 import os.path as osp
+from abc import abstractmethod
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
-                       FluxControlNetModel, FluxPipeline, FluxTransformer2DModel,
-                       SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                          T5EncoderModel, T5TokenizerFast)
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from ..engine.devices import resolve_dtype
-from ..fileio import read_safetensors
-from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
-from .common.conditions import ConditionDetector
-from .common.latents import Noise, draw_noise, encode_latents
-from .common.loading import check_parts, drop_vae_decoder, load_weights
-from .common.lora import (BASE, activate_adapter, adapters_per_sample, check_lora_landed,
-                          enable_adapters)
-from .common.taps import StopForward
+from ...engine.devices import resolve_dtype
+from ...fileio import read_safetensors
+from ..base import SOURCES, FeatureSource, Features, input_stride, move_frozen
+from ..common.conditions import ConditionDetector
+from ..common.latents import Noise, draw_noise, encode_latents
+from ..common.loading import check_parts, drop_vae_decoder, load_weights
+from ..common.lora import (BASE, activate_adapter, adapters_per_sample, check_lora_landed,
+                           enable_adapters)
+from ..common.taps import StopForward
 
-KINDS = dict(StableDiffusion3Pipeline='sd3', FluxPipeline='flux')
 GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '
                 'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 '
                 '--include "*.json" "*.txt" "*.model" "*.safetensors" --exclude "*.fp16.*"` '
                 "(or black-forest-labs/FLUX.1-dev), and set the source's `model`.")
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX's token layout: (N, C, H, W) latents as (N, H/2 * W/2, 4C) tokens, each 2x2 patch
-    one token (row-major)."""
-    n, c, h, w = latents.shape
-    patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
-
-
-def image_ids(height: int, width: int) -> torch.Tensor:
-    """FLUX's position ids of (height x width) image tokens: (0, row, column) each."""
-    ids = torch.zeros(height, width, 3)
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    return ids.reshape(height * width, 3)
-
-
-# The parts each kind's features load (PART_FILES kinds), checked before anything loads.
-PARTS = dict(
-    sd3=dict(transformer='model', vae='model', scheduler='scheduler', text_encoder='model',
-             text_encoder_2='model', text_encoder_3='model', tokenizer='clip_tokenizer',
-             tokenizer_2='clip_tokenizer', tokenizer_3='t5_tokenizer'),
-    flux=dict(transformer='model', vae='model', scheduler='scheduler', text_encoder='model',
-              text_encoder_2='model', tokenizer='clip_tokenizer', tokenizer_2='t5_tokenizer'))
+# The transformer's inputs that are one per sample, concatenated when variants run as one
+# batch; the others (FLUX's position ids) are the same for every sample.
+BATCHED = ('hidden_states', 'encoder_hidden_states', 'pooled_projections', 'timestep',
+           'guidance')
+# kind -> its family's class (SD3Source, FluxSource), filled as each is defined.
+FAMILY_CLASSES: Dict[str, type] = {}
 
 
 def read_kind(model: str) -> str:
@@ -100,13 +80,14 @@ def read_kind(model: str) -> str:
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"'{model}' is not a diffusers pipeline folder ({err}). "
                                 f'{GET_DIT_HINT}') from err
-    kind = KINDS.get(index.get('_class_name'))
-    if kind is None:
+    families = {cls.pipeline_class.__name__: cls for cls in FAMILY_CLASSES.values()}
+    family = families.get(index.get('_class_name'))
+    if family is None:
         raise ValueError(f"'{model}' holds a {index.get('_class_name')}; DiT sources read "
-                         f'{sorted(KINDS)}.')
+                         f'{sorted(families)}.')
     if osp.isdir(model):
-        check_parts(model, PARTS[kind], index['_class_name'], GET_DIT_HINT)
-    return kind
+        check_parts(model, family.parts, index['_class_name'], GET_DIT_HINT)
+    return family.kind
 
 
 def load_scheduler(model: str) -> FlowMatchEulerDiscreteScheduler:
@@ -120,50 +101,25 @@ def load_scheduler(model: str) -> FlowMatchEulerDiscreteScheduler:
 
 def model_classes(kind: str):
     """The transformer and ControlNet classes of a kind."""
-    return ((SD3Transformer2DModel, SD3ControlNetModel) if kind == 'sd3' else
-            (FluxTransformer2DModel, FluxControlNetModel))
+    family = FAMILY_CLASSES[kind]
+    return family.transformer_class, family.controlnet_class
 
 
 def block_names(kind: str, config) -> List[str]:
     """A transformer's tappable blocks in running order, from its config."""
-    names = [f'transformer_blocks.{i}' for i in range(config['num_layers'])]
-    if kind == 'flux':
-        names += [f'single_transformer_blocks.{i}' for i in range(config['num_single_layers'])]
-    return names
+    return FAMILY_CLASSES[kind].block_names(config)
 
 
 def truncated_build(kind: str, last: str) -> Dict[str, int]:
-    """FLUX's config overrides that build only the blocks up to ``last`` (its double- and
-    single-stream blocks are each all alike, so fewer of them is the same model cut short);
-    SD3's last joint block differs from the others, so SD3 is built whole and cut after
-    loading."""
-    if kind != 'flux':
-        return {}
-    stream, index = last.rsplit('.', 1)
-    if stream == 'transformer_blocks':
-        return dict(num_layers=int(index) + 1, num_single_layers=0)
-    return dict(num_single_layers=int(index) + 1)
+    """The config overrides that build a kind's transformer only up to block ``last``
+    (none: built whole and cut after loading)."""
+    return FAMILY_CLASSES[kind].truncated_build(last)
 
 
 def load_text_parts(model: str, kind: str, dtype: Optional[torch.dtype] = None) -> Dict:
     """The pipeline's text encoders (complete-or-fail) and tokenizers, as its keyword
     arguments: SD3 CLIP-L, CLIP-G and T5; FLUX CLIP-L and T5."""
-    def encoder(cls, subfolder):
-        return load_weights(cls, model, subfolder, GET_DIT_HINT, **dtype_kwargs(dtype))
-
-    def tokenizer(cls, subfolder):
-        return cls.from_pretrained(model, subfolder=subfolder)
-    if kind == 'sd3':
-        return dict(text_encoder=encoder(CLIPTextModelWithProjection, 'text_encoder'),
-                    text_encoder_2=encoder(CLIPTextModelWithProjection, 'text_encoder_2'),
-                    text_encoder_3=encoder(T5EncoderModel, 'text_encoder_3'),
-                    tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
-                    tokenizer_2=tokenizer(CLIPTokenizer, 'tokenizer_2'),
-                    tokenizer_3=tokenizer(T5TokenizerFast, 'tokenizer_3'))
-    return dict(text_encoder=encoder(CLIPTextModel, 'text_encoder'),
-                text_encoder_2=encoder(T5EncoderModel, 'text_encoder_2'),
-                tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
-                tokenizer_2=tokenizer(T5TokenizerFast, 'tokenizer_2'))
+    return FAMILY_CLASSES[kind].load_text_parts(model, dtype)
 
 
 def dtype_kwargs(dtype: Optional[torch.dtype]) -> Dict:
@@ -194,7 +150,12 @@ def load_dit_lora(transformer, name: str, path: str, unused_blocks: Sequence[str
 
 def load_dit_controlnet(kind: str, name: str, cfg: dict):
     """ControlNet ``name`` of a kind (complete-or-fail), refusing the kinds not supported."""
-    net = load_weights(model_classes(kind)[1], cfg['model'], None, GET_DIT_HINT)
+    return FAMILY_CLASSES[kind].load_controlnet(name, cfg)
+
+
+def check_controlnet(net, name: str, cfg: dict):
+    """``net`` (ControlNet ``name`` of ``cfg``), refused where it is of a kind not supported
+    yet."""
     unsupported = ('extra conditioning channels (an SD3.5 ControlNet)'
                    if getattr(net.config, 'extra_conditioning_channels', 0) else
                    'a hint block (an XLabs ControlNet)'
@@ -210,7 +171,8 @@ def load_dit_controlnet(kind: str, name: str, cfg: dict):
 @SOURCES.register_module()
 class DiTSource(FeatureSource):
     """SD3.x or FLUX.1 transformer features per variant (prompt, LoRA, ControlNets; module
-    docstring).
+    docstring). Built as ``DiTSource``, it is the ``SD3Source`` or ``FluxSource`` of the
+    folder's pipeline (configs may also name those).
 
     Args:
         model (str): a diffusers folder (or hub id) of a ``StableDiffusion3Pipeline`` or
@@ -241,6 +203,35 @@ class DiTSource(FeatureSource):
             chosen per sample, one ControlNet pass per ControlNet and prompt) or one after
             another (less memory, same features). Default: True.
     """
+
+    # Each family's, set by its class.
+    kind: str  # 'sd3' or 'flux': for messages and reports only
+    pipeline_class: type  # the diffusers pipeline its folders hold
+    transformer_class: type
+    controlnet_class: type
+    parts: Dict[str, str]  # the folder's parts its features load (PART_FILES kinds)
+    residual_keys: Tuple[str, ...]  # the transformer's arguments for ControlNet residuals
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if 'kind' in cls.__dict__:  # a family's own class, not a subclass of one
+            FAMILY_CLASSES[cls.kind] = cls
+
+    def __new__(cls, model: Optional[str] = None, *args, **kwargs):
+        """The class of the folder's family: one source type for configs, one class per
+        family for the code."""
+        if model is None:  # unpickling a family's source; a missing model fails in __init__
+            if cls is DiTSource:
+                raise TypeError("DiTSource() missing 1 required argument: 'model'")
+            return super().__new__(cls)
+        family = FAMILY_CLASSES[read_kind(model)]
+        if cls is DiTSource:
+            cls = family
+        elif not issubclass(cls, family):
+            raise ValueError(f"'{model}' holds a {family.pipeline_class.__name__}: name its "
+                             f'source {family.__name__} (or DiTSource, which chooses by the '
+                             f'folder), not {cls.__name__}.')
+        return super().__new__(cls)
 
     def __init__(self, model: str, prompt: str = '', variants: Optional[Sequence[dict]] = None,
                  loras: Optional[Dict[str, str]] = None,
@@ -276,17 +267,14 @@ class DiTSource(FeatureSource):
                                  'two scales; one LoRA has one scale here (list the file '
                                  'twice in `loras`, under two names).')
         self.timestep = self._checked(timestep)
-        self.kind = read_kind(model)
-        self.model_name = model
-        transformer_class, _ = model_classes(self.kind)
+        self.model_name = model  # its family was read from it (read_kind) by __new__
         try:
-            config = transformer_class.load_config(model, subfolder='transformer')
+            config = self.transformer_class.load_config(model, subfolder='transformer')
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"'{model}/transformer' has no readable config ({err}). "
                                     f'{GET_DIT_HINT}') from err
-        names = block_names(self.kind, config)
-        self.taps = list(taps or [names[len(names) // 2] if self.kind == 'sd3'
-                                  else f"transformer_blocks.{config['num_layers'] - 1}"])
+        names = self.block_names(config)
+        self.taps = list(taps or [self.default_tap(names, config)])
         for tap in self.taps:
             if tap not in names:
                 raise KeyError(f"Tap '{tap}' is not a block of this transformer: taps are "
@@ -303,15 +291,15 @@ class DiTSource(FeatureSource):
         self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
         self.unused_blocks = names[names.index(self.final) + 1:]
         self.transformer = load_weights(
-            transformer_class, model, 'transformer', GET_DIT_HINT,
+            self.transformer_class, model, 'transformer', GET_DIT_HINT,
             unused_blocks=self.unused_blocks,
-            **truncated_build(self.kind, self.final),
+            **self.truncated_build(self.final),
             **dtype_kwargs(load_dtype))
-        self._free_after(self.final)
+        self.free_after(self.final)
         self.vae = load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT,
                                 **dtype_kwargs(load_dtype))
         drop_vae_decoder(self.vae)
-        self.controlnets = {name: load_dit_controlnet(self.kind, name, cfg)
+        self.controlnets = {name: self.load_controlnet(name, cfg)
                             for name, cfg in controlnets.items()}
         self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
                           for name, cfg in controlnets.items()}
@@ -322,7 +310,7 @@ class DiTSource(FeatureSource):
             load_dit_lora(self.transformer, name, loras[name], self.unused_blocks)
         self.guidance_scale = guidance_scale
         self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
-        self.patch = (self.transformer.config.patch_size if self.kind == 'sd3' else 2)
+        self.patch = self.patch_size()
         self.size_multiple = self.vae_factor * self.patch
         self.input_scale = float(input_scale)
         self.stride = input_stride(self.vae_factor * self.patch, self.input_scale,
@@ -334,6 +322,77 @@ class DiTSource(FeatureSource):
             self.transformer.config.attention_head_dim
         self.feature_info = [dict(module=t, num_chs=width, reduction=self.stride,
                                   num_variants=len(self.prompts)) for t in self.taps]
+
+    # The family hooks: what SD3Source and FluxSource each do their own way.
+
+    @classmethod
+    def block_names(cls, config) -> List[str]:
+        """A transformer's tappable blocks in running order, from its config: its joint
+        (double-stream) blocks."""
+        return [f'transformer_blocks.{i}' for i in range(config['num_layers'])]
+
+    @staticmethod
+    @abstractmethod
+    def default_tap(names: List[str], config) -> str:
+        """The block read when a config names no taps."""
+
+    @staticmethod
+    def truncated_build(last: str) -> Dict[str, int]:
+        """Config overrides that build the transformer only up to block ``last``; none where
+        the blocks differ (built whole, then cut by :meth:`free_after`)."""
+        return {}
+
+    def free_after(self, last: str) -> None:
+        """Blocks after the last tap never run: free them."""
+        stream, index = last.rsplit('.', 1)
+        blocks = getattr(self.transformer, stream)
+        setattr(self.transformer, stream, torch.nn.ModuleList(list(blocks)[:int(index) + 1]))
+
+    @classmethod
+    @abstractmethod
+    def load_text_parts(cls, model: str, dtype: Optional[torch.dtype] = None) -> Dict:
+        """The pipeline's text encoders (complete-or-fail) and tokenizers, as its keyword
+        arguments."""
+
+    @classmethod
+    def load_controlnet(cls, name: str, cfg: dict):
+        """ControlNet ``name`` of this family (complete-or-fail), refusing the kinds not
+        supported."""
+        return check_controlnet(load_weights(cls.controlnet_class, cfg['model'], None,
+                                             GET_DIT_HINT), name, cfg)
+
+    @abstractmethod
+    def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
+        """One prompt through ``pipe.encode_prompt``: the transformer's text inputs."""
+
+    @abstractmethod
+    def patch_size(self) -> int:
+        """Latent pixels per token side."""
+
+    def schedule(self, steps: int, image_seq_len: int) -> None:
+        """Set the scheduler's ``steps`` timesteps, with its own shift."""
+        self.scheduler.set_timesteps(steps)
+
+    def tokens(self, latents: torch.Tensor, grid: Tuple[int, int]) -> Dict:
+        """The transformer's image inputs of (N, C, H, W) latents (a ``grid`` of tokens),
+        the same for every variant."""
+        return dict(hidden_states=latents)
+
+    def family_inputs(self, inputs: Dict, embed: Dict, n: int) -> Dict:
+        """``inputs`` (for ``n`` images with one prompt, ``embed``: its embeddings on the
+        device) completed with what the family's transformer also takes."""
+        return inputs
+
+    @abstractmethod
+    def control_latent(self, name: str, latent: torch.Tensor) -> torch.Tensor:
+        """ControlNet ``name``'s condition input from its condition's VAE latent."""
+
+    @abstractmethod
+    def controlnet_residuals(self, net, inputs: Dict, condition: torch.Tensor) -> List:
+        """``net``'s residuals at scale 1 for one prompt's transformer ``inputs``: one
+        list per entry of ``residual_keys`` (None where the ControlNet gives none)."""
+
+    # Shared by both families.
 
     @staticmethod
     def _checked(timestep) -> int:
@@ -361,39 +420,17 @@ class DiTSource(FeatureSource):
                                          self.variant_controlnets)]
 
     def control_latents(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
-        """ControlNet ``name``'s condition of ``pixels`` as the SD3 ControlNet pipeline feeds
-        it: the detector's map in [-1, 1], VAE-encoded (posterior mode), scaled, shifted
-        unless the ControlNet is one that zeroes its pooled projection (InstantX's)."""
+        """ControlNet ``name``'s condition of ``pixels`` as the ControlNet pipelines feed
+        it: the detector's map in [-1, 1], VAE-encoded (posterior mode), then shifted and
+        scaled as the family's pipeline does (:meth:`control_latent`)."""
         cond = self.detectors[name](pixels.float()).to(self.device, self.dtype) * 2 - 1
-        latent = self.vae.encode(cond).latent_dist.mode()
-        if self.kind == 'flux':
-            return pack_latents((latent - (self.vae.config.shift_factor or 0.0))
-                                * self.vae.config.scaling_factor)
-        shift = 0.0 if self.controlnets[name].config.force_zeros_for_pooled_projection \
-            else (self.vae.config.shift_factor or 0.0)
-        return (latent - shift) * self.vae.config.scaling_factor
+        return self.control_latent(name, self.vae.encode(cond).latent_dist.mode())
 
     def _controlnet(self, name: str, inputs: Dict, condition: torch.Tensor) -> List:
         """ControlNet ``name``'s residuals at scale 1 for one prompt's ``inputs`` (their
         scale is a factor on them, as in diffusers' ControlNets: scaled by the caller)."""
-        net = self.controlnets[name]
         self.counts['controlnet_passes'] += inputs['hidden_states'].shape[0]
-        if self.kind == 'sd3':
-            pooled = inputs['pooled_projections']
-            return [list(net(
-                hidden_states=inputs['hidden_states'], timestep=inputs['timestep'],
-                controlnet_cond=condition, conditioning_scale=1.0,
-                encoder_hidden_states=inputs['encoder_hidden_states']
-                if net.config.joint_attention_dim is not None else None,
-                pooled_projections=torch.zeros_like(pooled)
-                if net.config.force_zeros_for_pooled_projection else pooled,
-                return_dict=False)[0])]
-        extra = {k: inputs[k] for k in ('hidden_states', 'timestep', 'img_ids', 'txt_ids',
-                                        'pooled_projections', 'encoder_hidden_states')}
-        if net.config.guidance_embeds:
-            extra['guidance'] = torch.full_like(inputs['timestep'], self.guidance_scale)
-        return [None if r is None else list(r) for r in net(
-            controlnet_cond=condition, conditioning_scale=1.0, return_dict=False, **extra)]
+        return self.controlnet_residuals(self.controlnets[name], inputs, condition)
 
     def _residuals(self, indices: List[int], per_prompt: Dict, conditions: Dict,
                    cache: Dict) -> Dict:
@@ -418,11 +455,9 @@ class DiTSource(FeatureSource):
         sums = [s if s is not None else [None if level is None else
                                          [torch.zeros_like(r) for r in level]
                                          for level in like] for s in sums]
-        keys = ('block_controlnet_hidden_states', ) if self.kind == 'sd3' else \
-            ('controlnet_block_samples', 'controlnet_single_block_samples')
         return {key: None if like[k] is None else
                 [torch.cat(rows) for rows in zip(*(s[k] for s in sums))]
-                for k, key in enumerate(keys)}
+                for k, key in enumerate(self.residual_keys)}
 
     def _groups(self) -> List[List[int]]:
         """Variants run as one transformer batch: all of them (``batch_variants``), split
@@ -455,34 +490,17 @@ class DiTSource(FeatureSource):
         if timestep is not None:
             self._checked(timestep)
 
-    def _free_after(self, last: str) -> None:
-        """Blocks after the last tap never run: free them."""
-        kind, index = last.rsplit('.', 1)
-        blocks = getattr(self.transformer, kind)
-        setattr(self.transformer, kind, torch.nn.ModuleList(list(blocks)[:int(index) + 1]))
-        if kind == 'transformer_blocks' and self.kind == 'flux':
-            self.transformer.single_transformer_blocks = torch.nn.ModuleList()
-
     def _encode_prompts(self, model: str, max_sequence_length: Optional[int],
                         dtype: Optional[torch.dtype]) -> Dict:
         """Each distinct prompt through the pipeline's own ``encode_prompt``; the text
         encoders are not kept."""
-        parts = load_text_parts(model, self.kind, dtype)
-        pipeline = StableDiffusion3Pipeline if self.kind == 'sd3' else FluxPipeline
-        pipe = pipeline(transformer=None, scheduler=self.scheduler, vae=None, **parts)
+        parts = self.load_text_parts(model, dtype)
+        pipe = self.pipeline_class(transformer=None, scheduler=self.scheduler, vae=None,
+                                   **parts)
         length = dict(max_sequence_length=max_sequence_length) if max_sequence_length else {}
-        embeddings = {}
         with torch.no_grad():
-            for prompt in dict.fromkeys(self.prompts):
-                if self.kind == 'sd3':
-                    out = pipe.encode_prompt(prompt, prompt, prompt, device='cpu',
-                                             do_classifier_free_guidance=False, **length)
-                    embeddings[prompt] = dict(encoder_hidden_states=out[0],
-                                              pooled_projections=out[2])
-                else:
-                    out = pipe.encode_prompt(prompt, prompt, device='cpu', **length)
-                    embeddings[prompt] = dict(encoder_hidden_states=out[0],
-                                              pooled_projections=out[1], txt_ids=out[2])
+            embeddings = {prompt: self.prompt_embeddings(pipe, prompt, length)
+                          for prompt in dict.fromkeys(self.prompts)}
         del pipe, parts  # the text encoders are not needed again
         return embeddings
 
@@ -494,15 +512,7 @@ class DiTSource(FeatureSource):
         """The scheduler timestep img2img at strength t / 1000 (over 1,000 steps) starts
         from, with the scheduler's shift (FLUX: for ``image_seq_len`` tokens)."""
         steps = 1000
-        if self.kind == 'flux':
-            sigmas = np.linspace(1.0, 1 / steps, steps)
-            cfg = self.scheduler.config
-            mu = calculate_shift(image_seq_len, cfg.get('base_image_seq_len', 256),
-                                 cfg.get('max_image_seq_len', 4096), cfg.get('base_shift', 0.5),
-                                 cfg.get('max_shift', 1.15))
-            self.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        else:
-            self.scheduler.set_timesteps(steps)
+        self.schedule(steps, image_seq_len)
         start = int(max(steps - min(steps * timestep / 1000, steps), 0))
         return self.scheduler.timesteps[start:start + 1]
 
@@ -527,20 +537,13 @@ class DiTSource(FeatureSource):
                 handle.remove()
 
     def _prompt_inputs(self, prompt: str, tokens: Dict, t: torch.Tensor, n: int) -> Dict:
-        """The transformer's inputs for ``n`` images with one prompt (FLUX: its timestep in
-        [0, 1], its text ids, the guidance embedding's value)."""
+        """The transformer's inputs for ``n`` images with one prompt."""
         embed = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                  for k, v in self.embeddings[prompt].items()}
         inputs = dict(tokens, encoder_hidden_states=embed['encoder_hidden_states'].expand(
             n, -1, -1), pooled_projections=embed['pooled_projections'].expand(n, -1),
                       timestep=t.to(self.device, self.dtype).expand(n))
-        if self.kind == 'flux':
-            inputs.update(txt_ids=embed['txt_ids'].to(self.dtype),
-                          timestep=inputs['timestep'] / 1000)
-            if self.transformer.config.guidance_embeds:
-                inputs['guidance'] = torch.full((n, ), self.guidance_scale,
-                                                device=self.device, dtype=self.dtype)
-        return inputs
+        return self.family_inputs(inputs, embed, n)
 
     def _adapters(self, indices: List[int], n: int):
         """The batch's LoRAs: one for all (or none) set on the transformer; different ones
@@ -573,23 +576,15 @@ class DiTSource(FeatureSource):
             latents = self.scheduler.scale_noise(clean, t, noise)
         used = dict.fromkeys(name for nets in self.variant_controlnets for name in nets)
         conditions = {name: self.control_latents(name, pixels) for name in used}
-        if self.kind == 'flux':  # the same tokens and ids for every variant
-            tokens = dict(hidden_states=pack_latents(latents),
-                          img_ids=image_ids(*grid).to(self.device, self.dtype))
-        else:
-            tokens = dict(hidden_states=latents)
+        tokens = self.tokens(latents, grid)
         per_prompt = {prompt: self._prompt_inputs(prompt, tokens, t, n)
                       for prompt in dict.fromkeys(self.prompts)}
         outputs: List[Optional[Features]] = [None] * len(self.prompts)
         cache: Dict = {}
         for indices in self._groups():
+            first = per_prompt[self.prompts[indices[0]]]
             inputs = {key: torch.cat([per_prompt[self.prompts[i]][key] for i in indices])
-                      for key in ('hidden_states', 'encoder_hidden_states',
-                                  'pooled_projections', 'timestep', 'guidance')
-                      if key in per_prompt[self.prompts[indices[0]]]}
-            if self.kind == 'flux':
-                inputs.update(img_ids=tokens['img_ids'],
-                              txt_ids=per_prompt[self.prompts[indices[0]]]['txt_ids'])
+                      if key in BATCHED else value for key, value in first.items()}
             if any(self.variant_controlnets[i] for i in indices):
                 inputs.update(self._residuals(indices, per_prompt, conditions, cache))
             store: Dict[str, torch.Tensor] = {}
