@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, FeatureSource, input_stride
+from ..base import SOURCES, FeatureSource, input_stride, move_frozen
 from ..common.conditions import ConditionDetector
 from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
@@ -240,15 +240,13 @@ class StableDiffusionSource(FeatureSource):
         return [self.vae, *self.unets.values(), *self.controlnets.values()]
 
     def to(self, device: Union[str, torch.device]) -> 'StableDiffusionSource':
-        """Move to ``device`` in the dtype chosen for it; a no-op when already there."""
-        device = torch.device(device)
-        dtype = resolve_dtype(self.dtype_name, device)
-        if (device, dtype) != (self.device, self.dtype):
-            for module in self._modules():
-                module.to(device=device, dtype=dtype)
-            self.prompt_embeds = {p: e.to(device=device, dtype=dtype)
+        """Move to ``device`` in the dtype chosen for it (:func:`move_frozen`), the prompt
+        embeddings with the weights; a no-op when already there."""
+        before = (self.device, self.dtype)
+        move_frozen(self, self._modules(), device)
+        if (self.device, self.dtype) != before:
+            self.prompt_embeds = {p: e.to(device=self.device, dtype=self.dtype)
                                   for p, e in self.prompt_embeds.items()}
-            self.device, self.dtype = device, dtype
         return self
 
     # -- extraction ------------------------------------------------------------------------
