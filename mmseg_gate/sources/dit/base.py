@@ -348,11 +348,16 @@ class DiTSource(FeatureSource):
         blocks = getattr(self.transformer, stream)
         setattr(self.transformer, stream, torch.nn.ModuleList(list(blocks)[:int(index) + 1]))
 
+    # The family's text encoders and tokenizers: pipeline keyword (= subfolder) -> class.
+    text_parts: Dict[str, type] = {}
+
     @classmethod
-    @abstractmethod
     def load_text_parts(cls, model: str, dtype: Optional[torch.dtype] = None) -> Dict:
-        """The pipeline's text encoders (complete-or-fail) and tokenizers, as its keyword
-        arguments."""
+        """The pipeline's text encoders (complete-or-fail) and tokenizers
+        (:attr:`text_parts`), as its keyword arguments."""
+        return {name: part.from_pretrained(model, subfolder=name) if name.startswith('tokenizer')
+                else load_weights(part, model, name, GET_DIT_HINT, **dtype_kwargs(dtype))
+                for name, part in cls.text_parts.items()}
 
     @classmethod
     def load_controlnet(cls, name: str, cfg: dict):

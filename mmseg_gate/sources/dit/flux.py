@@ -1,7 +1,7 @@
 """FLUX.1's side of the DiT source: what its transformer and pipeline do their own way (the
 rest is ``base.py``'s): latents packed 2x2 into tokens with position ids, double- and
 single-stream blocks, a resolution-dependent scheduler shift, the guidance embedding."""
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -10,8 +10,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..base import SOURCES
-from ..common.loading import load_weights
-from .base import GET_DIT_HINT, DiTSource, dtype_kwargs
+from .base import DiTSource
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -70,19 +69,9 @@ class FluxSource(DiTSource):
         if last.rsplit('.', 1)[0] == 'transformer_blocks':
             self.transformer.single_transformer_blocks = torch.nn.ModuleList()
 
-    @classmethod
-    def load_text_parts(cls, model: str, dtype: Optional[torch.dtype] = None) -> Dict:
-        """CLIP-L and T5, with their tokenizers."""
-        def encoder(encoder_class, subfolder):
-            return load_weights(encoder_class, model, subfolder, GET_DIT_HINT,
-                                **dtype_kwargs(dtype))
-
-        def tokenizer(tokenizer_class, subfolder):
-            return tokenizer_class.from_pretrained(model, subfolder=subfolder)
-        return dict(text_encoder=encoder(CLIPTextModel, 'text_encoder'),
-                    text_encoder_2=encoder(T5EncoderModel, 'text_encoder_2'),
-                    tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
-                    tokenizer_2=tokenizer(T5TokenizerFast, 'tokenizer_2'))
+    # CLIP-L and T5, with their tokenizers.
+    text_parts = dict(text_encoder=CLIPTextModel, text_encoder_2=T5EncoderModel,
+                      tokenizer=CLIPTokenizer, tokenizer_2=T5TokenizerFast)
 
     def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
         """The prompt for both encoders, with its text position ids."""

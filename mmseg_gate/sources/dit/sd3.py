@@ -1,14 +1,14 @@
 """Stable Diffusion 3.x's side of the DiT source: what its transformer and pipeline do their
 own way (the rest is ``base.py``'s)."""
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from diffusers import SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
+                          T5TokenizerFast)
 
 from ..base import SOURCES
-from ..common.loading import load_weights
-from .base import GET_DIT_HINT, DiTSource, dtype_kwargs
+from .base import DiTSource
 
 
 @SOURCES.register_module()
@@ -34,21 +34,11 @@ class SD3Source(DiTSource):
     # SD3's last joint block differs from the others (no text output): the transformer is
     # built whole and cut after loading (the base's truncated_build and free_after).
 
-    @classmethod
-    def load_text_parts(cls, model: str, dtype: Optional[torch.dtype] = None) -> Dict:
-        """CLIP-L, CLIP-G (both with projections) and T5, with their tokenizers."""
-        def encoder(encoder_class, subfolder):
-            return load_weights(encoder_class, model, subfolder, GET_DIT_HINT,
-                                **dtype_kwargs(dtype))
-
-        def tokenizer(tokenizer_class, subfolder):
-            return tokenizer_class.from_pretrained(model, subfolder=subfolder)
-        return dict(text_encoder=encoder(CLIPTextModelWithProjection, 'text_encoder'),
-                    text_encoder_2=encoder(CLIPTextModelWithProjection, 'text_encoder_2'),
-                    text_encoder_3=encoder(T5EncoderModel, 'text_encoder_3'),
-                    tokenizer=tokenizer(CLIPTokenizer, 'tokenizer'),
-                    tokenizer_2=tokenizer(CLIPTokenizer, 'tokenizer_2'),
-                    tokenizer_3=tokenizer(T5TokenizerFast, 'tokenizer_3'))
+    # CLIP-L, CLIP-G (both with projections) and T5, with their tokenizers.
+    text_parts = dict(text_encoder=CLIPTextModelWithProjection,
+                      text_encoder_2=CLIPTextModelWithProjection, text_encoder_3=T5EncoderModel,
+                      tokenizer=CLIPTokenizer, tokenizer_2=CLIPTokenizer,
+                      tokenizer_3=T5TokenizerFast)
 
     def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
         """The prompt for each of the three encoders, without a negative prompt."""
