@@ -284,7 +284,7 @@ class ADMSource(FeatureSource):
         self.blocks = [int(b) for b in blocks]
         self.unet = load_adm(checkpoint, self.model)
         self.taps = UNetTaps(self.unet, [modules[b] for b in self.blocks])
-        self.taps.drop_unused_stages()
+        self.prune_after_last_tap()
         scale = 1000 / num_train_steps  # guided-diffusion's linear schedule for any length
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_steps,
                                        beta_schedule='linear', beta_start=scale * 1e-4,
@@ -296,6 +296,10 @@ class ADMSource(FeatureSource):
         self.device, self.dtype = torch.device('cpu'), torch.float32
         self.counts: Counter = Counter()
         self.feature_info = self._probe()
+
+    def prune_after_last_tap(self) -> List[str]:
+        """The output blocks after the last one read, and the output head."""
+        return self.taps.prune_after_last_tap()
 
     def __repr__(self) -> str:
         return (f'ADMSource({self.checkpoint!r}, blocks {self.blocks}, steps {self.steps}, '

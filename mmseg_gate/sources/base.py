@@ -97,6 +97,12 @@ class FeatureSource(ABC):
         ``input_scale`` and padded to ``size_multiple``, on the source's device; maps at
         the padded size (the template crops them)."""
 
+    def prune_after_last_tap(self) -> List[str]:
+        """Free the frozen model's parts that run after the last tap (feature passes stop
+        there) and return their names; a source calls it once when built. Frees nothing
+        where a source cannot stop early."""
+        return []
+
     def __deepcopy__(self, memo):
         return self  # frozen weights are shared, never copied
 

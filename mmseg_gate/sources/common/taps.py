@@ -107,7 +107,7 @@ class UNetTaps:
         # in every down block but the last).
         self.num_upsamplers = len(unet.down_blocks) - 1
 
-    def drop_unused_stages(self) -> List[str]:
+    def prune_after_last_tap(self) -> List[str]:
         """Free the stages after the last one run, and the output head: feature passes never
         need them (SD1.5's default taps: up block 3 and ``conv_out``). The UNet can then no
         longer predict noise. Returns what was dropped."""

@@ -295,7 +295,7 @@ class DiTSource(FeatureSource):
             unused_blocks=self.unused_blocks,
             **self.truncated_build(self.final),
             **dtype_kwargs(load_dtype))
-        self.free_after(self.final)
+        self.prune_after_last_tap()
         self.vae = load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT,
                                 **dtype_kwargs(load_dtype))
         drop_vae_decoder(self.vae)
@@ -339,14 +339,16 @@ class DiTSource(FeatureSource):
     @staticmethod
     def truncated_build(last: str) -> Dict[str, int]:
         """Config overrides that build the transformer only up to block ``last``; none where
-        the blocks differ (built whole, then cut by :meth:`free_after`)."""
+        the blocks differ (built whole, then cut by :meth:`prune_after_last_tap`)."""
         return {}
 
-    def free_after(self, last: str) -> None:
-        """Blocks after the last tap never run: free them."""
-        stream, index = last.rsplit('.', 1)
-        blocks = getattr(self.transformer, stream)
-        setattr(self.transformer, stream, torch.nn.ModuleList(list(blocks)[:int(index) + 1]))
+    def prune_after_last_tap(self) -> List[str]:
+        """Blocks after the last tap never run: free those built (:meth:`truncated_build`
+        may have left them out already)."""
+        stream, index = self.final.rsplit('.', 1)
+        blocks = list(getattr(self.transformer, stream))
+        setattr(self.transformer, stream, torch.nn.ModuleList(blocks[:int(index) + 1]))
+        return [f'{stream}.{i}' for i in range(int(index) + 1, len(blocks))]
 
     # The family's text encoders and tokenizers: pipeline keyword (= subfolder) -> class.
     text_parts: Dict[str, type] = {}

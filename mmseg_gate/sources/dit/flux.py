@@ -63,11 +63,14 @@ class FluxSource(DiTSource):
             return dict(num_layers=int(index) + 1, num_single_layers=0)
         return dict(num_single_layers=int(index) + 1)
 
-    def free_after(self, last: str) -> None:
+    def prune_after_last_tap(self) -> List[str]:
         """A tap in the double-stream blocks also leaves out every single-stream block."""
-        super().free_after(last)
-        if last.rsplit('.', 1)[0] == 'transformer_blocks':
+        freed = super().prune_after_last_tap()
+        if self.final.rsplit('.', 1)[0] == 'transformer_blocks':
+            single = self.transformer.single_transformer_blocks
+            freed += [f'single_transformer_blocks.{i}' for i in range(len(single))]
             self.transformer.single_transformer_blocks = torch.nn.ModuleList()
+        return freed
 
     # CLIP-L and T5, with their tokenizers.
     text_parts = dict(text_encoder=CLIPTextModel, text_encoder_2=T5EncoderModel,

@@ -32,7 +32,7 @@ class SD3Source(DiTSource):
         return names[len(names) // 2]
 
     # SD3's last joint block differs from the others (no text output): the transformer is
-    # built whole and cut after loading (the base's truncated_build and free_after).
+    # built whole and cut after loading (the base's truncated_build and prune_after_last_tap).
 
     # CLIP-L, CLIP-G (both with projections) and T5, with their tokenizers.
     text_parts = dict(text_encoder=CLIPTextModelWithProjection,

@@ -175,8 +175,7 @@ class StableDiffusionSource(FeatureSource):
         self.taps = {key: UNetTaps(unet, taps, also_run) for key, unet in self.unets.items()}
         # Without denoising, only feature passes run: free what they never reach.
         denoises = any(v.denoising_from is not None for v in self.variants)
-        self.dropped_stages = [] if denoises else \
-            [t.drop_unused_stages() for t in self.taps.values()][0]
+        self.dropped_stages = [] if denoises else self.prune_after_last_tap()
         self.vae_factor = 2**(len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_factor * 2**parts.unet.num_upsamplers
         self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
@@ -235,6 +234,10 @@ class StableDiffusionSource(FeatureSource):
         if isinstance(variant, int):
             variant = self.variants[variant]
         return self.prompt_embeds[self.embedding_key(variant)]
+
+    def prune_after_last_tap(self) -> List[str]:
+        """The stages after the last tap and the output head, in every UNet copy."""
+        return [t.prune_after_last_tap() for t in self.taps.values()][0]
 
     def _modules(self):
         return [self.vae, *self.unets.values(), *self.controlnets.values()]
