@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from ..sources.base import SourceOutput
 from .manifest import StoreError, check_header, read_manifest
 
-Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 
 
 class FeatureStore:
@@ -102,7 +102,7 @@ class FeatureStore:
                                   align_corners=False)[0]
         return value
 
-    def features(self, index: int) -> Features:
+    def features(self, index: int) -> SourceOutput:
         """Image ``index`` as the source returned it: per variant, name -> (1, C, h, w)."""
         return [{name: self.feature(index, v, name)[None] for name in self.names(v)}
                 for v in range(len(self.variant_names))]

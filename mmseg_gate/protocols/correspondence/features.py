@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from ...datasets.image_lists import ImageList
 from ...datasets.images import read_square
 from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
+from ...sources.base import SourceOutput
 from ...sources.common.latents import PerImageNoise
 
-Features = List[Dict[str, torch.Tensor]]  # per variant: feature -> (1, C, h, w)
 
 
 class FeatureCache:
@@ -35,7 +35,7 @@ class FeatureCache:
         self.capacity, self.kept = capacity, OrderedDict()
         self.requests = self.misses = 0
 
-    def __call__(self, path: str) -> Features:
+    def __call__(self, path: str) -> SourceOutput:
         self.requests += 1
         if path in self.kept:
             self.kept.move_to_end(path)
@@ -92,7 +92,7 @@ def spair_images(data, splits: Optional[Sequence[str]] = None,
                      lambda i: read_square(paths[i], data.image_size, crop=False)[0])
 
 
-def raw_features(feats: Features, names: Sequence[str] = None,
+def raw_features(feats: SourceOutput, names: Sequence[str] = None,
                  weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
     """Training-free features: each feature L2-normalised over channels, resized to the
     finest one's grid and concatenated per variant, then averaged over the variants holding
@@ -117,7 +117,7 @@ def raw_features(feats: Features, names: Sequence[str] = None,
                       for held, group in groups.items()], dim=1)
 
 
-def batch_features(*feats: Features) -> Features:
+def batch_features(*feats: SourceOutput) -> SourceOutput:
     """Several images' features as one batch (per variant, per tap)."""
     return [{name: torch.cat([f[v][name] for f in feats]) for name in feats[0][v]}
             for v in range(len(feats[0]))]

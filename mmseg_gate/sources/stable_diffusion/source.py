@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, FeatureSource, input_stride, move_frozen
+from ..base import SOURCES, Features, FeatureSource, input_stride, move_frozen
 from ..common.conditions import ConditionDetector
 from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
@@ -47,7 +47,6 @@ DEFAULT_TAPS = ('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
 # The name of the aggregated cross-attention maps among a variant's features.
 ATTENTION_MAPS = 'cross_attention_maps'
 _LORA_MODES = ('adapters', 'fused')
-Features = Dict[str, torch.Tensor]
 
 
 def class_names_text(class_names: Union[str, Sequence[str], None]) -> str:
