@@ -6,7 +6,7 @@ _base_ = ['./gate_upernet_ade20k.py']
 model = dict(
     backbone=dict(
         source=dict(
-            sd_model='stabilityai/stable-diffusion-2-1-base',
+            model='stabilityai/stable-diffusion-2-1-base',
             controlnets=dict(canny=dict(model='thibaud/controlnet-sd21-canny-diffusers')),
             loras=dict(
                 a='work_dirs/lora/ade20k_sd21/lora_step1500.safetensors',

@@ -10,7 +10,7 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         source=dict(
-            sd_model='stabilityai/stable-diffusion-xl-base-1.0',
+            model='stabilityai/stable-diffusion-xl-base-1.0',
             taps=('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0'),
             controlnets=dict(canny=dict(model='diffusers/controlnet-canny-sdxl-1.0')),
             loras=dict(

@@ -18,7 +18,7 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         source=dict(
-            sd_model='data/demo/tiny-sd',
+            model='data/demo/tiny-sd',
             prompt='a highly realistic photo of the real world. It can be an indoor scene, '
             'or an outdoor scene, or a photo of nature. high quality.',
             class_names=('wall', 'building', 'sky', 'floor', 'tree'),

@@ -28,7 +28,7 @@ def tiny_sd(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def _backbone(tiny_sd):
     from mmseg_gate import GATEBackbone
-    return GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street'))
+    return GATEBackbone(source=dict(model=tiny_sd, prompt='a photo of a street'))
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def tiny_loras(tiny_sd, tmp_path_factory) -> dict:
 @pytest.fixture(scope='session')
 def gate_kwargs(tiny_sd, tiny_controlnet, tiny_loras) -> dict:
     """The paper's three variants on the tiny model."""
-    return dict(sd_model=tiny_sd, prompt='a photo of a street',
+    return dict(model=tiny_sd, prompt='a photo of a street',
                 controlnets=dict(canny=dict(model=tiny_controlnet, condition=dict(type='canny'))),
                 loras=tiny_loras,
                 variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a'),
@@ -94,10 +94,10 @@ def tiny(tiny_sd, tiny_controlnet, tiny_loras, tiny_adm, tiny_dinov2) -> dict:
 def scarce_demo_options(tiny) -> list:
     """``--cfg-options`` pointing the label-scarce demo config at the tiny models."""
     sources = 'model.backbone.source.sources'
-    return [f"{sources}.sd.sd_model={tiny['sd_model']}",
+    return [f"{sources}.sd.model={tiny['sd_model']}",
             f"{sources}.sd.controlnets.canny.model={tiny['controlnet']}",
             f"{sources}.sd.loras.a={tiny['loras']['a']}",
-            f"{sources}.adm.checkpoint={tiny['adm']}"]
+            f"{sources}.adm.model={tiny['adm']}"]
 
 
 @pytest.fixture(scope='session')
@@ -107,7 +107,7 @@ def make_demo_cfg(tiny, demo_root):
 
     def make(work_dir, max_iters: int) -> Config:
         cfg = Config.fromfile(osp.join(ROOT, 'configs', 'gate_upernet_demo.py'))
-        cfg.model.backbone.source.sd_model = tiny['sd_model']
+        cfg.model.backbone.source.model = tiny['sd_model']
         cfg.model.backbone.source.controlnets.canny.model = tiny['controlnet']
         cfg.model.backbone.source.loras = dict(tiny['loras'])
         cfg.work_dir = str(work_dir)

@@ -97,7 +97,7 @@ def ddpm_segmentation_features(model, images, steps, blocks, seed=0):
 
 def test_features_equal_ddpm_segmentations_extraction(reference):
     model, path = reference
-    source = build_source(dict(type='ADMSource', checkpoint=path, model=ARGS))
+    source = build_source(dict(type='ADMSource', model=path, architecture=ARGS))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ours = source(images)
     expected = ddpm_segmentation_features(model, images, (50, 150, 250), (5, 6, 7, 8, 12))
@@ -111,14 +111,14 @@ def test_features_equal_ddpm_segmentations_extraction(reference):
                     'output_blocks.7': (64, 4), 'output_blocks.8': (64, 2),
                     'output_blocks.12': (32, 1)}
     # Early exit: the up blocks after block 12's and the output head are freed.
-    assert source.taps.dropped == ['conv_norm_out', 'conv_act', 'conv_out']
+    assert source.unet_taps.dropped == ['conv_norm_out', 'conv_act', 'conv_out']
     assert source.counts['unet_passes'] == 6
 
 
 def test_input_scale_and_timestep(reference):
     _, path = reference
-    half = ADMSource(path, model=ARGS, blocks=(8, 12), input_scale=0.5)
-    full = ADMSource(path, model=ARGS, blocks=(8, 12))
+    half = ADMSource(path, architecture=ARGS, taps=(8, 12), input_scale=0.5)
+    full = ADMSource(path, architecture=ARGS, taps=(8, 12))
     assert [f['reduction'] for f in half.feature_info] == [4, 2]
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     small = torch.nn.functional.interpolate(images, size=(32, 32), mode='bilinear',
@@ -130,8 +130,8 @@ def test_input_scale_and_timestep(reference):
     # A timestep given to the call holds for every variant; 0 is the clean image.
     at_zero = full(small, timestep=0)
     with torch.no_grad():
-        taps = full.taps.run(small, torch.tensor([0]))
-    torch.testing.assert_close(at_zero[2]['output_blocks.12'], taps[full.taps.taps[1]])
+        taps = full.unet_taps.run(small, torch.tensor([0]))
+    torch.testing.assert_close(at_zero[2]['output_blocks.12'], taps[full.unet_taps.taps[1]])
     with pytest.raises(ValueError, match='must be in'):
         full(small, timestep=1000)
 
@@ -142,9 +142,9 @@ def test_safetensors_and_state_dict_wrappers(reference, tmp_path):
     save_file(state, tmp_path / 'adm.safetensors')
     torch.save({'state_dict': state}, tmp_path / 'wrapped.pt')
     images = torch.zeros(1, 3, 32, 32)
-    expected = ADMSource(path, model=ARGS, blocks=(12, ))(images)
+    expected = ADMSource(path, architecture=ARGS, taps=(12, ))(images)
     for name in ('adm.safetensors', 'wrapped.pt'):
-        got = ADMSource(str(tmp_path / name), model=ARGS, blocks=(12, ))(images)
+        got = ADMSource(str(tmp_path / name), architecture=ARGS, taps=(12, ))(images)
         torch.testing.assert_close(got[0]['output_blocks.12'],
                                    expected[0]['output_blocks.12'])
 
@@ -155,21 +155,21 @@ def test_bad_checkpoints_are_named(reference, tmp_path):
     extra = dict(state, **{'label_emb.weight': torch.zeros(1000, 128)})
     torch.save(extra, tmp_path / 'conditional.pt')
     with pytest.raises(ValueError, match=r"conditional\.pt.*no place.*label_emb"):
-        ADMSource(str(tmp_path / 'conditional.pt'), model=ARGS)
+        ADMSource(str(tmp_path / 'conditional.pt'), architecture=ARGS)
     missing = {k: v for k, v in state.items() if k != 'output_blocks.4.1.qkv.weight'}
     torch.save(missing, tmp_path / 'missing.pt')
     with pytest.raises(ValueError, match=r"missing\.pt.*lacks 'output_blocks\.4\.1\.qkv"):
-        ADMSource(str(tmp_path / 'missing.pt'), model=ARGS)
+        ADMSource(str(tmp_path / 'missing.pt'), architecture=ARGS)
     with pytest.raises(ValueError, match=r"fit the ADM architecture"):
-        ADMSource(path, model=dict(ARGS, model_channels=64))
+        ADMSource(path, architecture=dict(ARGS, model_channels=64))
     with open(tmp_path / 'code.pt', 'wb') as f:
         pickle.dump(dict(weights=print), f)  # an object: refused, nothing runs
     with pytest.raises(ValueError, match=r"code\.pt"):
-        ADMSource(str(tmp_path / 'code.pt'), model=ARGS)
+        ADMSource(str(tmp_path / 'code.pt'), architecture=ARGS)
     with pytest.raises(FileNotFoundError, match='ddpm-segmentation'):
-        ADMSource(str(tmp_path / 'absent.pt'), model=ARGS)
+        ADMSource(str(tmp_path / 'absent.pt'), architecture=ARGS)
     with pytest.raises(ValueError, match='output_blocks 0..14'):
-        ADMSource(str(tmp_path / 'conditional.pt'), model=ARGS, blocks=(15, ))
+        ADMSource(str(tmp_path / 'conditional.pt'), architecture=ARGS, taps=(15, ))
 
 
 def test_damaged_checkpoints_are_named(reference, tmp_path):
@@ -182,7 +182,7 @@ def test_damaged_checkpoints_are_named(reference, tmp_path):
     save_file(state, tmp_path / 'nan.safetensors')
     for name in ('nan.pt', 'nan.safetensors'):
         with pytest.raises(ValueError, match=rf'(?s){name}.*non-finite'):
-            ADMSource(str(tmp_path / name), model=ARGS)
+            ADMSource(str(tmp_path / name), architecture=ARGS)
     good = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(good, tmp_path / 'whole.safetensors')
     data = (tmp_path / 'whole.safetensors').read_bytes()
@@ -191,4 +191,4 @@ def test_damaged_checkpoints_are_named(reference, tmp_path):
     for name in ('truncated.safetensors', 'pickle.safetensors'):
         with pytest.raises(ValueError, match=rf'(?s){name}.*not a readable safetensors.*'
                                              'ddpm-segmentation'):
-            ADMSource(str(tmp_path / name), model=ARGS)
+            ADMSource(str(tmp_path / name), architecture=ARGS)

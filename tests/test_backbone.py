@@ -34,7 +34,7 @@ def test_early_exit_matches_full_unet_forward(layout, taps, request):
     from mmseg_gate import StableDiffusionSource
     from mmseg_gate.sources.common.taps import first_tensor
     folder = request.getfixturevalue(layout)
-    extractor = StableDiffusionSource(sd_model=folder, prompt='a photo',
+    extractor = StableDiffusionSource(model=folder, prompt='a photo',
                                      **(dict(taps=taps) if taps else {}))
     assert extractor.dropped_stages and 'conv_out' in extractor.dropped_stages
     latents = torch.randn(1, 4, 8, 16)
@@ -106,7 +106,7 @@ def test_checkpoint_holds_only_trainable_parts(backbone):
 
 def test_init_weights_leaves_diffusion_weights_alone(tiny_sd):
     from mmseg_gate import GATEBackbone
-    model = GATEBackbone(source=dict(sd_model=tiny_sd),
+    model = GATEBackbone(source=dict(model=tiny_sd),
                          init_cfg=dict(type='Kaiming', layer='Conv2d'))
     before = {k: v.clone() for k, v in model.source.unet.state_dict().items()}
     model.init_weights()
@@ -162,7 +162,7 @@ def test_fresh_eval_noise_as_the_authors(backbone):
     first, second = backbone(x), backbone(x)
     assert not torch.equal(first[0], second[0])
     with pytest.raises(ValueError, match='eval_noise'):
-        type(backbone)(source=dict(sd_model='unused'), eval_noise='sample')
+        type(backbone)(source=dict(model='unused'), eval_noise='sample')
 
 
 def test_training_noise_differs_per_step_but_repeats_per_run(backbone):
@@ -193,7 +193,7 @@ def test_normalisation_is_undone(backbone, tiny_sd):
     pixels = torch.rand(1, 3, 64, 64) * 255
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
     from mmseg_gate import GATEBackbone
-    imagenet = GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street'),
+    imagenet = GATEBackbone(source=dict(model=tiny_sd, prompt='a photo of a street'),
                             input_mean=mean, input_std=std).eval()
     imagenet.load_state_dict(backbone.state_dict())
     a = backbone((pixels - 127.5) / 127.5)
@@ -204,7 +204,7 @@ def test_normalisation_is_undone(backbone, tiny_sd):
 def test_low_precision_frozen_parts(tiny_sd, backbone):
     """bfloat16 frozen parts (float16's CPU stand-in) give float32 outputs close to fp32's."""
     from mmseg_gate import GATEBackbone
-    low = GATEBackbone(source=dict(sd_model=tiny_sd, prompt='a photo of a street',
+    low = GATEBackbone(source=dict(model=tiny_sd, prompt='a photo of a street',
                                    frozen_dtype='bfloat16')).eval()
     low.load_state_dict(backbone.state_dict())
     x = torch.randn(1, 3, 64, 64)
@@ -232,7 +232,7 @@ def test_to_device_places_frozen_parts(tiny_sd):
     """``.to(device)``/``.cuda()`` moves the frozen parts right away (in ``frozen_dtype``),
     not on the first forward. ('meta' stands in for an accelerator here.)"""
     from mmseg_gate import GATEBackbone
-    model = GATEBackbone(source=dict(sd_model=tiny_sd)).to('meta')
+    model = GATEBackbone(source=dict(model=tiny_sd)).to('meta')
     for part in (model.source.unet, model.source.vae):
         assert part.device.type == 'meta' and part.dtype == torch.float16  # auto: fp16
     assert all(e.hidden.device.type == 'meta' for e in model.source.prompt_embeds.values())

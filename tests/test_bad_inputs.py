@@ -85,7 +85,7 @@ def test_label_scarce_tool_errors_are_one_message(scarce_root, scarce_demo_optio
     truncated.write_bytes(data[:len(data) // 2])
     result = run_tool_here('label_scarce', config, '--splits', '0', '--work-dir', str(tmp_path / 'b'),
                   '--cfg-options', *options,
-                  f'model.backbone.source.sources.adm.checkpoint={truncated}')
+                  f'model.backbone.source.sources.adm.model={truncated}')
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert f"Checkpoint '{truncated}' cannot be read" in result.stderr
 
@@ -126,7 +126,7 @@ def test_a_rerun_never_replaces_a_better_model(tiny, tmp_path):
     from mmseg_gate.protocols.correspondence import FeatureCache, train_aggregator
     root = tmp_path / 'SPair-71k'
     write_spair_layout_dataset(str(root), dict(trn=2, val=2), size=64)
-    source = StableDiffusionSource(sd_model=tiny['sd_model'])
+    source = StableDiffusionSource(model=tiny['sd_model'])
     cache = FeatureCache(source, 64)
     pairs = load_pairs(str(root), 'trn'), load_pairs(str(root), 'val')
     work = tmp_path / 'work'

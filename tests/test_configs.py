@@ -56,7 +56,7 @@ def test_config_builds(path, tiny_sd, tiny_controlnet, tiny_loras, tiny_sd21, ti
 def use_tiny_models(cfg, tiny_sd, tiny_controlnet, tiny_loras):
     """Point a config's SD model, ControlNets and LoRAs at the tiny test models."""
     source = cfg.model.backbone.source
-    source.sd_model = tiny_sd
+    source.model = tiny_sd
     for controlnet in (source.get('controlnets') or {}).values():
         controlnet.model = tiny_controlnet
     if source.get('loras'):

@@ -63,7 +63,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
     still the denoised recipe. References are computed with diffusers directly."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     prompt = 'a photo of a street'
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt=prompt, timestep=50,
+    extractor = StableDiffusionSource(model=tiny_sd, prompt=prompt, timestep=50,
                                      denoising_from=53)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     assert extractor.noise_plan(0) == (0, None) and extractor.noise_plan(400) == (400, 400)
@@ -84,7 +84,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
     for name in DEFAULT_TAPS:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5)
 
-    plain = StableDiffusionSource(sd_model=tiny_sd, prompt=prompt, timestep=400)
+    plain = StableDiffusionSource(model=tiny_sd, prompt=prompt, timestep=400)
     anchor = plain(image, generator=torch.Generator().manual_seed(0))[0]
     measured = extractor(image, 400, torch.Generator().manual_seed(0))[0]
     for name in DEFAULT_TAPS:
@@ -103,7 +103,7 @@ def test_reference_and_anchor_with_denoising_config(tiny_sd):
 
 
 def test_bad_timesteps_fail_before_any_work(tiny_sd):
-    extractor = StableDiffusionSource(sd_model=tiny_sd)
+    extractor = StableDiffusionSource(model=tiny_sd)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     for bad in (1000, -1, 2.5):
         with pytest.raises(ValueError, match='timestep'):
@@ -125,7 +125,7 @@ def test_feature_grid_layout():
 def test_reconstructions_run_on_the_tiny_model(gate_kwargs):
     from mmseg_gate.analysis.reconstruction import Reconstructor
     extractor = StableDiffusionSource(**gate_kwargs)
-    reconstructor = Reconstructor(gate_kwargs['sd_model'], extractor.variants,
+    reconstructor = Reconstructor(gate_kwargs['model'], extractor.variants,
                                   gate_kwargs['controlnets'], gate_kwargs['loras'],
                                   torch.device('cpu'))
     image = torch.rand(3, 64, 64) * 2 - 1

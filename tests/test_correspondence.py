@@ -211,7 +211,7 @@ def test_matching_at_512_as_the_authors():
 def _options(tiny, root, *extra):
     sources = 'source.sources'
     both = ('conv', 'attn')
-    return [f"{sources}.{s}.sd_model={tiny['sd_model']}" for s in both] + \
+    return [f"{sources}.{s}.model={tiny['sd_model']}" for s in both] + \
         [f"{sources}.{s}.controlnets.canny.model={tiny['controlnet']}" for s in both] + \
         [f"{sources}.conv.loras.a={tiny['loras']['a']}",
          f"{sources}.conv.loras.b={tiny['loras']['b']}",
@@ -389,7 +389,7 @@ def test_the_real_config_builds(tiny):
     assert attn.taps == () and attn.variants == [
         dict(controlnets=dict(canny=1.0), lora='a', denoising_from=60)]
     for part in (conv, attn):
-        part.update(sd_model=tiny['sd_model'], controlnets=dict(canny=dict(
+        part.update(model=tiny['sd_model'], controlnets=dict(canny=dict(
             model=tiny['controlnet'])), loras={k: tiny['loras']['a'] for k in part.loras})
     conv.taps = conv.taps[:3] + ('up_blocks.3.attentions.1', )
     source = build_source(cfg.source)

@@ -54,7 +54,7 @@ def test_lora_training_on_cuda(tiny_sd, tmp_path):
     from mmseg_gate.protocols.lora_training import LoRATrainer
     write_ade_layout_dataset(str(tmp_path / 'ade'), num_train=4, num_val=0)
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'lora', 'demo.py'))
-    cfg.merge_from_dict(dict(sd_model=tiny_sd, image_dir=str(tmp_path / 'ade/images/training'),
+    cfg.merge_from_dict(dict(model=tiny_sd, image_dir=str(tmp_path / 'ade/images/training'),
                              work_dir=str(tmp_path / 'lora'), num_images=4, steps=4,
                              save_every=4, batch_size=2))
     trainer = LoRATrainer(cfg, torch.device('cuda'), 'fp16', gradient_checkpointing=True)
@@ -75,7 +75,7 @@ def run_tool(name, *args):
 def test_correspondence_tool_on_cuda(tiny, tmp_path):
     root = tmp_path / 'SPair-71k'
     write_spair_layout_dataset(str(root), dict(trn=4, val=2, test=2), size=64)
-    options = [f"source.sd_model={tiny['sd_model']}",
+    options = [f"source.model={tiny['sd_model']}",
                f"source.controlnets.canny.model={tiny['controlnet']}",
                f"source.loras.a={tiny['loras']['a']}",
                f"source.loras.b={tiny['loras']['b']}",
@@ -117,7 +117,7 @@ def test_caption_tool_on_cuda(tmp_path):
 def test_train_lora_tool_on_cuda(tiny_sd, tmp_path):
     write_ade_layout_dataset(str(tmp_path / 'ade'), num_train=4, num_val=0)
     run_tool('train_lora', osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--no-progress',
-             '--cfg-options', f'sd_model={tiny_sd}',
+             '--cfg-options', f'model={tiny_sd}',
              f"image_dir={tmp_path / 'ade' / 'images' / 'training'}",
              f"work_dir={tmp_path / 'lora'}", 'num_images=4', 'steps=2', 'save_every=2',
              'batch_size=2')

@@ -8,7 +8,7 @@ from mmseg_gate.sources import build_source
 def test_maps_equal_a_hooked_forward(tiny_dinov2):
     from transformers import Dinov2Model
     source = build_source(dict(type='DINOv2Source', model=tiny_dinov2,
-                               features=('hidden_states.2', 'last_hidden_state')))
+                               taps=('hidden_states.2', 'last_hidden_state')))
     assert [f['reduction'] for f in source.feature_info] == [16, 16]
     assert len(source.network.encoder.layer) == 3  # last_hidden_state needs every block
     images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -34,10 +34,10 @@ def test_maps_equal_a_hooked_forward(tiny_dinov2):
 
 def test_unused_blocks_are_freed_and_bad_input_named(tiny_dinov2, tmp_path):
     source = build_source(dict(type='DINOv2Source', model=tiny_dinov2,
-                               features=('hidden_states.1', )))
+                               taps=('hidden_states.1', )))
     assert len(source.network.encoder.layer) == 1
     with pytest.raises(ValueError, match="hidden_states.<i>' with i in 0..3"):
-        build_source(dict(type='DINOv2Source', model=tiny_dinov2, features=('cls', )))
+        build_source(dict(type='DINOv2Source', model=tiny_dinov2, taps=('cls', )))
     with pytest.raises(ValueError, match='keeps it whole'):
         build_source(dict(type='DINOv2Source', model=tiny_dinov2, input_scale=0.9))
     (tmp_path / 'empty').mkdir()

@@ -23,7 +23,7 @@ def images(size=(64, 128), seed=0):
 
 
 def test_plain_script_use(tiny_sd):
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse')
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo of a horse')
     feats = extractor(torch.rand(2, 3, 70, 90) * 2 - 1)
     assert len(feats) == 1 and list(feats[0]) == list(DEFAULT_TAPS)
     assert [(f['module'], f['num_chs'], f['reduction']) for f in extractor.feature_info] == [
@@ -33,7 +33,7 @@ def test_plain_script_use(tiny_sd):
         assert feats[0][info['module']].shape == (2, 64, math.ceil(70 / stride),
                                                 math.ceil(90 / stride))
     # Built from a config (the registry), and under its former name.
-    again = build_source(dict(type='StableDiffusionSource', sd_model=tiny_sd,
+    again = build_source(dict(type='StableDiffusionSource', model=tiny_sd,
                               prompt='a photo of a horse'))
     x = images()
     assert all(torch.equal(a, b) for a, b in zip(extractor(x)[0].values(),
@@ -43,7 +43,7 @@ def test_plain_script_use(tiny_sd):
 
 
 def test_token_sequence_taps_come_back_as_maps(tiny_sd):
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo',
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo',
                                      taps=TOKEN_TAPS + [BLOCK])
     raw = {}
     handles = [extractor.unet.get_submodule(name).register_forward_hook(
@@ -63,13 +63,13 @@ def test_token_sequence_taps_come_back_as_maps(tiny_sd):
 
 def test_text_token_taps_are_refused(tiny_sd):
     with pytest.raises(ValueError, match='(?s)attn2.to_k.*text tokens'):
-        StableDiffusionSource(sd_model=tiny_sd,
+        StableDiffusionSource(model=tiny_sd,
                              taps=[f'{BLOCK}.transformer_blocks.0.attn2.to_k'])
 
 
 def test_cross_attention_maps(tiny_sd):
-    plain = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse')
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo of a horse',
+    plain = StableDiffusionSource(model=tiny_sd, prompt='a photo of a horse')
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo of a horse',
                                      attention_maps=dict(strides=(32, 16)))
     info = {f['module']: f for f in extractor.feature_info}
     assert (info[ATTENTION_MAPS]['num_chs'], info[ATTENTION_MAPS]['reduction']) == (154, 8)
@@ -87,7 +87,7 @@ def test_attention_maps_replace_nothing_and_leave_no_hooks(tiny_sd):
     """diffusers' own processors and methods stay in place and every hook goes after the
     pass, so passes outside recording (denoising, other code) neither pay for nor pile up
     records."""
-    extractor = StableDiffusionSource(sd_model=tiny_sd, attention_maps=dict(strides=(32, 16)))
+    extractor = StableDiffusionSource(model=tiny_sd, attention_maps=dict(strides=(32, 16)))
     fresh = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder='unet')
     default = {n: type(m.processor) for n, m in fresh.named_modules() if hasattr(m, 'processor')}
     extractor(images())
@@ -104,7 +104,7 @@ def test_per_variant_recipes_equal_single_variant_extractors(tiny_sd, tiny_contr
                                                              tiny_loras):
     """Each variant's own timestep, denoising and noise seed give what an extractor of that
     variant alone gives; the work shared is what the recipes have in common."""
-    common = dict(sd_model=tiny_sd, prompt='a photo of a street', loras=dict(tiny_loras),
+    common = dict(model=tiny_sd, prompt='a photo of a street', loras=dict(tiny_loras),
                   controlnets=dict(canny=dict(model=tiny_controlnet)))
     variants = [dict(),                                                   # t=50, call's noise
                 dict(noise_seed=7),                                       # another noise
@@ -140,7 +140,7 @@ def test_independent_variant_noise(tiny_sd, tiny_controlnet):
     variants then differ; each equals a one-variant source given that variant's draw; a
     variant's ControlNet pass is no longer shared."""
     from mmseg_gate.sources.common.latents import PerImageNoise
-    common = dict(sd_model=tiny_sd, prompt='a photo',
+    common = dict(model=tiny_sd, prompt='a photo',
                   controlnets=dict(canny=dict(model=tiny_controlnet)))
     variants = [dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=1.0))]
     x = images()
@@ -187,7 +187,7 @@ def test_guided_denoising_equals_a_handwritten_ddim_loop(tiny_sd, tiny_controlne
     assert 'clip_sample' not in config and 'thresholding' not in config
     prompt = 'a photo of a street'
     extractor = StableDiffusionSource(
-        sd_model=tiny_sd, prompt=prompt, timestep=50, denoising_from=53,
+        model=tiny_sd, prompt=prompt, timestep=50, denoising_from=53,
         controlnets=dict(canny=dict(model=tiny_controlnet)), loras=dict(tiny_loras),
         variants=[dict(), dict(controlnets=dict(canny=1.0), lora='a')])
     x = images()
@@ -240,7 +240,7 @@ def test_fused_loras_give_the_adapters_features(gate_kwargs, lora_mode):
 
 
 def test_sd21_extracts(tiny_sd21):
-    extractor = StableDiffusionSource(sd_model=tiny_sd21, prompt='a photo')
+    extractor = StableDiffusionSource(model=tiny_sd21, prompt='a photo')
     assert not extractor.is_sdxl
     assert next(iter(extractor.prompt_embeds.values())).hidden.shape == (1, 77, 48)
     feats = extractor(images())[0]
@@ -250,7 +250,7 @@ def test_sd21_extracts(tiny_sd21):
 def test_sdxl_extracts_with_controlnet_and_lora(tiny_sdxl, sdxl_guidance):
     taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
     extractor = StableDiffusionSource(
-        sd_model=tiny_sdxl, prompt='a photo', taps=taps,
+        model=tiny_sdxl, prompt='a photo', taps=taps,
         controlnets=dict(canny=dict(model=sdxl_guidance['controlnet'])),
         loras=dict(a=sdxl_guidance['lora']),
         variants=[dict(), dict(lora='a'), dict(controlnets=dict(canny=1.0))])
@@ -271,7 +271,7 @@ def test_sd21_and_sdxl_train_in_a_config(arch, make_demo_cfg, tiny_sd21, tiny_sd
                                          sdxl_guidance, tmp_path):
     cfg = make_demo_cfg(tmp_path, 2)
     backbone = cfg.model.backbone.source
-    backbone.sd_model = tiny_sd21 if arch == 'sd21' else tiny_sdxl
+    backbone.model = tiny_sd21 if arch == 'sd21' else tiny_sdxl
     if arch == 'sdxl':
         backbone.taps = ('mid_block', 'up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0')
         backbone.controlnets.canny.model = sdxl_guidance['controlnet']

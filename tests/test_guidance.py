@@ -209,7 +209,7 @@ def test_train_lora_lowers_loss_and_its_output_loads(tiny_sd, gate_kwargs, tmp_p
     work = tmp_path / 'lora'
     work.mkdir()
     (work / 'lora_step9.safetensors.gate-tmp').write_bytes(b'left by a killed run')
-    options = [f'sd_model={tiny_sd}', f'image_dir={root}/images/training', f'work_dir={work}',
+    options = [f'model={tiny_sd}', f'image_dir={root}/images/training', f'work_dir={work}',
                'num_images=4', 'steps=40', 'save_every=20', 'log_every=10', 'batch_size=4',
                'unet_lr=3e-3']
     result = run_tool_here('train_lora', osp.join(ROOT, 'configs', 'lora', 'demo.py'),

@@ -296,17 +296,17 @@ def test_real_configs_build(name, classes, dataset, checkpoint, tiny):
     # Only the ControlNet variant is denoised from 60, as the authors' commands do.
     assert [v.get('denoising_from') for v in sd.variants] == \
         [60 if 'controlnets' in v else None for v in sd.variants]
-    assert (adm.type, adm.checkpoint, adm.blocks, adm.steps, adm.input_scale) == (
+    assert (adm.type, adm.model, adm.taps, adm.steps, adm.input_scale) == (
         'ADMSource', f'checkpoints/ddpm/{checkpoint}', (5, 6, 7, 8, 12), (50, 150, 250), 1.0)
     # The 256x256 images as they are for ADM; SD1.5 upsamples them to 512 itself.
     assert cfg.image_size == (256, 256) and sd.input_scale == 2.0
-    assert adm.get('model') is None and adm.share_noise and adm.noise_seed == 0
+    assert adm.get('architecture') is None and adm.share_noise and adm.noise_seed == 0
     assert cfg.train_dataloader.dataset.type == cfg.test_dataloader.dataset.type == dataset
-    sd.update(sd_model=tiny['sd_model'], loras={k: tiny['loras']['a'] for k in sd.loras},
+    sd.update(model=tiny['sd_model'], loras={k: tiny['loras']['a'] for k in sd.loras},
               taps=sd.taps[:3] + ('up_blocks.3.attentions.1', ))
     sd.controlnets.canny.model = tiny['controlnet']
     from mmseg_gate.testing.architectures import TINY_ADM
-    adm.update(checkpoint=tiny['adm'], model=TINY_ADM)
+    adm.update(model=tiny['adm'], architecture=TINY_ADM)
     head.in_channels = [32, 64, 64, 32, 154, 64, 64, 64, 64, 64]  # as the demo config's
     model = MODELS.build(cfg.model)
     assert model.backbone.out_channels == head.in_channels
@@ -328,7 +328,7 @@ def test_the_adm_source_can_be_left_out(tiny):
     from mmengine.config import Config
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'label_scarce', 'gate_pixel_demo.py'))
     sources = cfg.model.backbone.source.sources
-    sources.sd.update(sd_model=tiny['sd_model'], loras=dict(a=tiny['loras']['a']))
+    sources.sd.update(model=tiny['sd_model'], loras=dict(a=tiny['loras']['a']))
     sources.sd.controlnets.canny.model = tiny['controlnet']
     sources.adm = None
     from mmseg_gate.sources import build_source

@@ -23,7 +23,7 @@ def lora_images(tmp_path_factory):
 
 def recipe(tiny_sd, image_dir, work_dir, **options):
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'lora', 'demo.py'))
-    cfg.merge_from_dict(dict(dict(sd_model=tiny_sd, image_dir=image_dir,
+    cfg.merge_from_dict(dict(dict(model=tiny_sd, image_dir=image_dir,
                                   work_dir=str(work_dir), num_images=4, steps=20,
                                   save_every=10, log_every=5, batch_size=4, unet_lr=3e-3,
                                   text_encoder_lr=3e-3), **options))
@@ -42,12 +42,12 @@ def test_text_encoder_lora_end_to_end(tiny_sd, lora_images, tmp_path):
     keys = list(load_file(path))
     assert any(k.startswith('text_encoder.') and 'q_proj.lora_A' in k for k in keys)
     assert any(k.startswith('unet.') for k in keys)
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo', loras=dict(a=path),
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {extractor.variants[1].adapter: 1.0}
     plain, adapted = extractor.embedding(0).hidden, extractor.embedding(1).hidden
     assert not torch.allclose(plain, adapted)
-    base = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo').embedding(0).hidden
+    base = StableDiffusionSource(model=tiny_sd, prompt='a photo').embedding(0).hidden
     assert torch.equal(plain, base)
 
 
@@ -66,14 +66,14 @@ def test_text_encoder_lora_needs_no_transformers_peft_integration(tiny_sd, lora_
     cfg = recipe(tiny_sd, lora_images, tmp_path / 'lora', steps=4, save_every=4)
     LoRATrainer(cfg, torch.device('cpu')).train(progress=False)
     path = str(tmp_path / 'lora' / 'lora_step4.safetensors')
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=dict(a=path),
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo', loras=dict(a=path),
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {extractor.variants[1].adapter: 1.0}
     assert not torch.allclose(extractor.embedding(0).hidden, extractor.embedding(1).hidden)
 
 
 def test_unet_only_files_keep_working(tiny_sd, tiny_loras):
-    extractor = StableDiffusionSource(sd_model=tiny_sd, prompt='a photo', loras=tiny_loras,
+    extractor = StableDiffusionSource(model=tiny_sd, prompt='a photo', loras=tiny_loras,
                                      variants=[dict(), dict(lora='a')])
     assert extractor.text_adapters == {}
     assert torch.equal(extractor.embedding(0).hidden, extractor.embedding(1).hidden)
@@ -110,7 +110,7 @@ def test_half_precision_and_checkpointing(tiny_sd, lora_images, tmp_path):
 
 
 def test_tool_with_resume_and_bad_settings(tiny_sd, lora_images, tmp_path, run_tool_here):
-    options = [f'sd_model={tiny_sd}', f'image_dir={lora_images}', f'work_dir={tmp_path}',
+    options = [f'model={tiny_sd}', f'image_dir={lora_images}', f'work_dir={tmp_path}',
                'num_images=4', 'steps=4', 'save_every=2', 'log_every=2', 'batch_size=2']
     command = [osp.join(ROOT, 'configs', 'lora', 'demo.py'), '--device', 'cpu',
                '--no-progress', '--cfg-options', *options]
@@ -134,3 +134,10 @@ def test_resume_with_other_settings_is_refused(tiny_sd, lora_images, tmp_path):
                        r'0.003 there, 0.001 now\)'):
         LoRATrainer(changed, torch.device('cpu')).train(resume=True, progress=False)
     assert not (work / 'lora_step4.safetensors').exists()
+
+
+def test_old_weights_key_is_refused_naming_model(tiny_sd, lora_images, tmp_path):
+    cfg = recipe(tiny_sd, lora_images, tmp_path)
+    cfg.sd_model = tiny_sd
+    with pytest.raises(ValueError, match=r'calls the weights `model`.*not\s+`sd_model`'):
+        LoRATrainer(cfg, torch.device('cpu'))

@@ -18,9 +18,9 @@ def images(seed=0):
 @pytest.fixture(scope='module')
 def parts(tiny_sd, tiny_sd21):
     """Two sources of different models: SD1.x with two variants, SD2.x with one."""
-    sd = dict(type='StableDiffusionSource', sd_model=tiny_sd, prompt='a photo',
+    sd = dict(type='StableDiffusionSource', model=tiny_sd, prompt='a photo',
               variants=[dict(), dict(prompt='a photo of a street')])
-    sd21 = dict(type='StableDiffusionSource', sd_model=tiny_sd21, prompt='a photo')
+    sd21 = dict(type='StableDiffusionSource', model=tiny_sd21, prompt='a photo')
     return dict(sd=sd, sd21=sd21)
 
 
@@ -43,8 +43,8 @@ def test_kept_apart(parts):
 
 
 def test_concatenated_and_pooled(tiny_sd, tiny_sd21):
-    one = dict(type='StableDiffusionSource', sd_model=tiny_sd, prompt='a photo')
-    two = dict(type='StableDiffusionSource', sd_model=tiny_sd21, prompt='a photo')
+    one = dict(type='StableDiffusionSource', model=tiny_sd, prompt='a photo')
+    two = dict(type='StableDiffusionSource', model=tiny_sd21, prompt='a photo')
     x = images()
     a, b = build_source(one)(x)[0], build_source(two)(x)[0]
     concat = CompositeSource(dict(a=one, b=two), mode='concat')
@@ -89,8 +89,27 @@ def test_the_backbone_and_the_tools_take_any_source(parts):
 def test_old_backbone_arguments_name_the_new_form(tiny_sd):
     with pytest.raises(TypeError, match=r"(?s)\['prompt', 'sd_model'\].*source=dict"):
         GATEBackbone(sd_model=tiny_sd, prompt='a photo')
-    assert isinstance(GATEBackbone(source=dict(sd_model=tiny_sd)).source,
+    assert isinstance(GATEBackbone(source=dict(model=tiny_sd)).source,
                       StableDiffusionSource)
+
+
+@pytest.mark.parametrize('kind, old, new', [
+    ('StableDiffusionSource', dict(sd_model='x'), 'model'),
+    ('ADMSource', dict(checkpoint='x.pt'), 'model'),
+    ('ADMSource', dict(model='x.pt', blocks=(5, )), 'taps'),
+    ('DINOv2Source', dict(model='x', features=('last_hidden_state', )), 'taps'),
+])
+def test_every_source_names_the_weights_model_and_what_it_reads_taps(kind, old, new):
+    """One name per concept across sources; an old name is refused before anything loads,
+    naming the new one."""
+    renamed = next(k for k in old if k != 'model' or len(old) == 1)
+    with pytest.raises(TypeError, match=rf'{kind}: `{renamed}` is now called `{new}`'):
+        build_source(dict(type=kind, **old))
+    with pytest.raises(TypeError, match=r"ADMSource: `model` is the checkpoint file now.*"
+                                        r"architecture=dict"):
+        build_source(dict(type='ADMSource', model=dict(image_size=32)))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['promt'\]"):
+        build_source(dict(type='StableDiffusionSource', promt='a typo'))
 
 
 def test_input_scale_runs_the_model_at_another_resolution(parts):

@@ -71,7 +71,7 @@ def test_distributed_training_without_cuda(tiny, demo_root, tmp_path, run_tool_h
     validation it logs is that of the checkpoint it saves (tools/test.py agrees)."""
     env = dict(os.environ, PYTHONPATH='', PYTHON=sys.executable, PORT='29613',
                CUDA_VISIBLE_DEVICES='')
-    options = [f"model.backbone.source.sd_model={tiny['sd_model']}",
+    options = [f"model.backbone.source.model={tiny['sd_model']}",
                f"model.backbone.source.controlnets.canny.model={tiny['controlnet']}",
                f"model.backbone.source.loras.a={tiny['loras']['a']}",
                f"model.backbone.source.loras.b={tiny['loras']['b']}",

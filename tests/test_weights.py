@@ -34,32 +34,32 @@ def test_nan_in_unet_weights(sd_copy):
     edit_safetensors(sd_copy / UNET_FILE,
                      lambda t: t[next(k for k in t if k.endswith('weight'))].fill_(float('nan')))
     with pytest.raises(ValueError, match=r"(?s)sd/unet'.*non-finite"):
-        GATEBackbone(source=dict(sd_model=str(sd_copy)))
+        GATEBackbone(source=dict(model=str(sd_copy)))
 
 
 def test_truncated_unet_weights(sd_copy):
     path = sd_copy / UNET_FILE
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"(?s)Cannot load '.*sd/unet'.*truncated"):
-        GATEBackbone(source=dict(sd_model=str(sd_copy)))
+        GATEBackbone(source=dict(model=str(sd_copy)))
 
 
 def test_unet_file_missing_a_tensor(sd_copy):
     edit_safetensors(sd_copy / UNET_FILE, lambda t: t.pop('conv_in.weight'))
     with pytest.raises(ValueError, match=r"(?s)sd/unet'.*(missing|Cannot load)"):
-        GATEBackbone(source=dict(sd_model=str(sd_copy)))
+        GATEBackbone(source=dict(model=str(sd_copy)))
 
 
 def test_only_fp16_variant_weights(sd_copy):
     shutil.move(sd_copy / UNET_FILE, sd_copy / 'unet' / 'diffusion_pytorch_model.fp16.safetensors')
     with pytest.raises(ValueError, match=r'(?s)only variant weights.*fp16'):
-        GATEBackbone(source=dict(sd_model=str(sd_copy)))
+        GATEBackbone(source=dict(model=str(sd_copy)))
 
 
 @pytest.mark.parametrize('timestep', [50.5, '50', True])
 def test_non_integer_timestep(tiny_sd, timestep):
     with pytest.raises(ValueError, match='timestep must be an integer'):
-        GATEBackbone(source=dict(sd_model=tiny_sd, timestep=timestep))
+        GATEBackbone(source=dict(model=tiny_sd, timestep=timestep))
 
 
 def lora_unet(tiny_sd, rank=4, alpha=2, seed=0):

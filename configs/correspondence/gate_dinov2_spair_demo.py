@@ -5,7 +5,7 @@
 _base_ = ['./gate_spair_demo.py']
 source = dict(sources=dict(
     dino=dict(type='DINOv2Source', model='data/demo/tiny-dinov2',
-              features=('last_hidden_state', ), input_scale=0.875, frozen_dtype='auto')))
+              taps=('last_hidden_state', ), input_scale=0.875, frozen_dtype='auto')))
 aggregator = dict(bypass=('attn.cross_attention_maps', 'dino.last_hidden_state'))
 zero_shot = dict(weights=dict(conv=1.0, attn=1.0, dino=1.0))
 work_dir = 'work_dirs/correspondence/gate_dinov2_spair_demo'

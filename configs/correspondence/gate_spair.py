@@ -16,7 +16,7 @@
 #   python tools/correspondence.py zero-shot configs/correspondence/gate_spair.py
 _categories = ('aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, dog, horse, '
                'motorbike, person, potted plant, sheep, train, tv monitor')
-_sd_model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+_sd15 = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 _controlnets = dict(canny=dict(model='lllyasviel/sd-controlnet-canny',
                                condition=dict(type='canny')))
 source = dict(
@@ -25,7 +25,7 @@ source = dict(
     sources=dict(
         conv=dict(
             type='StableDiffusionSource',
-            sd_model=_sd_model,
+            model=_sd15,
             prompt=f'a photo of {_categories}, high quality, best quality, highly realistic, '
             'masterpiece, high resolution',
             controlnets=_controlnets,
@@ -47,7 +47,7 @@ source = dict(
             frozen_dtype='auto'),
         attn=dict(
             type='StableDiffusionSource',
-            sd_model=_sd_model,
+            model=_sd15,
             prompt=f'a photo of {_categories}',
             controlnets=_controlnets,
             loras=dict(a='work_dirs/lora/spair/lora_step1500.safetensors'),

@@ -6,7 +6,7 @@
 # matching at 64x64.
 #   python tools/correspondence.py train configs/correspondence/gate_spair_demo.py
 _base_ = ['./gate_spair.py']
-_tiny = dict(sd_model='data/demo/tiny-sd',
+_tiny = dict(model='data/demo/tiny-sd',
              controlnets=dict(canny=dict(model='data/demo/controlnet-canny')))
 source = dict(sources=dict(
     conv=dict(_tiny, prompt='a photo of a cat and a dog, high quality',

@@ -22,7 +22,7 @@ model = dict(
                     dict(prompt='a bedroom', controlnets=dict(canny=1.0), denoising_from=60),
                     dict(prompt='a bedroom', lora='a'),
                 ]),
-            adm=dict(checkpoint='checkpoints/ddpm/lsun_bedroom.pt')))),
+            adm=dict(model='checkpoints/ddpm/lsun_bedroom.pt')))),
     decode_head=dict(num_classes=num_classes))
 train_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))
 test_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root))

@@ -17,7 +17,7 @@ model = dict(
     backbone=dict(
         source=dict(sources=dict(
             sd=dict(
-                sd_model='data/demo/tiny-sd',
+                model='data/demo/tiny-sd',
                 prompt='a highly realistic photo of the real world, high quality',
                 taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
                       'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.1'),
@@ -33,8 +33,8 @@ model = dict(
             # mmseg_gate.testing.architectures.TINY_ADM): the LSUN models' layout at CPU
             # size, on the 64x64 images as they are; the SD source upsamples them 2x, as in
             # the real configs.
-            adm=dict(checkpoint='data/demo/tiny-adm/adm.pt',
-                     model=dict(image_size=32, model_channels=32, num_res_blocks=2,
+            adm=dict(model='data/demo/tiny-adm/adm.pt',
+                     architecture=dict(image_size=32, model_channels=32, num_res_blocks=2,
                                 channel_mult=(1, 1, 2, 2, 2), attention_resolutions=(8, 4, 2),
                                 num_head_channels=8, learn_sigma=True))))),
     decode_head=dict(in_channels=[32, 64, 64, 32, 154, 64, 64, 64, 64, 64],

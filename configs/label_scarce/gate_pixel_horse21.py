@@ -22,5 +22,5 @@ model = dict(
                     dict(prompt='a horse', lora='a'),
                     dict(prompt='a horse', lora='b'),
                 ]),
-            adm=dict(checkpoint='checkpoints/ddpm/lsun_horse.pt')))),
+            adm=dict(model='checkpoints/ddpm/lsun_horse.pt')))),
     decode_head=dict(num_classes=num_classes))

@@ -1,7 +1,7 @@
 # The paper's LoRA recipe: LoCon-style (attention + convolutions), rank 64, alpha 32, UNet
 # lr 1e-4, text encoder lr 5e-5 (its attention projections), 30 random training images,
 # about 100 epochs, empty captions.
-sd_model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
 num_images = 30
 resolution = 512
 rank = 64

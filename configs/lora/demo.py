@@ -1,6 +1,6 @@
 # LoRA for the embedded demo (tiny model, CPU): two checkpoints, moderate and overfit.
 _base_ = ['./_base_.py']
-sd_model = 'data/demo/tiny-sd'
+model = 'data/demo/tiny-sd'
 image_dir = 'data/demo/ade/ADEChallengeData2016/images/training'
 work_dir = 'data/demo/lora'
 resolution = 64

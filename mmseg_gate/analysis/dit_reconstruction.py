@@ -79,7 +79,7 @@ class DiTReconstructor:
 
     def __init__(self, source: DiTSource, loras: dict, controlnets: dict,
                  max_sequence_length, device: torch.device, dtype: torch.dtype):
-        model, self.pipelines = source.model_name, PIPELINES[source.kind]
+        model, self.pipelines = source.model, PIPELINES[source.kind]
         self.prompts, self.loras = source.prompts, source.variant_loras
         self.nets, self.scales = source.variant_controlnets, source.lora_scales
         self.guidance = source.guidance_scale

@@ -145,7 +145,7 @@ def write_reconstructions(source, source_cfg: dict, images: torch.Tensor, stems:
                                          source_cfg.get('max_sequence_length'), device, dtype)
     else:
         from .reconstruction import Reconstructor
-        reconstructor = Reconstructor(source.sd_model, source.variants, controlnets, loras,
+        reconstructor = Reconstructor(source.model, source.variants, controlnets, loras,
                                       device, dtype)
     for stem, image in tqdm(list(zip(stems, images)), desc='reconstructions', unit='image',
                             disable=not progress):

@@ -44,17 +44,17 @@ class Reconstructor:
     """img2img reconstructions of images, one per variant.
 
     Args:
-        sd_model: the Stable Diffusion folder or hub id (with its VAE decoder).
+        model: the Stable Diffusion folder or hub id (with its VAE decoder).
         variants: the parsed variants (``GATEFeatureExtractor.variants``).
         controlnets: name -> ``dict(model=..., condition=...)`` as in the configs.
         loras: name -> LoRA file.
         device, dtype: where and in which precision the pipelines run.
     """
 
-    def __init__(self, sd_model: str, variants: List[Variant], controlnets: Dict[str, dict],
+    def __init__(self, model: str, variants: List[Variant], controlnets: Dict[str, dict],
                  loras: Dict[str, str], device: torch.device,
                  dtype: torch.dtype = torch.float32):
-        parts = load_stable_diffusion(sd_model, dtype, keep_decoder=True)
+        parts = load_stable_diffusion(model, dtype, keep_decoder=True)
         self.pipe = img2img_pipeline(parts)
         self.pipe.set_progress_bar_config(disable=True)
         self.variants, self.device, self.dtype = variants, device, dtype

@@ -75,7 +75,7 @@ def unet_flops(source: StableDiffusionSource, latents: torch.Tensor):
     num, embed = latents.shape[0], source.embedding(0)
     added = source.added_conditions(embed, latents)
     full_unet = UNet2DConditionModel.from_pretrained(
-        source.sd_model, subfolder='unet', use_safetensors=True).to(latents.device,
+        source.model, subfolder='unet', use_safetensors=True).to(latents.device,
                                                                     latents.dtype)
     with torch.no_grad():
         truncated = count_flops(lambda: source.plain_pass(latents))

@@ -52,7 +52,7 @@ class NaiveGATE:
         if a['denoising_from'] is not None or a['attention_maps']:
             raise ValueError('NaiveGATE reproduces the segmentation recipe only (no '
                              'denoising_from, no attention_maps).')
-        sd_model, taps = a['sd_model'], a['taps']
+        model, taps = a['model'], a['taps']
         controlnets, loras = dict(a['controlnets'] or {}), dict(a['loras'] or {})
         self.variants = parse_variants(a['variants'], a['prompt'], list(controlnets),
                                        list(loras), a['timestep'])
@@ -64,7 +64,7 @@ class NaiveGATE:
             self.variants = [replace(v, prompt=f'{v.prompt.rstrip()} {names}'.strip())
                              for v in self.variants]
         self.dtype = dtype = resolve_dtype(a['frozen_dtype'], device)
-        parts = load_stable_diffusion(sd_model)
+        parts = load_stable_diffusion(model)
         if parts.is_sdxl:
             raise ValueError('NaiveGATE covers SD1.x/SD2.x.')
         self.prompt_embeds = [self._encode(parts, v, loras).to(device, dtype)
@@ -77,8 +77,8 @@ class NaiveGATE:
         del parts
         self.copies = []
         for variant in self.variants:
-            vae = AutoencoderKL.from_pretrained(sd_model, subfolder='vae', use_safetensors=True)
-            unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder='unet',
+            vae = AutoencoderKL.from_pretrained(model, subfolder='vae', use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(model, subfolder='unet',
                                                         use_safetensors=True)
             if variant.lora is not None:
                 load_lora_adapters(unet, {variant.adapter: loras[variant.lora]},

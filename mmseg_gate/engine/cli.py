@@ -40,7 +40,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
-        help='override config settings, key=value (e.g. model.backbone.source.sd_model=PATH)')
+        help='override config settings, key=value (e.g. model.backbone.source.model=PATH)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank.

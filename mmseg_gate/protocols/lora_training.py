@@ -39,6 +39,9 @@ STATE_KIND = 'lora'  # of the training state in STATE_FILE
 
 def check_recipe(cfg) -> None:
     """Settings that would otherwise fail late or silently do nothing."""
+    if 'sd_model' in cfg:
+        raise ValueError('The LoRA recipe calls the weights `model` (as every source does), not '
+                         '`sd_model`: write model = ... in the config.')
     for key in ('steps', 'num_images', 'batch_size', 'rank', 'save_every', 'log_every',
                 'resolution'):
         value = cfg.get(key)
@@ -77,7 +80,7 @@ class LoRATrainer:
     """Trains the LoRA of a recipe config.
 
     Args:
-        cfg: the recipe (see ``configs/lora/_base_.py``): ``sd_model``, ``image_dir``,
+        cfg: the recipe (see ``configs/lora/_base_.py``): ``model``, ``image_dir``,
             ``work_dir``, ``num_images``, ``resolution``, ``rank``, ``alpha``,
             ``target_modules``, ``unet_lr``, ``text_encoder_lr`` (0: UNet only), ``steps``,
             ``batch_size``, ``save_every``, ``log_every``, ``caption``/``captions``, ``seed``.
@@ -100,7 +103,7 @@ class LoRATrainer:
         from peft import LoraConfig
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)  # the LoRAs' initialisation
-        parts = load_stable_diffusion(cfg.sd_model)
+        parts = load_stable_diffusion(cfg.model)
         self.paths = pick_images(cfg.image_dir, cfg.num_images, cfg.seed)
         vae = parts.vae.to(device).eval()
         with torch.no_grad():  # once per image, in float32 (SDXL's VAE overflows in fp16)
@@ -231,7 +234,7 @@ class LoRATrainer:
         captions by name and text, so a dataset moved elsewhere still resumes."""
         cfg = self.cfg
         text_targets = cfg.get('text_encoder_target_modules', TEXT_ENCODER_TARGETS)
-        return dict(sd_model=cfg.sd_model, images=[osp.basename(p) for p in self.paths],
+        return dict(model=cfg.model, images=[osp.basename(p) for p in self.paths],
                     captions=self.captions, resolution=cfg.resolution, rank=cfg.rank,
                     alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                     text_encoder_target_modules=list(text_targets) if self.train_text else None,

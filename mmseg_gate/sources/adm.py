@@ -21,7 +21,7 @@ variants.
 """
 import os.path as osp
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -29,7 +29,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from ..engine.checkpoint import read_checkpoint
 from ..engine.devices import resolve_dtype
 from ..fileio import read_safetensors
-from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
+from .base import (SOURCES, FeatureSource, Features, input_stride, move_frozen,
+                   refuse_renamed)
 from .common.latents import Noise, draw_noise, noised
 from .common.loading import check_finite
 from .common.taps import UNetTaps
@@ -219,23 +220,38 @@ def read_adm_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_adm(path: str, model: Dict) -> UNet2DModel:
-    """The checkpoint at ``path`` (guided-diffusion arguments ``model``) as a diffusers
+def load_adm(path: str, architecture: Dict) -> UNet2DModel:
+    """The checkpoint at ``path`` (guided-diffusion arguments ``architecture``) as a diffusers
     ``UNet2DModel``, every tensor of the file in place and every parameter from the file."""
-    levels = attention_levels(model['image_size'], model['channel_mult'],
-                              model['attention_resolutions'])
+    levels = attention_levels(architecture['image_size'], architecture['channel_mult'],
+                              architecture['attention_resolutions'])
     where = f"ADM checkpoint '{path}'"
-    weights = convert_state_dict(read_adm_checkpoint(path), model['num_res_blocks'], levels,
-                                 model['num_head_channels'], where)
-    unet = UNet2DModel(**diffusers_config(**model))
+    weights = convert_state_dict(read_adm_checkpoint(path), architecture['num_res_blocks'],
+                                 levels, architecture['num_head_channels'], where)
+    unet = UNet2DModel(**diffusers_config(**architecture))
     try:
         unet.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise ValueError(f'{where} does not fit the ADM architecture {model} '
+        raise ValueError(f'{where} does not fit the ADM architecture {architecture} '
                          f'({str(err).splitlines()[0]}...): pass its own guided-diffusion '
-                         'arguments as `model=dict(...)`.') from err
+                         'arguments as `architecture=dict(...)`.') from err
     check_finite(unet, path)
     return unet.eval().requires_grad_(False)
+
+
+def output_block_indices(taps: Sequence[Union[int, str]], count: int) -> List[int]:
+    """``output_blocks`` indices of ``taps`` given as indices or ``'output_blocks.<i>'``."""
+    indices = []
+    for tap in taps:
+        name = str(tap)
+        index = name[len('output_blocks.'):] if name.startswith('output_blocks.') else name
+        if not index.isdigit() or not int(index) < count:
+            raise ValueError(f'ADMSource tap {tap!r}: this ADM has output_blocks 0..{count - 1} '
+                             "(taps as indices or 'output_blocks.<i>').")
+        indices.append(int(index))
+    if not indices:
+        raise ValueError('ADMSource needs a tap, e.g. taps=(5, 6, 7, 8, 12).')
+    return indices
 
 
 @SOURCES.register_module()
@@ -244,12 +260,13 @@ class ADMSource(FeatureSource):
     one variant per step.
 
     Args:
-        checkpoint (str): a guided-diffusion UNet checkpoint (``lsun_horse.pt``,
+        model (str): a guided-diffusion UNet checkpoint (``lsun_horse.pt``,
             ``lsun_bedroom.pt``: read with ``torch.load(weights_only=True)``), or the same
             tensors as ``.safetensors``.
-        model (dict): its guided-diffusion arguments. Default: :data:`ADM_LSUN_256`.
-        blocks (Sequence[int]): indices of guided-diffusion's ``output_blocks`` to read,
-            named ``'output_blocks.<i>'``. Default: the GATE authors' (5, 6, 7, 8, 12).
+        architecture (dict): its guided-diffusion arguments. Default: :data:`ADM_LSUN_256`.
+        taps (Sequence[int | str]): guided-diffusion's ``output_blocks`` to read, as indices
+            or names ``'output_blocks.<i>'`` (the features' names). Default: the GATE
+            authors' (5, 6, 7, 8, 12).
         steps (Sequence[int]): diffusion steps, one variant each. Default: (50, 150, 250).
         input_scale (float): the ADM sees the input resized by this factor (antialiased
             bilinear); 0.5 gives it 256x256 from a 512x512 Stable Diffusion pipeline.
@@ -261,36 +278,45 @@ class ADMSource(FeatureSource):
         num_train_steps (int): length of the linear beta schedule. Default: 1000.
         frozen_dtype (str): 'auto' (float16 on accelerators, float32 on the CPU),
             'float32', 'float16' or 'bfloat16'. Default: 'auto'.
+
+    Renamed arguments (refused, naming the new one): ``checkpoint`` -> ``model``, ``blocks``
+    -> ``taps``; the architecture, once ``model=dict(...)``, is ``architecture``.
     """
 
-    def __init__(self, checkpoint: str, model: Optional[Dict] = None,
-                 blocks: Sequence[int] = GATE_BLOCKS, steps: Sequence[int] = GATE_STEPS,
-                 input_scale: float = 1.0, share_noise: bool = True, noise_seed: int = 0,
-                 num_train_steps: int = 1000, frozen_dtype: str = 'auto'):
-        self.model = dict(ADM_LSUN_256, **(model or {}))
+    def __init__(self, model: Optional[str] = None, architecture: Optional[Dict] = None,
+                 taps: Sequence[Union[int, str]] = GATE_BLOCKS,
+                 steps: Sequence[int] = GATE_STEPS, input_scale: float = 1.0,
+                 share_noise: bool = True, noise_seed: int = 0, num_train_steps: int = 1000,
+                 frozen_dtype: str = 'auto', **renamed):
+        refuse_renamed('ADMSource', renamed, dict(checkpoint='model', blocks='taps'))
+        if isinstance(model, dict):
+            raise TypeError('ADMSource: `model` is the checkpoint file now (as every source '
+                            'calls its weights); pass the guided-diffusion arguments as '
+                            '`architecture=dict(...)`.')
+        if model is None:
+            raise TypeError("ADMSource needs `model`: the checkpoint file, e.g. "
+                            "'checkpoints/ddpm/lsun_horse.pt'.")
+        self.architecture = dict(ADM_LSUN_256, **(architecture or {}))
         resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
         if not steps:
             raise ValueError('ADMSource needs at least one step, e.g. steps=(50, 150, 250).')
         self.steps = [check_timesteps(t, None, num_train_steps, 'ADMSource: ')[0]
                       for t in steps]
-        levels = attention_levels(self.model['image_size'], self.model['channel_mult'],
-                                  self.model['attention_resolutions'])
-        modules = output_block_modules(self.model['num_res_blocks'], levels)
-        bad = [b for b in blocks if not 0 <= b < len(modules)]
-        if bad or not blocks:
-            raise ValueError(f'ADMSource blocks {list(blocks)}: this ADM has output_blocks '
-                             f'0..{len(modules) - 1}.')
-        self.checkpoint, self.input_scale = checkpoint, float(input_scale)
-        self.blocks = [int(b) for b in blocks]
-        self.unet = load_adm(checkpoint, self.model)
-        self.taps = UNetTaps(self.unet, [modules[b] for b in self.blocks])
+        arch = self.architecture
+        levels = attention_levels(arch['image_size'], arch['channel_mult'],
+                                  arch['attention_resolutions'])
+        modules = output_block_modules(arch['num_res_blocks'], levels)
+        self.blocks = output_block_indices(taps, len(modules))
+        self.model, self.input_scale = model, float(input_scale)
+        self.unet = load_adm(model, arch)
+        self.unet_taps = UNetTaps(self.unet, [modules[b] for b in self.blocks])
         self.prune_after_last_tap()
         scale = 1000 / num_train_steps  # guided-diffusion's linear schedule for any length
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_steps,
                                        beta_schedule='linear', beta_start=scale * 1e-4,
                                        beta_end=scale * 0.02)
         self.num_train_steps = num_train_steps
-        self.size_multiple = 2**(len(self.model['channel_mult']) - 1)
+        self.size_multiple = 2**(len(arch['channel_mult']) - 1)
         self.share_noise, self.noise_seed, self.dtype_name = share_noise, noise_seed, \
             frozen_dtype
         self.device, self.dtype = torch.device('cpu'), torch.float32
@@ -299,10 +325,10 @@ class ADMSource(FeatureSource):
 
     def prune_after_last_tap(self) -> List[str]:
         """The output blocks after the last one read, and the output head."""
-        return self.taps.prune_after_last_tap()
+        return self.unet_taps.prune_after_last_tap()
 
     def __repr__(self) -> str:
-        return (f'ADMSource({self.checkpoint!r}, blocks {self.blocks}, steps {self.steps}, '
+        return (f'ADMSource({self.model!r}, taps {self.blocks}, steps {self.steps}, '
                 f'input_scale {self.input_scale})')
 
     @property
@@ -338,17 +364,17 @@ class ADMSource(FeatureSource):
         batch = torch.cat(samples).to(self.dtype)
         times = torch.tensor(steps, device=self.device).repeat_interleave(pixels.shape[0])
         self.counts['unet_passes'] += batch.shape[0]
-        out = self.taps.run(batch, times)
+        out = self.unet_taps.run(batch, times)
         num = pixels.shape[0]
         return [{f'output_blocks.{b}': out[tap][v * num:(v + 1) * num]
-                 for b, tap in zip(self.blocks, self.taps.taps)}
+                 for b, tap in zip(self.blocks, self.unet_taps.taps)}
                 for v in range(len(steps))]
 
     def _probe(self) -> List[dict]:
         size = self.size_multiple
-        out = self.taps.run(torch.zeros(1, 3, size, size), torch.tensor([self.steps[0]]))
+        out = self.unet_taps.run(torch.zeros(1, 3, size, size), torch.tensor([self.steps[0]]))
         return [dict(module=f'output_blocks.{block}', num_chs=out[tap].shape[1],
                      reduction=input_stride(size / out[tap].shape[-1], self.input_scale,
                                             f'output_blocks.{block}'),
                      num_variants=len(self.steps))
-                for block, tap in zip(self.blocks, self.taps.taps)]
+                for block, tap in zip(self.blocks, self.unet_taps.taps)]

@@ -166,6 +166,18 @@ def build_source(cfg) -> FeatureSource:
     return SOURCES.build(cfg)
 
 
+def refuse_renamed(owner: str, given: Dict, renamed: Dict[str, str]) -> None:
+    """Refuse the keyword arguments in ``given`` (a constructor's ``**renamed``): an old name
+    of an argument with its new name (every source calls the weights ``model`` and what it
+    reads ``taps``), anything else as Python refuses an unknown keyword."""
+    for old in given:
+        if old in renamed:
+            raise TypeError(f'{owner}: `{old}` is now called `{renamed[old]}` (one name across '
+                            f'sources); write {renamed[old]}=... in the config.')
+    if given:
+        raise TypeError(f'{owner}() got unexpected keyword argument(s) {sorted(given)}.')
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad bottom/right by edge replication (no artificial borders in the features)."""
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple

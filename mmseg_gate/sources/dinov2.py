@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..engine.devices import resolve_dtype
-from .base import SOURCES, FeatureSource, Features, input_stride, move_frozen
+from .base import (SOURCES, FeatureSource, Features, input_stride, move_frozen,
+                   refuse_renamed)
 from .common.loading import check_finite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,36 +62,39 @@ class DINOv2Source(FeatureSource):
     Args:
         model (str): a local transformers folder (safetensors) or a hub id, e.g.
             ``facebook/dinov2-base``.
-        features (Sequence[str]): ``'hidden_states.<i>'`` and/or ``'last_hidden_state'``.
+        taps (Sequence[str]): ``'hidden_states.<i>'`` and/or ``'last_hidden_state'``.
             Default: ('last_hidden_state', ).
         input_scale (float): the model sees the input resized by this factor. Default: 0.875
             (512 -> 448: 32 x 32 patches, stride 16).
         mean, std (Sequence[float]): the normalisation of [0, 1] pixels. Default: ImageNet's.
         frozen_dtype (str): 'auto' (float16 on accelerators, float32 on the CPU), 'float32',
             'float16' or 'bfloat16'. Default: 'auto'.
+
+    Renamed arguments (refused, naming the new one): ``features`` -> ``taps``.
     """
 
-    def __init__(self, model: str, features: Sequence[str] = ('last_hidden_state', ),
+    def __init__(self, model: str, taps: Sequence[str] = ('last_hidden_state', ),
                  input_scale: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, frozen_dtype: str = 'auto'):
+                 std: Sequence[float] = IMAGENET_STD, frozen_dtype: str = 'auto', **renamed):
+        refuse_renamed('DINOv2Source', renamed, dict(features='taps'))
         resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
-        self.model_name, self.features = model, list(features)
+        self.model, self.taps = model, list(taps)
         self.network = load_dinov2(model)
         depth = self.network.config.num_hidden_layers
         layers = []
-        for name in self.features:
+        for name in self.taps:
             if name == 'last_hidden_state':
                 layers.append(depth)
                 continue
             kind, _, index = name.partition('.')
             if kind != 'hidden_states' or not index.isdigit() or int(index) > depth:
-                raise ValueError(f"DINOv2 feature {name!r}: use 'last_hidden_state' or "
+                raise ValueError(f"DINOv2 tap {name!r}: use 'last_hidden_state' or "
                                  f"'hidden_states.<i>' with i in 0..{depth}.")
             layers.append(int(index))
-        if not self.features:
-            raise ValueError("DINOv2Source needs a feature, e.g. 'last_hidden_state'.")
+        if not self.taps:
+            raise ValueError("DINOv2Source needs a tap, e.g. 'last_hidden_state'.")
         needed = max(layers)
-        if 'last_hidden_state' not in self.features and needed < depth:
+        if 'last_hidden_state' not in self.taps and needed < depth:
             # Blocks after the last one read never run.
             self.network.encoder.layer = nn.ModuleList(self.network.encoder.layer[:needed])
         self.patch = self.size_multiple = self.network.config.patch_size
@@ -101,10 +105,10 @@ class DINOv2Source(FeatureSource):
         self.dtype_name = frozen_dtype
         self.device, self.dtype = torch.device('cpu'), torch.float32
         self.feature_info = [dict(module=name, num_chs=self.network.config.hidden_size,
-                                  reduction=stride, num_variants=1) for name in self.features]
+                                  reduction=stride, num_variants=1) for name in self.taps]
 
     def __repr__(self) -> str:
-        return f'DINOv2Source({self.model_name!r}, {self.features})'
+        return f'DINOv2Source({self.model!r}, {self.taps})'
 
     @property
     def variant_names(self) -> List[str]:
@@ -124,7 +128,7 @@ class DINOv2Source(FeatureSource):
         out = self.network(pixel_values=pixels, output_hidden_states=True)
         h, w = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
         maps = {}
-        for name in self.features:
+        for name in self.taps:
             tokens = out.last_hidden_state if name == 'last_hidden_state' else \
                 out.hidden_states[int(name.split('.')[1])]
             patches = tokens[:, tokens.shape[1] - h * w:]  # the class token dropped

@@ -35,15 +35,15 @@ def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
         source_cfg.model = save_random_dit(osp.join(folder, arch), arch)
         return
     if kind == 'ADMSource':
-        model = TINY_ADM if arch.startswith('tiny') else ADM_LSUN_256
-        source_cfg.model = dict(model)
-        source_cfg.checkpoint = save_random_adm(osp.join(folder, 'adm.pt'), model)
+        architecture = TINY_ADM if arch.startswith('tiny') else ADM_LSUN_256
+        source_cfg.architecture = dict(architecture)
+        source_cfg.model = save_random_adm(osp.join(folder, 'adm.pt'), architecture)
         return
-    source_cfg.sd_model = save_random_stable_diffusion(osp.join(folder, arch), arch)
+    source_cfg.model = save_random_stable_diffusion(osp.join(folder, arch), arch)
     for name, controlnet in (source_cfg.get('controlnets') or {}).items():
         controlnet.model = save_random_controlnet(osp.join(folder, f'controlnet-{name}'),
-                                                  source_cfg.sd_model)
+                                                  source_cfg.model)
     for i, name in enumerate(source_cfg.get('loras') or {}):
         source_cfg.loras[name] = save_random_lora(
-            osp.join(folder, f'lora-{name}.safetensors'), source_cfg.sd_model, lora_rank,
+            osp.join(folder, f'lora-{name}.safetensors'), source_cfg.model, lora_rank,
             seed=i, targets=lora_targets)

@@ -28,7 +28,7 @@ model = dict(
         source=dict(
             type='StableDiffusionSource',
             # A local diffusers folder (see docs/segmentation.md) or the hub id.
-            sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+            model='stable-diffusion-v1-5/stable-diffusion-v1-5',
             prompt='',
             taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
                   'up_blocks.2.upsamplers.0'),

@@ -38,7 +38,7 @@ model = dict(
             sources=dict(
                 sd=dict(
                     type='StableDiffusionSource',
-                    sd_model='stable-diffusion-v1-5/stable-diffusion-v1-5',
+                    model='stable-diffusion-v1-5/stable-diffusion-v1-5',
                     taps=('up_blocks.0.upsamplers.0', 'up_blocks.1.upsamplers.0',
                           'up_blocks.2.upsamplers.0', 'up_blocks.3.attentions.2'),
                     attention_maps=dict(places=('up', ), strides=(32, 16), tokens=77),
@@ -53,8 +53,8 @@ model = dict(
                 # are.
                 adm=dict(
                     type='ADMSource',
-                    checkpoint='checkpoints/ddpm/lsun_horse.pt',
-                    blocks=(5, 6, 7, 8, 12),
+                    model='checkpoints/ddpm/lsun_horse.pt',
+                    taps=(5, 6, 7, 8, 12),
                     steps=(50, 150, 250),
                     input_scale=1.0,
                     share_noise=True,

@@ -32,7 +32,7 @@ class GATEBackbone(BaseModule):
 
     Args:
         source (dict): the frozen half's config, nested as MMSeg's VPD nests its
-            ``diffusion_cfg``: ``dict(type='StableDiffusionSource', sd_model=..., prompt=...,
+            ``diffusion_cfg``: ``dict(type='StableDiffusionSource', model=..., prompt=...,
             variants=..., controlnets=..., loras=..., taps=..., timestep=...)`` (``type``
             defaults to it; see :class:`StableDiffusionSource`), or any source config, e.g.
             ``dict(type='CompositeSource', sources=dict(...))``. With ``attention_maps`` the
@@ -76,7 +76,7 @@ class GATEBackbone(BaseModule):
             raise TypeError(
                 f'GATEBackbone got {sorted(frozen_half)}: the frozen half now has its own config. '
                 "Move these keys into `source=dict(type='StableDiffusionSource', ...)`, e.g. "
-                "backbone=dict(type='GATEBackbone', source=dict(sd_model=..., prompt=..., "
+                "backbone=dict(type='GATEBackbone', source=dict(model=..., prompt=..., "
                 'variants=...), num_assigners=...).')
         if eval_noise not in ('per_image', 'fresh'):
             raise ValueError(f"GATEBackbone eval_noise must be 'per_image' or 'fresh', got "

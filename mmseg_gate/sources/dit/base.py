@@ -267,7 +267,7 @@ class DiTSource(FeatureSource):
                                  'two scales; one LoRA has one scale here (list the file '
                                  'twice in `loras`, under two names).')
         self.timestep = self._checked(timestep)
-        self.model_name = model  # its family was read from it (read_kind) by __new__
+        self.model = model  # its family was read from it (read_kind) by __new__
         try:
             config = self.transformer_class.load_config(model, subfolder='transformer')
         except (OSError, ValueError) as err:
@@ -410,7 +410,7 @@ class DiTSource(FeatureSource):
         return timestep
 
     def __repr__(self) -> str:
-        return f'DiTSource({self.model_name!r}, {self.kind}, taps {self.taps})'
+        return f'DiTSource({self.model!r}, {self.kind}, taps {self.taps})'
 
     @property
     def variant_names(self) -> List[str]:

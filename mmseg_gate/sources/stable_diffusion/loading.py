@@ -22,7 +22,7 @@ _GET_WEIGHTS_HINT = (
     'Get Stable Diffusion v1.5 in diffusers format with\n'
     f'  hf download {DEFAULT_MODEL} --local-dir checkpoints/sd15 '
     '--include "*.json" "*.txt" "*.safetensors" --exclude "*.fp16.*" "*non_ema*"\n'
-    "and set the backbone's `sd_model='checkpoints/sd15'`.")
+    "and set the backbone's `model='checkpoints/sd15'`.")
 
 
 @dataclass

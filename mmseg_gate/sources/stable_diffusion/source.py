@@ -6,7 +6,7 @@ ControlNets, an optional LoRA, its own noise recipe), the activations of chosen 
 :class:`StableDiffusionSource` computes them, usable without MMSeg::
 
     from mmseg_gate import StableDiffusionSource
-    source = StableDiffusionSource(sd_model='checkpoints/sd15', prompt='a photo of a horse')
+    source = StableDiffusionSource(model='checkpoints/sd15', prompt='a photo of a horse')
     feats = source(images)               # images: (N, 3, H, W) in [-1, 1], any size
     feats[0]['up_blocks.1.upsamplers.0']  # variant 0: (N, 1280, ceil(H / 16), ceil(W / 16))
 
@@ -27,7 +27,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import SOURCES, Features, FeatureSource, input_stride, move_frozen
+from ..base import (SOURCES, Features, FeatureSource, input_stride, move_frozen,
+                    refuse_renamed)
 from ..common.conditions import ConditionDetector
 from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
@@ -65,7 +66,7 @@ class StableDiffusionSource(FeatureSource):
     """Guided Stable Diffusion features per variant, for images in [-1, 1].
 
     Args:
-        sd_model (str): a local diffusers-format Stable Diffusion folder (SD1.x, SD2.x or
+        model (str): a local diffusers-format Stable Diffusion folder (SD1.x, SD2.x or
             SDXL) or a hub id. Default: ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
         prompt (str): text the UNet is conditioned on (any length); the default of every
             variant. Default: ''.
@@ -112,10 +113,12 @@ class StableDiffusionSource(FeatureSource):
             2.0 gives SD1.5 512x512 from the label-scarce benchmark's 256x256 images, so
             that a second source (ADM) sees them unresampled. Strides are in input pixels.
             Default: 1.0.
+
+    Renamed arguments (refused, naming the new one): ``sd_model`` -> ``model``.
     """
 
     def __init__(self,
-                 sd_model: str = DEFAULT_MODEL,
+                 model: str = DEFAULT_MODEL,
                  prompt: str = '',
                  class_names: Union[str, Sequence[str], None] = None,
                  append_class_names: bool = False,
@@ -131,7 +134,9 @@ class StableDiffusionSource(FeatureSource):
                  lora_mode: str = 'adapters',
                  noise_seed: int = 0,
                  variant_noise: str = 'shared',
-                 input_scale: float = 1.0):
+                 input_scale: float = 1.0,
+                 **renamed):
+        refuse_renamed('StableDiffusionSource', renamed, dict(sd_model='model'))
         if variant_noise not in ('shared', 'independent'):
             raise ValueError(f"variant_noise must be 'shared' or 'independent', got "
                              f'{variant_noise!r}.')
@@ -147,11 +152,11 @@ class StableDiffusionSource(FeatureSource):
         resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
         if lora_mode not in _LORA_MODES:
             raise ValueError(f'lora_mode must be one of {_LORA_MODES}, got {lora_mode!r}.')
-        parts = load_stable_diffusion(sd_model)
+        parts = load_stable_diffusion(model)
         self.num_steps = parts.scheduler.config.num_train_timesteps
         for i, v in enumerate(self.variants):  # against this model's schedule
             check_timesteps(v.timestep, v.denoising_from, self.num_steps, f'Variant {i}: ')
-        self.sd_model, self.is_sdxl = sd_model, parts.is_sdxl
+        self.model, self.is_sdxl = model, parts.is_sdxl
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
                             for name, cfg in controlnets.items()}
@@ -186,7 +191,7 @@ class StableDiffusionSource(FeatureSource):
 
     def __repr__(self) -> str:
         features = [(f['module'], f['num_chs'], f['reduction']) for f in self.feature_info]
-        return (f'StableDiffusionSource({self.sd_model!r}, {len(self.variants)} variant(s), '
+        return (f'StableDiffusionSource({self.model!r}, {len(self.variants)} variant(s), '
                 f'features {features})')
 
     @property
