@@ -18,7 +18,7 @@ from diffusers import (AutoencoderKL, FluxControlNetImg2ImgPipeline, FluxImg2Img
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline)
 from PIL import Image
 
-from ..sources.common.conditions import ConditionDetector
+from ..sources.common.conditions import build_detectors
 from ..sources.common.loading import load_weights
 from ..sources.common.lora import activate_adapter
 from ..sources.dit import GET_DIT_HINT, DiTSource, load_dit_lora, load_scheduler
@@ -96,8 +96,7 @@ class DiTReconstructor:
         self.pipe.set_progress_bar_config(disable=True)
         self.controlnets = {name: source.load_controlnet(name, cfg).to(device, dtype)
                             for name, cfg in controlnets.items()}
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
+        self.detectors = build_detectors(controlnets)
 
     def _controlnet_pipe(self, nets: dict):
         """The ControlNet pipeline sharing this one's parts, with ``nets``' models."""

@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 from PIL import Image
 
-from ..sources.common.conditions import ConditionDetector
+from ..sources.common.conditions import build_detectors
 from ..sources.common.latents import latent_scheduler
 from ..sources.common.lora import activate_adapter, load_lora_adapters, load_text_encoder_loras
 from ..sources.stable_diffusion.controlnets import load_controlnet
@@ -67,8 +67,7 @@ class Reconstructor:
         self.text_adapters = load_text_encoder_loras(self.encoders, files, wanted)
         self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
                             for name, cfg in controlnets.items()}
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
+        self.detectors = build_detectors(controlnets)
         self.pipe.to(device)
         for net in self.controlnets.values():
             net.to(device, dtype)

@@ -21,7 +21,7 @@ from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
 from ..engine.devices import resolve_dtype
 from ..sources.base import pad_to_multiple
-from ..sources.common.conditions import ConditionDetector
+from ..sources.common.conditions import build_detectors
 from ..sources.common.latents import add_noise, encode_latents
 from ..sources.common.lora import (TEXT_ENCODERS, load_lora_adapters, load_text_encoder_lora,
                                    read_lora_file)
@@ -70,8 +70,7 @@ class NaiveGATE:
         self.prompt_embeds = [self._encode(parts, v, loras).to(device, dtype)
                               for v in self.variants]
         self.scheduler, self.taps = parts.scheduler, list(taps)
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
+        self.detectors = build_detectors(controlnets)
         self.size_multiple = 2**(len(parts.vae.config.block_out_channels) - 1) * \
             2**parts.unet.num_upsamplers
         del parts

@@ -5,7 +5,7 @@ the data pipeline's augmentation and the backbone's padding), at their own resol
 ``controlnet_aux`` resizes to 512 by default, which would misalign it with the latent.
 """
 import os.path as osp
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -79,3 +79,11 @@ class ConditionDetector:
             import cv2
             out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
         return out
+
+
+def build_detectors(controlnets: Dict[str, dict]) -> Dict[str, ConditionDetector]:
+    """The condition detector of each ControlNet config (``name -> dict(model=...,
+    condition=...)``): the one place a ControlNet without a ``condition`` gets Canny (the
+    paper's condition, :class:`ConditionDetector`'s default)."""
+    return {name: ConditionDetector(**cfg.get('condition', {}))
+            for name, cfg in controlnets.items()}

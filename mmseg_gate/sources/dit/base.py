@@ -53,7 +53,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from ...engine.devices import resolve_dtype
 from ...fileio import read_safetensors
 from ..base import SOURCES, FeatureSource, Features, input_stride, move_frozen
-from ..common.conditions import ConditionDetector
+from ..common.conditions import build_detectors
 from ..common.latents import Noise, draw_noise, encode_latents
 from ..common.loading import check_parts, drop_vae_decoder, load_weights
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, check_lora_landed,
@@ -301,8 +301,7 @@ class DiTSource(FeatureSource):
         drop_vae_decoder(self.vae)
         self.controlnets = {name: self.load_controlnet(name, cfg)
                             for name, cfg in controlnets.items()}
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
+        self.detectors = build_detectors(controlnets)
         for nets in self.variant_controlnets:
             self._layout(nets)  # a variant's ControlNets must have the same blocks
         self.batch_variants = batch_variants

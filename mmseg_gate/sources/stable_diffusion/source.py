@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler
 from ...engine.devices import resolve_dtype
 from ..base import (SOURCES, Features, FeatureSource, input_stride, move_frozen,
                     refuse_renamed)
-from ..common.conditions import ConditionDetector
+from ..common.conditions import build_detectors
 from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                            load_text_encoder_loras)
@@ -160,8 +160,7 @@ class StableDiffusionSource(FeatureSource):
         self.vae, self.scheduler = parts.vae, parts.scheduler
         self.controlnets = {name: load_controlnet(cfg['model'], parts.unet)
                             for name, cfg in controlnets.items()}
-        self.detectors = {name: ConditionDetector(**cfg.get('condition', dict(type='canny')))
-                          for name, cfg in controlnets.items()}
+        self.detectors = build_detectors(controlnets)
         self.lora_mode = lora_mode
         wanted = {v.adapter: (loras[v.lora], v.lora_scale) for v in self.variants
                   if v.lora is not None}
