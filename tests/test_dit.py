@@ -12,6 +12,10 @@ from PIL import Image
 from mmseg_gate.sources import build_source
 from mmseg_gate.testing.dit_architectures import save_random_flux, save_random_sd3
 
+# The block outputs as they are, which the references below read (the sources' default is
+# DiTF's AdaLN treatment; see test_massive_activations.py).
+RAW = dict(tap_transform='raw', discard_channels=None)
+
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
@@ -116,7 +120,7 @@ def _reference(kind, folder, images, taps, timestep, prompt, seed=0, lora=None,
     ('flux', ('transformer_blocks.1', 'single_transformer_blocks.0'))])
 def test_taps_equal_diffusers_hooked_forward(models, kind, taps):
     source = build_source(dict(type='DiTSource', model=models[kind], prompt='a photo of a cat',
-                               taps=taps, timestep=300))
+                               taps=taps, timestep=300, **RAW))
     images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ours = source(images, generator=torch.Generator().manual_seed(0))[0]
     expected = _reference(kind, models[kind], images, taps, 300, 'a photo of a cat')
@@ -285,7 +289,7 @@ def test_a_lora_variant_equals_diffusers_own_loading(models, kind, tmp_path):
     taps = ('transformer_blocks.1', )
     source = build_source(dict(type='DiTSource', model=models[kind], prompt='a photo',
                                loras=dict(a=lora), taps=taps, timestep=300,
-                               variants=[dict(), dict(lora='a')]))
+                               variants=[dict(), dict(lora='a')], **RAW))
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     plain, adapted = source(images, generator=torch.Generator().manual_seed(0))
     expected = _reference(kind, models[kind], images, taps, 300, 'a photo', lora=str(tmp_path))
@@ -351,7 +355,8 @@ def test_a_controlnet_variant_equals_diffusers(models, tmp_path, kind):
     source = build_source(dict(
         type='DiTSource', model=models[kind], prompt='a photo', taps=taps, timestep=300,
         controlnets=dict(canny=dict(model=controlnet, condition=dict(type='canny'))),
-        variants=[dict(), dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=0.5))]))
+        variants=[dict(), dict(controlnets=dict(canny=1.0)), dict(controlnets=dict(canny=0.5))],
+        **RAW))
     # A structured image, so that Canny finds edges.
     ramp = torch.linspace(-1, 1, 64)
     images = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64),

@@ -29,9 +29,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from ..engine.checkpoint import read_checkpoint
 from ..engine.devices import resolve_dtype
 from ..fileio import read_safetensors
-from .base import (SOURCES, FeatureSource, Features, input_stride, move_frozen,
-                   refuse_renamed)
-from .common.latents import Noise, draw_noise, noised
+from .base import (SOURCES, FeatureSource, Features, check_ensemble_size, input_stride,
+                   mean_over_draws, move_frozen, refuse_renamed)
+from .common.latents import Noise, draw_noise, ensemble_noise, noised
 from .common.loading import check_finite
 from .common.taps import UNetTaps
 from .common.timesteps import check_timesteps
@@ -278,6 +278,8 @@ class ADMSource(FeatureSource):
         num_train_steps (int): length of the linear beta schedule. Default: 1000.
         frozen_dtype (str): 'auto' (float16 on accelerators, float32 on the CPU),
             'float32', 'float16' or 'bfloat16'. Default: 'auto'.
+        ensemble_size (int): noise draws averaged per image (with ``share_noise=False``).
+            Default: 1.
 
     Renamed arguments (refused, naming the new one): ``checkpoint`` -> ``model``, ``blocks``
     -> ``taps``; the architecture, once ``model=dict(...)``, is ``architecture``.
@@ -287,7 +289,7 @@ class ADMSource(FeatureSource):
                  taps: Sequence[Union[int, str]] = GATE_BLOCKS,
                  steps: Sequence[int] = GATE_STEPS, input_scale: float = 1.0,
                  share_noise: bool = True, noise_seed: int = 0, num_train_steps: int = 1000,
-                 frozen_dtype: str = 'auto', **renamed):
+                 frozen_dtype: str = 'auto', ensemble_size: int = 1, **renamed):
         refuse_renamed('ADMSource', renamed, dict(checkpoint='model', blocks='taps'))
         if isinstance(model, dict):
             raise TypeError('ADMSource: `model` is the checkpoint file now (as every source '
@@ -297,6 +299,11 @@ class ADMSource(FeatureSource):
             raise TypeError("ADMSource needs `model`: the checkpoint file, e.g. "
                             "'checkpoints/ddpm/lsun_horse.pt'.")
         self.architecture = dict(ADM_LSUN_256, **(architecture or {}))
+        self.ensemble_size = check_ensemble_size(ensemble_size, 'ADMSource')
+        if self.ensemble_size > 1 and share_noise:
+            raise ValueError('ADMSource: an ensemble (ensemble_size > 1) averages several '
+                             'noise draws per image; with share_noise=True every draw is the '
+                             'one shared noise. Set share_noise=False.')
         resolve_dtype(frozen_dtype, torch.device('cpu'))  # validate before loading
         if not steps:
             raise ValueError('ADMSource needs at least one step, e.g. steps=(50, 150, 250).')
@@ -357,6 +364,10 @@ class ADMSource(FeatureSource):
         """Per step (or at ``timestep`` for every variant; 0: the clean image) a dict
         ``'output_blocks.<i>'`` -> (N, C, h, w)."""
         steps = self.steps if timestep is None else [int(timestep)] * len(self.steps)
+        draws = self.ensemble_size  # each image repeated, one noise draw each
+        if draws > 1:
+            pixels = pixels.repeat_interleave(draws, 0)
+            generator = ensemble_noise(generator, draws)
         noise = self.noise(pixels.shape, generator) if any(steps) else None
         self.counts['noise_samples'] += pixels.shape[0] if noise is not None else 0
         samples = [pixels if t == 0 else noised(self.scheduler, pixels, t, noise)
@@ -366,7 +377,7 @@ class ADMSource(FeatureSource):
         self.counts['unet_passes'] += batch.shape[0]
         out = self.unet_taps.run(batch, times)
         num = pixels.shape[0]
-        return [{f'output_blocks.{b}': out[tap][v * num:(v + 1) * num]
+        return [{f'output_blocks.{b}': mean_over_draws(out[tap][v * num:(v + 1) * num], draws)
                  for b, tap in zip(self.blocks, self.unet_taps.taps)}
                 for v in range(len(steps))]
 

@@ -31,7 +31,7 @@ them instead of copying.
 """
 import math
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,10 @@ class FeatureSource(ABC):
 
     feature_info: List[dict]
     input_scale: float = 1.0  # the model sees the input resized by this factor
+    ensemble_size: int = 1  # noise draws averaged per image (DIFT's and DiTF's ensembles)
+    # Constructor options a store header records even when a config leaves them to their
+    # defaults (those whose default changed what the features are).
+    recorded_defaults: Tuple[str, ...] = ()
     size_multiple: int = 1  # the model's input sides must be multiples of this
 
     @property
@@ -154,6 +158,22 @@ def input_stride(model_stride: float, scale: float, name: str) -> int:
         raise ValueError(f'input_scale {scale} makes the stride of {name} {stride:g} input '
                          'pixels; choose a positive scale that keeps it whole (0.5, 1, 2 ...).')
     return int(round(stride))
+
+
+def check_ensemble_size(size, owner: str) -> int:
+    """A noise ensemble's size: a positive integer."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f'{owner}: ensemble_size must be a positive integer (the noise draws '
+                         f'averaged per image; 1: none), got {size!r}.')
+    return size
+
+
+def mean_over_draws(features: torch.Tensor, draws: int) -> torch.Tensor:
+    """Features (N * draws, ...) of images each repeated ``draws`` times in a row, averaged
+    per image: (N, ...). DIFT's and DiTF's noise ensembles."""
+    if draws == 1:
+        return features
+    return features.unflatten(0, (-1, draws)).mean(dim=1)
 
 
 def build_source(cfg) -> FeatureSource:

@@ -8,11 +8,13 @@ timestep, seeds, noise or images is refused, naming the fields. ``complete`` bec
 image's shard exists; ``records`` then lists per image its pixels' hash, shape, shard, the
 shard's size (a truncated shard is named) and what extracting it cost.
 """
+import inspect
 import json
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..fileio import atomic_file
+from ..sources.base import SOURCES
 from .fingerprint import config_fingerprints
 
 FORMAT, VERSION = 'mmseg_gate.feature_store', 1
@@ -35,6 +37,24 @@ def to_plain(value):
     return value
 
 
+def with_recorded_defaults(source: Dict) -> Dict:
+    """``source`` (a plain config) with the defaults its class records
+    (``recorded_defaults``: options whose default once changed what the features are, such as
+    the DiT sources' treatment of massive activations), in nested sources too: a store of
+    other features is then refused by name, not read as these."""
+    source = dict(source)
+    cls = SOURCES.get(source.get('type', 'StableDiffusionSource')) \
+        if isinstance(source.get('type', ''), str) else None
+    if cls is not None:
+        params = inspect.signature(cls.__init__).parameters
+        for key in getattr(cls, 'recorded_defaults', ()):
+            source.setdefault(key, to_plain(params[key].default))
+    if isinstance(source.get('sources'), dict):  # a CompositeSource's
+        source['sources'] = {name: with_recorded_defaults(part) if isinstance(part, dict)
+                             else part for name, part in source['sources'].items()}
+    return source
+
+
 def _replace_paths(value, files: Dict, prefix: str = 'source'):
     if prefix in files:
         return f'<weights: files[{prefix!r}]>'
@@ -51,6 +71,7 @@ def make_header(source_cfg, noise_seed: int, dtype: str,
     the weights paths the header replaced by fingerprints (kept beside it, not compared)."""
     source = to_plain(dict(source_cfg))
     source.setdefault('type', 'StableDiffusionSource')
+    source = with_recorded_defaults(source)
     files = config_fingerprints(source)
     header = dict(source=_replace_paths(source, files), files=files,
                   noise_seed=int(noise_seed), noise=NOISE, dtype=str(dtype))

@@ -32,6 +32,13 @@ class PerImageNoise:
         """The noise of one of several sources side by side: independent of the others'."""
         return PerImageNoise(self.seed, [f'{key}/{name}' for key in self.keys])
 
+    def repeated(self, draws: int) -> 'PerImageNoise':
+        """The noise of ``draws`` draws per image (a noise ensemble, images repeated
+        ``draws`` times in a row): draw 0 is the image's usual noise, the others independent
+        of it."""
+        return PerImageNoise(self.seed, [key if d == 0 else f'{key}#draw{d}'
+                                         for key in self.keys for d in range(draws)])
+
     def draw(self, shape, seed: Optional[int] = None,
              stream: Optional[int] = None) -> torch.Tensor:
         """Standard normal (N, ...) noise in float32, image by image (``seed``: a variant's
@@ -54,6 +61,14 @@ def _derived_seed(seed: int, key: str) -> int:
 
 
 Noise = Union[torch.Generator, PerImageNoise]
+
+
+def ensemble_noise(generator: Optional[Noise], draws: int) -> Optional[Noise]:
+    """The noise of a batch whose images are each repeated ``draws`` times in a row: a
+    ``PerImageNoise`` keyed per draw; a generator simply draws on."""
+    if draws > 1 and isinstance(generator, PerImageNoise):
+        return generator.repeated(draws)
+    return generator
 
 
 @torch.no_grad()

@@ -45,20 +45,24 @@ import os.path as osp
 from abc import abstractmethod
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from mmengine.logging import print_log
 
 from ...engine.devices import resolve_dtype
 from ...fileio import read_safetensors
-from ..base import SOURCES, FeatureSource, Features, input_stride, move_frozen
+from ..base import (SOURCES, FeatureSource, Features, check_ensemble_size, input_stride,
+                    mean_over_draws, move_frozen)
 from ..common.conditions import build_detectors
-from ..common.latents import Noise, draw_noise, encode_latents
+from ..common.latents import Noise, draw_noise, encode_latents, ensemble_noise
 from ..common.loading import check_parts, drop_vae_decoder, load_weights
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, check_lora_landed,
                            enable_adapters)
 from ..common.taps import StopForward
+from .massive import MASSIVE_RATIO, TAP_TRANSFORMS, discard, massive_channels, modulate, next_adaln
 
 GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '
                 'stabilityai/stable-diffusion-3.5-medium --local-dir checkpoints/sd35 '
@@ -68,6 +72,11 @@ GET_DIT_HINT = ('Get a model in diffusers format, e.g. `hf download '
 # batch; the others (FLUX's position ids) are the same for every sample.
 BATCHED = ('hidden_states', 'encoder_hidden_states', 'pooled_projections', 'timestep',
            'guidance')
+# The store key of the transformer's ``temb`` among a pass's tapped tokens.
+TEMB = 'temb'
+# The side (pixels, rounded up to the model's multiple) of the probe image on which
+# ``discard_channels='auto'`` finds the massive channels.
+PROBE_SIDE = 256
 # kind -> its family's class (SD3Source, FluxSource), filled as each is defined.
 FAMILY_CLASSES: Dict[str, type] = {}
 
@@ -202,8 +211,25 @@ class DiTSource(FeatureSource):
         batch_variants (bool): run the variants of an image as one transformer batch (LoRAs
             chosen per sample, one ControlNet pass per ControlNet and prompt) or one after
             another (less memory, same features). Default: True.
+        tap_transform (str): 'adaln': DiTF's treatment of massive activations (``massive.py``):
+            each tap's image tokens LayerNormed and modulated by the AdaLN of the block after
+            it, as the transformer itself reads them; 'raw': the block outputs as they are.
+            Default: 'adaln'.
+        discard_channels ('auto' | Sequence[int] | None): channels zeroed before the
+            treatment (DiTF's channel discard; FLUX.1-dev's are 154 and 1446): 'auto' finds
+            each tap's massive channels on the first call (``find_massive_channels``,
+            logged); None discards none. Default: 'auto'.
+        massive_ratio (float): 'auto''s threshold: mean magnitude over this many times the
+            median channel's. Default: 100.
+        ensemble_size (int): noise draws averaged per image before the treatment (DiTF: 8).
+            Default: 1.
+        timestep_shift (bool): True: ``timestep`` is img2img's strength with the scheduler's
+            shift; False: the noise level sigma is ``timestep / 1000`` exactly (DiTF's
+            ``t = 260`` is sigma 0.26). Default: True.
     """
 
+    # Their defaults changed the features (raw -> DiTF's treatment): stores record them.
+    recorded_defaults = ('tap_transform', 'discard_channels', 'massive_ratio')
     # Each family's, set by its class.
     kind: str  # 'sd3' or 'flux': for messages and reports only
     pipeline_class: type  # the diffusers pipeline its folders hold
@@ -239,8 +265,23 @@ class DiTSource(FeatureSource):
                  taps: Optional[Sequence[str]] = None, timestep: int = 50,
                  guidance_scale: float = 3.5, max_sequence_length: Optional[int] = None,
                  input_scale: float = 1.0, frozen_dtype: str = 'auto', noise_seed: int = 0,
-                 batch_variants: bool = True):
+                 batch_variants: bool = True, tap_transform: str = 'adaln',
+                 discard_channels: Union[str, Sequence[int], None] = 'auto',
+                 massive_ratio: float = MASSIVE_RATIO, ensemble_size: int = 1,
+                 timestep_shift: bool = True):
         resolve_dtype(frozen_dtype, torch.device('cpu'))
+        if tap_transform not in TAP_TRANSFORMS:
+            raise ValueError(f'DiTSource tap_transform must be one of {TAP_TRANSFORMS}, got '
+                             f'{tap_transform!r}.')
+        if not (discard_channels is None or discard_channels == 'auto' or (
+                not isinstance(discard_channels, str) and
+                all(isinstance(c, int) and c >= 0 for c in discard_channels))):
+            raise ValueError("DiTSource discard_channels must be 'auto', a list of channel "
+                             f'indices or None, got {discard_channels!r}.')
+        self.tap_transform, self.massive_ratio = tap_transform, float(massive_ratio)
+        self.discard_channels = discard_channels
+        self.ensemble_size = check_ensemble_size(ensemble_size, 'DiTSource')
+        self.timestep_shift = bool(timestep_shift)
         variants = [dict(v) for v in (variants or [dict()])]
         loras, controlnets = dict(loras or {}), dict(controlnets or {})
         for i, variant in enumerate(variants):
@@ -282,6 +323,9 @@ class DiTSource(FeatureSource):
                                'come back as maps; text tokens are not a spatial map and '
                                'cannot be tapped.')
         self.final = names[max(names.index(t) for t in self.taps)]
+        # The AdaLN treatment also needs the AdaLN of the block after the last tap.
+        built = names[min(names.index(self.final) + 1, len(names) - 1)] \
+            if tap_transform == 'adaln' else self.final
         # An explicit precision loads in it (FLUX.1-dev: 24 GB in bfloat16, not 48 in
         # float32); 'auto' loads float32 and is converted where the source moves.
         load_dtype = None if frozen_dtype == 'auto' else resolve_dtype(frozen_dtype, 'cpu')
@@ -292,10 +336,16 @@ class DiTSource(FeatureSource):
         self.unused_blocks = names[names.index(self.final) + 1:]
         self.transformer = load_weights(
             self.transformer_class, model, 'transformer', GET_DIT_HINT,
-            unused_blocks=self.unused_blocks,
-            **self.truncated_build(self.final),
+            unused_blocks=names[names.index(built) + 1:],
+            **self.truncated_build(built),
             **dtype_kwargs(load_dtype))
+        # Each tap's next AdaLN, kept when the blocks after the last tap are freed.
+        self.adalns = {tap: next_adaln(self.transformer, names, tap) for tap in self.taps} \
+            if tap_transform == 'adaln' else {}
         self.prune_after_last_tap()
+        # Per tap the massive channels zeroed ('auto': found on the first call).
+        self.discarded: Optional[Dict[str, List[int]]] = None \
+            if discard_channels == 'auto' else {t: list(discard_channels or []) for t in self.taps}
         self.vae = load_weights(AutoencoderKL, model, 'vae', GET_DIT_HINT,
                                 **dtype_kwargs(load_dtype))
         drop_vae_decoder(self.vae)
@@ -511,7 +561,8 @@ class DiTSource(FeatureSource):
         return embeddings
 
     def to(self, device) -> 'DiTSource':
-        move_frozen(self, [self.transformer, self.vae, *self.controlnets.values()], device)
+        move_frozen(self, [self.transformer, self.vae, *self.controlnets.values(),
+                           *self.adalns.values()], device)
         return self
 
     def noise_timestep(self, timestep: int, image_seq_len: int) -> torch.Tensor:
@@ -530,12 +581,14 @@ class DiTSource(FeatureSource):
         final = self.final
 
         def keep(name):
-            def hook(_module, _inputs, output):
+            def hook(_module, args, kwargs, output):
                 store[name] = output[1]  # (text tokens, image tokens): the image stream
+                store[TEMB] = kwargs['temb'] if 'temb' in kwargs else args[2]
                 if name == final:
                     raise StopForward
             return hook
-        handles = [modules[t].register_forward_hook(keep(t)) for t in self.taps]
+        handles = [modules[t].register_forward_hook(keep(t), with_kwargs=True)
+                   for t in self.taps]
         try:
             yield
         finally:
@@ -565,29 +618,80 @@ class DiTSource(FeatureSource):
     @torch.no_grad()
     def _extract(self, pixels: torch.Tensor, timestep: Optional[int],
                  generator: Optional[Noise]) -> List[Features]:
+        if self.discarded is None:
+            self.discarded = self.find_massive_channels()
+        tokens, tembs, grid = self._tap_tokens(pixels, timestep, generator)
+        n = pixels.shape[0]
+        return [{tap: self._treated(tap, variant[tap], temb).transpose(1, 2).reshape(
+            n, -1, *grid) for tap in self.taps} for variant, temb in zip(tokens, tembs)]
+
+    def _treated(self, tap: str, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """A tap's image tokens (N, L, C) as returned: massive channels zeroed, then (the
+        AdaLN treatment) normalised and modulated by the next block's AdaLN (massive.py)."""
+        tokens = discard(tokens, self.discarded[tap])
+        if self.tap_transform == 'adaln':
+            tokens = modulate(self.adalns[tap], tokens, temb)
+        return tokens
+
+    def find_massive_channels(self) -> Dict[str, List[int]]:
+        """Per tap, the massive-activation channels of variant 0's raw tokens on a fixed
+        probe image (:func:`massive_channels`); logged. Not counted in ``counts``."""
+        counts = Counter(self.counts)
+        side = -(-PROBE_SIDE // self.size_multiple) * self.size_multiple
+        coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        probe = F.interpolate(coarse, size=(side, side), mode='bilinear', align_corners=False)
+        tokens, _, _ = self._tap_tokens(probe.to(self.device), self.timestep,
+                                        torch.Generator().manual_seed(self.noise_seed),
+                                        draws=1, variants=[0])
+        self.counts = counts
+        found = {tap: massive_channels(tokens[0][tap], self.massive_ratio) for tap in self.taps}
+        print_log(f'{type(self).__name__}: massive-activation channels (above '
+                  f'{self.massive_ratio:g}x the median magnitude), discarded: {found}',
+                  logger='current')
+        return found
+
+    def _noised(self, clean: torch.Tensor, timestep: int, generator: Noise, grid):
+        """The noised latents and the transformer's timestep: img2img's at strength
+        t / 1000 with the scheduler's shift, or (``timestep_shift=False``, DiTF's) sigma =
+        t / 1000 exactly."""
+        noise = draw_noise(clean.shape, generator).to(clean)
+        self.counts['noise_samples'] += clean.shape[0]
+        if not self.timestep_shift:
+            sigma = timestep / 1000
+            return (1 - sigma) * clean + sigma * noise, torch.tensor([float(timestep)])
+        t = self.noise_timestep(timestep, grid[0] * grid[1])
+        return self.scheduler.scale_noise(clean, t, noise), t
+
+    def _tap_tokens(self, pixels: torch.Tensor, timestep: Optional[int],
+                    generator: Optional[Noise], draws: Optional[int] = None,
+                    variants: Optional[List[int]] = None):
+        """Per variant (all, or ``variants``) the taps' raw image tokens (N, L, C), averaged
+        over ``draws`` noise draws per image (default ``ensemble_size``: the latent encoded
+        once and repeated), and the transformer's ``temb`` (N, D); and the token grid."""
         timestep = self.timestep if timestep is None else timestep
+        draws = self.ensemble_size if draws is None else draws
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise_seed)
         pixels = pixels.to(self.device, self.dtype)
         self.counts['vae_encodes'] += pixels.shape[0]
-        clean = encode_latents(self.vae, pixels)
+        clean = encode_latents(self.vae, pixels).repeat_interleave(draws, 0)
         n, _, lh, lw = clean.shape
         grid = (lh // self.patch, lw // self.patch)
         if timestep == 0:
             latents, t = clean, torch.zeros(1)
         else:
-            t = self.noise_timestep(timestep, grid[0] * grid[1])
-            noise = draw_noise(clean.shape, generator).to(clean)
-            self.counts['noise_samples'] += n
-            latents = self.scheduler.scale_noise(clean, t, noise)
+            latents, t = self._noised(clean, timestep, ensemble_noise(generator, draws), grid)
         used = dict.fromkeys(name for nets in self.variant_controlnets for name in nets)
-        conditions = {name: self.control_latents(name, pixels) for name in used}
+        conditions = {name: self.control_latents(name, pixels).repeat_interleave(draws, 0)
+                      for name in used}
         tokens = self.tokens(latents, grid)
         per_prompt = {prompt: self._prompt_inputs(prompt, tokens, t, n)
                       for prompt in dict.fromkeys(self.prompts)}
         outputs: List[Optional[Features]] = [None] * len(self.prompts)
+        tembs: List[Optional[torch.Tensor]] = [None] * len(self.prompts)
         cache: Dict = {}
-        for indices in self._groups():
+        groups = self._groups() if variants is None else [[i] for i in variants]
+        for indices in groups:
             first = per_prompt[self.prompts[indices[0]]]
             inputs = {key: torch.cat([per_prompt[self.prompts[i]][key] for i in indices])
                       if key in BATCHED else value for key, value in first.items()}
@@ -601,7 +705,8 @@ class DiTSource(FeatureSource):
                 except StopForward:
                     pass
             for j, i in enumerate(indices):
-                outputs[i] = {
-                    name: store[name][j * n:(j + 1) * n].transpose(1, 2).reshape(n, -1, *grid)
-                    for name in self.taps}
-        return outputs
+                rows = slice(j * n, (j + 1) * n)
+                outputs[i] = {name: mean_over_draws(store[name][rows], draws)
+                              for name in self.taps}
+                tembs[i] = store[TEMB][rows][::draws]
+        return outputs, tembs, grid

@@ -27,10 +27,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from ...engine.devices import resolve_dtype
-from ..base import (SOURCES, Features, FeatureSource, input_stride, move_frozen,
-                    refuse_renamed)
+from ..base import (SOURCES, Features, FeatureSource, check_ensemble_size, input_stride,
+                    mean_over_draws, move_frozen, refuse_renamed)
 from ..common.conditions import build_detectors
-from ..common.latents import Noise, draw_noise, encode_latents, latent_scheduler, noised
+from ..common.latents import (Noise, draw_noise, encode_latents, ensemble_noise,
+                              latent_scheduler, noised)
 from ..common.lora import (BASE, activate_adapter, adapters_per_sample, load_lora_adapters,
                            load_text_encoder_loras)
 from ..common.taps import UNetTaps
@@ -113,6 +114,9 @@ class StableDiffusionSource(FeatureSource):
             2.0 gives SD1.5 512x512 from the label-scarce benchmark's 256x256 images, so
             that a second source (ADM) sees them unresampled. Strides are in input pixels.
             Default: 1.0.
+        ensemble_size (int): noise draws averaged per image (DIFT's ensemble: its
+            correspondence features average 8): each image's latent is encoded once and
+            repeated, every copy noised by its own draw, the features averaged. Default: 1.
 
     Renamed arguments (refused, naming the new one): ``sd_model`` -> ``model``.
     """
@@ -135,6 +139,7 @@ class StableDiffusionSource(FeatureSource):
                  noise_seed: int = 0,
                  variant_noise: str = 'shared',
                  input_scale: float = 1.0,
+                 ensemble_size: int = 1,
                  **renamed):
         refuse_renamed('StableDiffusionSource', renamed, dict(sd_model='model'))
         if variant_noise not in ('shared', 'independent'):
@@ -184,6 +189,7 @@ class StableDiffusionSource(FeatureSource):
         self.dtype_name, self.batch_variants, self.noise_seed = (frozen_dtype, batch_variants,
                                                                  noise_seed)
         self.input_scale = float(input_scale)
+        self.ensemble_size = check_ensemble_size(ensemble_size, 'StableDiffusionSource')
         self.device, self.dtype = torch.device('cpu'), self.vae.dtype
         self.counts: Counter = Counter()
         self.feature_info = self._probe()
@@ -294,6 +300,12 @@ class StableDiffusionSource(FeatureSource):
         used = dict.fromkeys(name for v in self.variants for name, _ in v.controlnets)
         conditions = {name: self.detectors[name](pixels).to(self.dtype) for name in used}
         time_ids = self.time_ids(pixels)
+        draws = self.ensemble_size  # each image's latent repeated, one noise draw each
+        if draws > 1:
+            clean = clean.repeat_interleave(draws, 0)
+            conditions = {k: c.repeat_interleave(draws, 0) for k, c in conditions.items()}
+            time_ids = None if time_ids is None else time_ids.repeat_interleave(draws, 0)
+            generator = ensemble_noise(generator, draws)
         noises, noisy, latents = {}, {}, []
         for index, (variant, (_, start)) in enumerate(zip(self.variants, plans)):
             if start is None:
@@ -302,7 +314,7 @@ class StableDiffusionSource(FeatureSource):
             seed = variant.noise_seed
             key = (seed, index if self.variant_noise == 'independent' else None)
             if key not in noises:
-                self.counts['noise_samples'] += pixels.shape[0]
+                self.counts['noise_samples'] += clean.shape[0]
                 noises[key] = draw_noise(clean.shape, generator, seed, stream=key[1])
             if (key, start) not in noisy:
                 noisy[key, start] = noised(self.scheduler, clean, start, noises[key])
@@ -310,7 +322,9 @@ class StableDiffusionSource(FeatureSource):
         for (end, start), indices in _by_key(plans, lambda p: p if p[1] is not None else None):
             if start > end:
                 latents = self._denoise(latents, indices, conditions, time_ids, start, end)
-        return self._features(latents, [t for t, _ in plans], conditions, time_ids)
+        feats = self._features(latents, [t for t, _ in plans], conditions, time_ids)
+        return [{name: mean_over_draws(f, draws) for name, f in variant.items()}
+                for variant in feats]
 
     def _groups(self, indices: Sequence[int]) -> List[Tuple[Optional[str], List[int]]]:
         """Variants of ``indices`` that run as one UNet batch: same UNet, same prompt
