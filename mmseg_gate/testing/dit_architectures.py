@@ -271,3 +271,60 @@ def save_random_dit(folder: str, arch: str, seed: int = 0,
     write_random_safetensors(transformer_class, spec['transformer'], target, dtype, seed,
                              spec.get('shard_bytes', 5 * 2**30))
     return folder
+
+
+# ControlNets of the kinds the DiT source runs (the condition latent alone, InstantX's):
+# blocks per stream, as InstantX's SD3 and FLUX.1-dev Canny ControlNets have them (SD3: no
+# extra conditioning channels, a zeroed pooled projection).
+DIT_CONTROLNET_BLOCKS = dict(
+    sd3=dict(num_layers=6, extra_conditioning_channels=0,
+             force_zeros_for_pooled_projection=True),
+    flux=dict(num_layers=5, num_single_layers=10))
+
+
+def _init_keywords(model_class, config: dict) -> dict:
+    """The entries of ``config`` that ``model_class`` takes."""
+    import inspect
+    names = inspect.signature(model_class.__init__).parameters
+    return {k: v for k, v in config.items() if k in names}
+
+
+def save_random_dit_controlnet(folder: str, dit_folder: str, seed: int = 0,
+                               dtype: torch.dtype = torch.bfloat16) -> str:
+    """A random ControlNet (``SD3ControlNetModel`` / ``FluxControlNetModel``) of the DiT
+    pipeline in ``dit_folder``, at its transformer's widths with the blocks of
+    :data:`DIT_CONTROLNET_BLOCKS`, written shard by shard (:func:`write_random_safetensors`,
+    no model held: real sizes fit), so nothing in it is zero."""
+    from ..sources.dit import model_classes, read_kind
+    kind = read_kind(dit_folder)
+    transformer_class, controlnet_class = model_classes(kind)
+    config = dict(transformer_class.load_config(dit_folder, subfolder='transformer'),
+                  **DIT_CONTROLNET_BLOCKS[kind])
+    write_random_safetensors(controlnet_class, _init_keywords(controlnet_class, config), folder,
+                             dtype, seed)
+    return folder
+
+
+def save_random_dit_lora(path: str, dit_folder: str, rank: int = 4, seed: int = 0,
+                         targets=None) -> str:
+    """A random transformer LoRA of the DiT pipeline in ``dit_folder`` (rank = alpha, the
+    DiT LoRA recipe's targets unless ``targets``; no factor zero), written as the LoRA
+    trainer writes its files (:func:`~mmseg_gate.protocols.dit_lora_training.write_dit_lora`,
+    diffusers' ``save_lora_weights``). The transformer is built on the meta device only for
+    the layers' shapes: real sizes fit."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from ..protocols.dit_lora_training import DIT_TARGETS, write_dit_lora
+    from ..sources.dit import model_classes, read_kind
+    kind = read_kind(dit_folder)
+    transformer_class = model_classes(kind)[0]
+    config = transformer_class.load_config(dit_folder, subfolder='transformer')
+    with torch.device('meta'):
+        transformer = transformer_class.from_config(config)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights='gaussian',
+                                       target_modules=list(targets or DIT_TARGETS[kind])))
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: torch.randn(value.shape, generator=generator) *
+             (rank**-0.5 if '.lora_A.' in key else 0.02)
+             for key, value in get_peft_model_state_dict(transformer).items()}
+    return write_dit_lora(path, kind, state, transformer.peft_config['default'].to_dict())

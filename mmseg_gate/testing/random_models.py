@@ -7,15 +7,18 @@ from ..sources.adm import ADM_LSUN_256
 from .architectures import (DINOV2_BASE, TINY_ADM, TINY_DINOV2, save_random_adm,
                             save_random_controlnet, save_random_dinov2, save_random_lora,
                             save_random_stable_diffusion)
-from .dit_architectures import DIT_ARCHITECTURES, save_random_dit
+from .dit_architectures import (DIT_ARCHITECTURES, save_random_dit, save_random_dit_controlnet,
+                                save_random_dit_lora)
 
 
 def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
                         lora_targets: Optional[Sequence[str]] = None) -> None:
     """Random weights of ``arch`` for a source config's models (SD model, ControlNets and
     LoRAs; an ADM: the real LSUN layout, or :data:`TINY_ADM` for the tiny archs; a DiT:
-    'sd35' or 'flux', :func:`save_random_dit`; each source of a composite), written under
-    ``folder``; the config is pointed at them."""
+    'sd35' or 'flux', :func:`save_random_dit`, with its ControlNets
+    (:func:`save_random_dit_controlnet`) and LoRAs (:func:`save_random_dit_lora`, on the DiT
+    LoRA recipe's targets: ``lora_targets`` are a UNet recipe's); each source of a
+    composite), written under ``folder``; the config is pointed at them."""
     kind = source_cfg.get('type', 'StableDiffusionSource')
     if kind == 'CompositeSource':
         for name, source in source_cfg.sources.items():
@@ -29,10 +32,14 @@ def write_random_models(source_cfg, folder: str, arch: str, lora_rank: int = 4,
         if arch not in DIT_ARCHITECTURES:
             raise ValueError(f'--arch {arch}: a DiTSource config takes one of '
                              f'{sorted(DIT_ARCHITECTURES)}.')
-        if source_cfg.get('loras') or source_cfg.get('controlnets'):
-            raise ValueError('Random LoRAs and ControlNets of diffusion transformers are not '
-                             'written yet: benchmark the config without them.')
         source_cfg.model = save_random_dit(osp.join(folder, arch), arch)
+        for name, controlnet in (source_cfg.get('controlnets') or {}).items():
+            controlnet.model = save_random_dit_controlnet(
+                osp.join(folder, f'controlnet-{name}'), source_cfg.model)
+        for i, name in enumerate(source_cfg.get('loras') or {}):  # the DiT recipe's targets
+            source_cfg.loras[name] = save_random_dit_lora(
+                osp.join(folder, f'lora-{name}.safetensors'), source_cfg.model, lora_rank,
+                seed=i)
         return
     if kind == 'ADMSource':
         architecture = TINY_ADM if arch.startswith('tiny') else ADM_LSUN_256
