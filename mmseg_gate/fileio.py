@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 TMP_SUFFIX = '.gate-tmp'
@@ -79,6 +80,12 @@ def exclusive_lock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    """The string metadata of a safetensors file's header (empty when it has none)."""
+    with safe_open(path, 'pt') as f:
+        return dict(f.metadata() or {})
 
 
 def read_safetensors(path: str, what: str, fix: str) -> Dict[str, torch.Tensor]:

@@ -278,7 +278,9 @@ def check_lora_landed(model, adapter_name: str, state_dict: Dict[str, torch.Tens
     landed = {bare(f'{prefix}.{k}'): v
               for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     missing = [key for key, value in state_dict.items()
-               if bare(key) not in landed or not torch.equal(landed[bare(key)].to(value), value)]
+               # compared in the layer's dtype: a float32 file in a bfloat16 model lands rounded
+               if bare(key) not in landed or not torch.equal(
+                   landed[bare(key)], value.to(landed[bare(key)].dtype))]
     if missing:
         raise ValueError(
             f"LoRA '{path}': only {len(state_dict) - len(missing)} of its {len(state_dict)} "

@@ -41,6 +41,7 @@ class overrides, ``SD3Source`` (``sd3.py``) and ``FluxSource`` (``flux.py``), so
 shared code never asks which family it runs. ``DiTSource(model=...)`` returns the one the
 folder's ``model_index.json`` names.
 """
+import json
 import os.path as osp
 from abc import abstractmethod
 from collections import Counter
@@ -50,10 +51,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from mmengine.logging import print_log
 
 from ...engine.devices import resolve_dtype
-from ...fileio import read_safetensors
+from ...fileio import read_safetensors, safetensors_metadata
 from ..base import (SOURCES, FeatureSource, Features, check_ensemble_size, input_stride,
                     mean_over_draws, move_frozen)
 from ..common.conditions import build_detectors
@@ -149,8 +151,11 @@ def load_dit_lora(transformer, name: str, path: str, unused_blocks: Sequence[str
                          'a diffusion transformer in diffusers\' format.')
     unused = tuple(f'transformer.{block}.' for block in unused_blocks)
     state = {k: v for k, v in state.items() if not k.startswith(unused)}
+    # Its rank and alpha, as diffusers' own loading reads them (alpha != rank scales it).
+    metadata = safetensors_metadata(path).get(LORA_ADAPTER_METADATA_KEY)
     try:
-        transformer.load_lora_adapter(state, prefix='transformer', adapter_name=name)
+        transformer.load_lora_adapter(state, prefix='transformer', adapter_name=name,
+                                      metadata=json.loads(metadata) if metadata else None)
     except Exception as err:  # peft/diffusers errors do not name the file
         raise ValueError(f"LoRA '{path}' could not be loaded into the transformer "
                          f'({type(err).__name__}: {err}).') from err
