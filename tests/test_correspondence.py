@@ -502,3 +502,49 @@ def test_assigner_settings_live_in_assigner_cfg():
     for cls, extra in ((GATEAggregationNetwork, {}), (CorrespondenceAggregator, {})):
         with pytest.raises(TypeError, match=r"assigner_cfg=\{'conv_init': 'pytorch'\}"):
             cls(info[:1], conv_init='pytorch', **extra)
+
+
+def test_matching_at_the_original_size_as_dift():
+    """DIFT's and DiTF's matching: each map upsampled to its own image's size, the keypoint's
+    vector at its pixel, the argmax pixel as the prediction."""
+    torch.manual_seed(0)
+    features = torch.randn(16, 30, 40)
+    src = torch.tensor([[10., 7.], [351., 248.], [200., 150.]])  # a 400 x 300 image
+    pred = match(features, features, src, (400, 300), (400, 300), size='original',
+                 pixel_centres=False)
+    torch.testing.assert_close(pred, src.double())  # the same map: each finds its own pixel
+
+
+def test_ditf_protocol_runs_zero_shot_on_the_demo_pairs(spair_root, tmp_path, run_tool_here):
+    """The shipped DiTF config end to end (zero-shot) on a tiny FLUX: longest-side resize
+    to multiples of 16, the AdaLN treatment, an ensemble, matching at the original size."""
+    from mmseg_gate.testing.dit_architectures import save_random_flux
+    flux = save_random_flux(str(tmp_path / 'flux'))
+    config = osp.join(ROOT, 'configs', 'correspondence', 'ditf_spair.py')
+    work = tmp_path / 'work'
+    options = [f'source.model={flux}', "source.taps=['single_transformer_blocks.0']",
+               'source.discard_channels=auto', 'source.ensemble_size=2',
+               'source.frozen_dtype=float32', f'data.root={spair_root}', 'data.image_size=56',
+               'num_match_pictures=2']
+    result = _run_tool(run_tool_here, config, work, options, 'zero-shot')
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((work / 'results_zero_shot.json').read_text())
+    assert report['matching'] == dict(size='original', pixel_centres=False)
+    assert report['tests']['test']['pairs'] == 4
+    assert 0 <= report['overall']['pck_bbox'] <= 100
+    manifest = json.loads((work / 'features' / 'manifest.json').read_text())
+    header = manifest['header']['source']
+    assert header['tap_transform'] == 'adaln' and header['ensemble_size'] == 2
+    # 56 on the longer side of the 32 x 32 demo images, rounded to multiples of 16: 64 x 64.
+    shapes = {tuple(r['shape']) for r in manifest['records'].values()} \
+        if isinstance(manifest['records'], dict) else {tuple(r['shape'])
+                                                      for r in manifest['records']}
+    assert shapes == {(3, 64, 64)}
+
+
+def test_an_unknown_resize_is_named():
+    from mmengine.config import ConfigDict
+
+    from mmseg_gate.protocols.correspondence.features import image_reader
+    with pytest.raises(ValueError, match=r"data.resize must be one of \('square', 'longest'\)"):
+        image_reader(ConfigDict(resize='crop', image_size=64))

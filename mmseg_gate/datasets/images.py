@@ -115,6 +115,19 @@ def read_square(path: str, size: int, crop: bool = True) -> Tuple[torch.Tensor, 
     return to_model_range(image), original
 
 
+def read_longest(path: str, size: int, multiple: int = 1
+                 ) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(3, H', W') in [-1, 1] and the original (W, H): the image resized (bicubic) so that
+    its longer side is ``size``, the aspect ratio kept, each side rounded to a multiple of
+    ``multiple`` (DIFT's and DiTF's SPair resize: 640, multiples of 16)."""
+    image = read_image(path)
+    original = image.size
+    scale = size / max(image.size)
+    width, height = (max(multiple, round(side * scale / multiple) * multiple)
+                     for side in image.size)
+    return to_model_range(image.resize((width, height), Image.BICUBIC)), original
+
+
 @TRANSFORMS.register_module()
 class LoadAnyImage:
     """MMCV's ``LoadImageFromFile`` (BGR uint8 ``img``, ``img_shape``, ``ori_shape``) on

@@ -3,17 +3,33 @@ or read raw (training-free).
 """
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ...datasets.image_lists import ImageList
-from ...datasets.images import read_square
+from ...datasets.images import read_longest, read_square
 from ...datasets.spair import DHF_FILES, load_dhf_pairs, load_pairs
 from ...sources.base import SourceOutput
 from ...sources.common.latents import PerImageNoise
 
+RESIZES = ('square', 'longest')
+
+
+def image_reader(data) -> Callable[[str], torch.Tensor]:
+    """How the protocol reads an image (``data``: the config's ``data``): ``resize='square'``
+    (default), the whole image resized to ``image_size`` squared (the GATE authors' and
+    Diffusion Hyperfeatures' plain resize); ``'longest'``, the longer side resized to
+    ``image_size`` with the aspect ratio kept, sides multiples of ``size_multiple`` (DIFT's
+    and DiTF's: 640, 16)."""
+    resize, size = data.get('resize', 'square'), data.image_size
+    if resize not in RESIZES:
+        raise ValueError(f'data.resize must be one of {RESIZES}, got {resize!r}.')
+    if resize == 'longest':
+        multiple = data.get('size_multiple', 16)
+        return lambda path: read_longest(path, size, multiple)[0]
+    return lambda path: read_square(path, size, crop=False)[0]
 
 
 class FeatureCache:
@@ -24,13 +40,16 @@ class FeatureCache:
 
     Args:
         source: a feature source (``mmseg_gate.sources``), already on ``device``.
-        image_size: images are resized to ``image_size`` squared (the authors' plain resize).
+        image_size: images are resized to ``image_size`` squared (the authors' plain resize),
+            unless ``read`` is given.
         device: where the images go.
+        read: path -> (3, H, W) image in [-1, 1] (:func:`image_reader` of the config).
     """
 
     def __init__(self, source, image_size: int, device='cpu', seed: int = 0,
-                 capacity: int = 256):
+                 capacity: int = 256, read: Optional[Callable[[str], torch.Tensor]] = None):
         self.source, self.image_size, self.seed = source, image_size, seed
+        self.read = read or (lambda path: read_square(path, image_size, crop=False)[0])
         self.device = torch.device(device)
         self.capacity, self.kept = capacity, OrderedDict()
         self.requests = self.misses = 0
@@ -41,7 +60,7 @@ class FeatureCache:
             self.kept.move_to_end(path)
             return self.kept[path]
         self.misses += 1
-        image, _ = read_square(path, self.image_size, crop=False)  # the authors: plain resize
+        image = self.read(path)
         with torch.no_grad():  # each image's own noise, drawn on the CPU (any device)
             feats = self.source(image[None].to(self.device),
                                 generator=PerImageNoise.for_images(image[None], self.seed))
@@ -88,8 +107,9 @@ def spair_images(data, splits: Optional[Sequence[str]] = None,
     pairs = pairs or protocol_pairs(data)
     paths = list(dict.fromkeys(p[f'{side}_path'] for split in (splits or pairs)
                                for p in pairs[split] for side in ('src', 'trg')))
+    read = image_reader(data)
     return ImageList([osp.relpath(p, data.root) for p in paths], paths,
-                     lambda i: read_square(paths[i], data.image_size, crop=False)[0])
+                     lambda i: read(paths[i]))
 
 
 def raw_features(feats: SourceOutput, names: Sequence[str] = None,

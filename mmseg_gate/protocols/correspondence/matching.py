@@ -1,6 +1,6 @@
 """Keypoints on feature grids, the training loss over keypoint pairs, and matching.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def keypoint_loss(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Ten
 
 def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
           src_size: Tuple[int, int], trg_size: Tuple[int, int], upsample: int = 4,
-          size: Optional[int] = None, pixel_centres: bool = True) -> torch.Tensor:
+          size: Union[int, str, None] = None, pixel_centres: bool = True) -> torch.Tensor:
     """Predicted target keypoints ([x, y] in target pixels, on the CPU) of ``src_kps``
     (source pixels) by cosine nearest neighbour; ``source``/``target`` are (C, h, w) feature
     maps on any device.
@@ -49,7 +49,9 @@ def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
     ``size`` (the GATE authors' and Diffusion Hyperfeatures' 512) both maps are upsampled to
     ``size`` x ``size``, the source keypoint's vector is the one at its rounded position there
     and the prediction is scaled back; ``pixel_centres=False`` scales coordinates as they do
-    (no half-pixel offset)."""
+    (no half-pixel offset). ``size='original'`` upsamples each map to its own image's
+    original size (DIFT's and DiTF's evaluation): keypoints and predictions in pixels as
+    they are."""
     if size is None:
         _, h, w = source.shape
         grid = to_grid(src_kps.to(source.device).float(), src_size, (h, w), pixel_centres)
@@ -59,14 +61,15 @@ def match(source: torch.Tensor, target: torch.Tensor, src_kps: torch.Tensor,
         fine = F.interpolate(target[None].float(), scale_factor=upsample, mode='bilinear',
                              align_corners=False)[0]
     else:
-        fine_source = F.interpolate(source[None].float(), size=(size, size), mode='bilinear',
+        src_hw, trg_hw = ((src_size[1], src_size[0]), (trg_size[1], trg_size[0])) \
+            if size == 'original' else ((size, size), (size, size))
+        fine_source = F.interpolate(source[None].float(), size=src_hw, mode='bilinear',
                                     align_corners=False)[0]
-        grid = to_grid(src_kps.to(source.device).float(), src_size, (size, size),
-                       pixel_centres)
-        x = grid[:, 0].round().clamp(0, size - 1).long()
-        y = grid[:, 1].round().clamp(0, size - 1).long()
+        grid = to_grid(src_kps.to(source.device).float(), src_size, src_hw, pixel_centres)
+        x = grid[:, 0].round().clamp(0, src_hw[1] - 1).long()
+        y = grid[:, 1].round().clamp(0, src_hw[0] - 1).long()
         vectors = fine_source[:, y, x]
-        fine = F.interpolate(target[None].float(), size=(size, size), mode='bilinear',
+        fine = F.interpolate(target[None].float(), size=trg_hw, mode='bilinear',
                              align_corners=False)[0]
     fh, fw = fine.shape[1:]
     similarity = F.normalize(vectors, dim=0).T @ F.normalize(fine.flatten(1), dim=0)

@@ -15,7 +15,7 @@ from ...models.correspondence import build_aggregator, load_aggregator
 from ...sources import build_source
 from ...store import FeatureStore, StoredSource, extract_features
 from ...store.writer import finished_images
-from .features import FeatureCache, protocol_pairs, raw_features, spair_images
+from .features import FeatureCache, image_reader, protocol_pairs, raw_features, spair_images
 from .metric import evaluate
 from .pictures import draw_matches
 from .training import aggregated, train_aggregator
@@ -65,7 +65,8 @@ def run_correspondence(cfg, mode: str, work_dir: str, device='cpu',
         store = extract_features(cfg.source, spair_images(data, pairs=pairs), folder, seed,
                                  device=device, progress=progress)
         source = StoredSource(store).to(device)
-    cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256))
+    cache = FeatureCache(source, data.image_size, device, seed, cfg.get('feature_cache', 256),
+                         read=image_reader(data))
     matching = cfg.get('matching')
     torch.manual_seed(seed)  # after loading (which may draw): the same start with a store
     if mode == 'zero-shot':
