@@ -232,6 +232,7 @@ def test_flux_builds_only_the_blocks_it_runs(models, tmp_path):
 
 
 @pytest.mark.parametrize('config', ['gate_upernet_ade20k_sd35.py',
+                                    'gate_upernet_ade20k_sd35_gate.py',
                                     'gate_upernet_ade20k_flux.py',
                                     'gate_upernet_ade20k_flux_canny.py'])
 def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_path, config):
@@ -257,6 +258,14 @@ def test_shipped_dit_configs_train_with_a_stock_head(models, make_demo_cfg, tmp_
         assert len(model.backbone.source.variants) == 2
         model.backbone.source.controlnets.canny.model = save_random_flux_controlnet(
             str(tmp_path / 'cn'), models['flux'])
+    if 'sd35_gate' in config:  # GATE's three: prompt, prompt + ControlNet, prompt + LoRA
+        from mmseg_gate.testing.dit_architectures import save_random_sd3_controlnet
+        assert model.backbone.source.variants == [
+            dict(), dict(controlnets=dict(canny=1.0)), dict(lora='a')]
+        model.backbone.source.controlnets.canny.model = save_random_sd3_controlnet(
+            str(tmp_path / 'cn'), models['sd3'])
+        (tmp_path / 'lora').mkdir()
+        model.backbone.source.loras.a = _lora_file('sd3', models['sd3'], tmp_path / 'lora')
     model.backbone.norm_cfg = dict(type='BN', requires_grad=True)
     model.neck.update(in_channels=[32], out_channels=16)
     for head in (model.decode_head, model.auxiliary_head):
@@ -339,6 +348,9 @@ def test_content_shift_tool_on_a_dit(models, tmp_path, run_tool_here):
     report = json.loads((out / 'content_shift.json').read_text())
     assert len(report['variants']) == 3 and report['variants'][1].endswith('+ lora a')
     assert report['variants'][2].endswith('+ canny')
+    # The DiT's treatment of massive activations is part of what was measured.
+    assert report['source']['tap_transform'] == 'adaln'
+    assert set(report['discarded_channels']) == {'transformer_blocks.0', 'transformer_blocks.1'}
     assert '`transformer_blocks.1` | 200 |' in (out / 'content_shift.md').read_text()
     assert (out / 'features_0.png').is_file() and (out / 'content_shift.md').is_file()
     grid = Image.open(out / 'reconstruction_1.png')  # the input and one per variant

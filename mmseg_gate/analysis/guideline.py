@@ -19,6 +19,7 @@ from ..fileio import atomic_file
 from ..sources import build_source
 from ..sources.dit import DiTSource
 from ..sources.stable_diffusion import DEFAULT_TAPS, StableDiffusionSource
+from ..store.manifest import to_plain, with_recorded_defaults
 from .content_shift import markdown_table, measure_content_shift
 from .pictures import amalgamation_bars, feature_grid, labelled_grid, save_png, to_pil
 
@@ -105,8 +106,13 @@ def run_guideline(cfg, config: str, image_paths: Sequence[str], out: str,
     check_timesteps(source, timesteps, anchor_timestep)
     result = measure_content_shift(source, images, timesteps, anchor_timestep, baseline, seed,
                                    progress)
-    report = dict(config=config, images=list(image_paths), variants=labels, baseline=baseline,
+    # The source as measured, with the options a store records (a DiT's treatment of
+    # massive activations) and the massive channels a DiT discarded.
+    report = dict(config=config, source=with_recorded_defaults(to_plain(dict(source_cfg))),
+                  images=list(image_paths), variants=labels, baseline=baseline,
                   anchor_timestep=anchor_timestep, timesteps=timesteps, seed=seed, **result)
+    if getattr(source, 'discarded', None) is not None:
+        report['discarded_channels'] = source.discarded
     with atomic_file(osp.join(out, 'content_shift.json')) as tmp, open(tmp, 'w') as f:
         json.dump(report, f, indent=1)
     table = (f'Suppression score (1: no content shift, 0: as much as the anchor, variant '
