@@ -1,19 +1,11 @@
 # The paper's LoRA recipe: LoCon-style (attention + convolutions), rank 64, alpha 32, UNet
 # lr 1e-4, text encoder lr 5e-5 (its attention projections), 30 random training images,
 # about 100 epochs, empty captions.
+_base_ = ['./_loop_.py']
 model = 'stable-diffusion-v1-5/stable-diffusion-v1-5'
-num_images = 30
-resolution = 512
 rank = 64
 alpha = 32
 unet_lr = 1e-4
 text_encoder_lr = 5e-5  # 0: UNet LoRA only
-steps = 3000  # 100 epochs of 30 images at batch 1
-batch_size = 1
-save_every = 500
-log_every = 50
-caption = ''
-captions = None  # or {file name: caption} / a JSON file of it (tags or sentences)
-seed = 0
 target_modules = ['to_q', 'to_k', 'to_v', 'to_out.0', 'proj_in', 'proj_out', 'ff.net.0.proj',
                   'ff.net.2', 'conv1', 'conv2', 'conv_shortcut', 'time_emb_proj']

@@ -5,9 +5,8 @@
 # gradient clipping) and their alpha = rank (scale 1: every loader reads the file alike, also
 # those that ignore its metadata, as diffusers' SD3 script writes none). A transformer LoRA
 # only: the DiT sources load no text-encoder LoRA.
+_base_ = ['./_loop_.py']
 model = 'stabilityai/stable-diffusion-3.5-medium'  # an SD3.x or FLUX.1 diffusers folder
-num_images = 30
-resolution = 512  # a multiple of 16 (VAE 8 x 2x2 patches)
 rank = 64
 alpha = 64
 target_modules = None  # None: diffusers' scripts' targets for the family (DIT_TARGETS)
@@ -21,10 +20,3 @@ mode_scale = 1.29
 precondition_outputs = False  # True: the SD3 script's default (compare x0 estimates)
 guidance_scale = 3.5  # FLUX.1-dev's guidance embedding (models without one ignore it)
 max_sequence_length = None  # T5 tokens; None: the pipeline's (SD3 256, FLUX 512), as the source
-steps = 3000  # 100 epochs of 30 images at batch 1
-batch_size = 1
-save_every = 500
-log_every = 50
-caption = ''
-captions = None  # or {file name: caption} / a JSON file of it (tags or sentences)
-seed = 0
