@@ -243,8 +243,7 @@ class DiTLoRATrainer(LoRATrainerBase):
                                      **parts)
         unique = list(dict.fromkeys(self.captions))
         with torch.no_grad():
-            # The family's encode_prompt call uses no state of a source.
-            embeds = [family.prompt_embeddings(None, pipe, c, length) for c in unique]
+            embeds = [family.prompt_embeddings(pipe, c, length) for c in unique]
         del pipe, parts
         self.caption_index = torch.tensor([unique.index(c) for c in self.captions])
         self.text = {}

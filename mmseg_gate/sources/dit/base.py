@@ -422,9 +422,11 @@ class DiTSource(FeatureSource):
         return check_controlnet(load_weights(cls.controlnet_class, cfg['model'], None,
                                              GET_DIT_HINT), name, cfg)
 
+    @staticmethod
     @abstractmethod
-    def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
-        """One prompt through ``pipe.encode_prompt``: the transformer's text inputs."""
+    def prompt_embeddings(pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
+        """One prompt through ``pipe.encode_prompt``: the transformer's text inputs (no
+        source state: the LoRA trainer encodes its captions with it too)."""
 
     @abstractmethod
     def patch_size(self) -> int:

@@ -76,7 +76,8 @@ class FluxSource(DiTSource):
     text_parts = dict(text_encoder=CLIPTextModel, text_encoder_2=T5EncoderModel,
                       tokenizer=CLIPTokenizer, tokenizer_2=T5TokenizerFast)
 
-    def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
+    @staticmethod
+    def prompt_embeddings(pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
         """The prompt for both encoders, with its text position ids."""
         out = pipe.encode_prompt(prompt, prompt, device='cpu', **length)
         return dict(encoder_hidden_states=out[0], pooled_projections=out[1], txt_ids=out[2])

@@ -40,7 +40,8 @@ class SD3Source(DiTSource):
                       tokenizer=CLIPTokenizer, tokenizer_2=CLIPTokenizer,
                       tokenizer_3=T5TokenizerFast)
 
-    def prompt_embeddings(self, pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
+    @staticmethod
+    def prompt_embeddings(pipe, prompt: str, length: Dict) -> Dict[str, torch.Tensor]:
         """The prompt for each of the three encoders, without a negative prompt."""
         out = pipe.encode_prompt(prompt, prompt, prompt, device='cpu',
                                  do_classifier_free_guidance=False, **length)
