@@ -29,6 +29,7 @@ SD3.x and FLUX.1 folders, :class:`~mmseg_gate.protocols.lora_training.LoRATraine
 Stable Diffusion UNets.
 """
 import os.path as osp
+from abc import abstractmethod
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from ..engine.devices import resolve_dtype
 from ..fileio import atomic_file
 from ..sources.common.loading import drop_vae_decoder, load_weights
 from ..sources.dit import (FAMILY_CLASSES, GET_DIT_HINT, KINDS, dtype_kwargs, image_ids,
-                           load_scheduler, load_text_parts, pack_latents, read_kind)
+                           load_scheduler, pack_latents, read_kind)
 from ..sources.dit.base import BATCHED
 from .lora_training import LoRATrainer, LoRATrainerBase, check_common, pipeline_name
 
@@ -181,14 +182,14 @@ class DiTLoRATrainer(LoRATrainerBase):
         """The transformer's image input (and the layout the loss is taken in)."""
         return latents
 
+    @abstractmethod
     def patch_size(self) -> int:
         """Latent pixels per token side."""
-        raise NotImplementedError
 
+    @abstractmethod
     def family_inputs(self, inputs: Dict, sigmas: torch.Tensor, grid) -> Dict:
         """``inputs`` completed with the family's timestep and what else its transformer
         takes; ``sigmas`` (B,), ``grid`` the latents' (h, w)."""
-        raise NotImplementedError
 
     # The family-independent rest.
 
@@ -236,15 +237,10 @@ class DiTLoRATrainer(LoRATrainerBase):
         """Each distinct caption through the pipeline's own ``encode_prompt`` (the DiT
         source's family hook): ``text`` holds the per-caption inputs stacked (those of
         ``BATCHED``) and the shared ones (FLUX's text ids), ``caption_index`` each image's."""
-        length = self.cfg.get('max_sequence_length')
-        length = dict(max_sequence_length=length) if length else {}
-        parts = load_text_parts(self.cfg.model, self.kind, dtype)
-        pipe = family.pipeline_class(transformer=None, scheduler=self.scheduler, vae=None,
-                                     **parts)
-        unique = list(dict.fromkeys(self.captions))
-        with torch.no_grad():
-            embeds = [family.prompt_embeddings(pipe, c, length) for c in unique]
-        del pipe, parts
+        encoded = family.encode_prompts(self.cfg.model, self.captions,
+                                        self.cfg.get('max_sequence_length'), dtype,
+                                        self.scheduler)
+        unique, embeds = list(encoded), list(encoded.values())
         self.caption_index = torch.tensor([unique.index(c) for c in self.captions])
         self.text = {}
         for key, value in embeds[0].items():

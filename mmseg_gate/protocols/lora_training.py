@@ -20,6 +20,7 @@ import json
 import os
 import os.path as osp
 import random
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from typing import Dict, List, Optional
 
@@ -106,7 +107,7 @@ def captions_for(cfg, paths: List[str]) -> List[str]:
     return [table.get(osp.basename(p), cfg.get('caption', '')) for p in paths]
 
 
-class LoRATrainerBase:
+class LoRATrainerBase(ABC):
     """The loop every LoRA recipe shares (module docstring); a model family's trainer
     implements :meth:`_prepare`, :meth:`_step`, :meth:`_save_lora`, :meth:`lora_models`,
     :meth:`_resume_settings` and :attr:`denoiser`.
@@ -132,9 +133,9 @@ class LoRATrainerBase:
     # What each family does its own way.
 
     @staticmethod
+    @abstractmethod
     def check_recipe(cfg) -> None:
         """Refuse settings that would fail late or silently do nothing."""
-        raise NotImplementedError
 
     @staticmethod
     def frozen_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -142,31 +143,31 @@ class LoRATrainerBase:
         return resolve_dtype(mixed_precision, device, 'mixed_precision')
 
     @property
+    @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The model whose LoRA learns the loss (UNet, transformer)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _prepare(self) -> None:
         """Load the model, encode the images (:meth:`_encode_images`) and captions, add the
         LoRAs; set ``optimizer``, ``scaler`` and ``generator`` (all the run's randomness)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _step(self, step: int) -> float:
         """One optimisation step; its loss."""
-        raise NotImplementedError
 
+    @abstractmethod
     def lora_models(self) -> Dict[str, torch.nn.Module]:
         """Name -> model, for each model whose LoRA trains (its state is resumed by name)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _save_lora(self, path: str) -> None:
         """Write the LoRA file the sources load, atomically."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _resume_settings(self) -> dict:
         """What a resumed run must share with the one that saved, to continue it exactly:
         everything but the length (``steps``) and the save and log intervals."""
-        raise NotImplementedError
 
     def _trained(self) -> str:
         """What trains, for the first log line."""

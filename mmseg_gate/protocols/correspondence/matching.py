@@ -1,6 +1,6 @@
 """Keypoints on feature grids, the training loss over keypoint pairs, and matching.
 """
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F

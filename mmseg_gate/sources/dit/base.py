@@ -337,7 +337,8 @@ class DiTSource(FeatureSource):
         # The prompts first: the text encoders (FLUX's and SD3's T5-XXL: 9.5 GB in
         # bfloat16) are gone before the transformer loads.
         self.scheduler = load_scheduler(model)
-        self.embeddings = self._encode_prompts(model, max_sequence_length, load_dtype)
+        self.embeddings = self.encode_prompts(model, self.prompts, max_sequence_length,
+                                              load_dtype, self.scheduler)
         self.unused_blocks = names[names.index(self.final) + 1:]
         self.transformer = load_weights(
             self.transformer_class, model, 'transformer', GET_DIT_HINT,
@@ -553,17 +554,19 @@ class DiTSource(FeatureSource):
         if timestep is not None:
             self._checked(timestep)
 
-    def _encode_prompts(self, model: str, max_sequence_length: Optional[int],
-                        dtype: Optional[torch.dtype]) -> Dict:
-        """Each distinct prompt through the pipeline's own ``encode_prompt``; the text
-        encoders are not kept."""
-        parts = self.load_text_parts(model, dtype)
-        pipe = self.pipeline_class(transformer=None, scheduler=self.scheduler, vae=None,
-                                   **parts)
+    @classmethod
+    def encode_prompts(cls, model: str, prompts: Sequence[str],
+                       max_sequence_length: Optional[int], dtype: Optional[torch.dtype],
+                       scheduler) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Each distinct prompt -> its transformer text inputs, through the family
+        pipeline's own ``encode_prompt`` (:meth:`prompt_embeddings`); the text encoders are
+        loaded for it and not kept. The source's prompts and the LoRA trainer's captions."""
+        parts = cls.load_text_parts(model, dtype)
+        pipe = cls.pipeline_class(transformer=None, scheduler=scheduler, vae=None, **parts)
         length = dict(max_sequence_length=max_sequence_length) if max_sequence_length else {}
         with torch.no_grad():
-            embeddings = {prompt: self.prompt_embeddings(pipe, prompt, length)
-                          for prompt in dict.fromkeys(self.prompts)}
+            embeddings = {prompt: cls.prompt_embeddings(pipe, prompt, length)
+                          for prompt in dict.fromkeys(prompts)}
         del pipe, parts  # the text encoders are not needed again
         return embeddings
 
