@@ -691,7 +691,8 @@ class DiTSource(FeatureSource):
             latents, t = clean, torch.zeros(1)
         else:
             latents, t = self._noised(clean, timestep, ensemble_noise(generator, draws), grid)
-        used = dict.fromkeys(name for nets in self.variant_controlnets for name in nets)
+        run = range(len(self.prompts)) if variants is None else variants
+        used = dict.fromkeys(name for i in run for name in self.variant_controlnets[i])
         conditions = {name: self.control_latents(name, pixels).repeat_interleave(draws, 0)
                       for name in used}
         tokens = self.tokens(latents, grid)
